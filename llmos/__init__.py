@@ -1,0 +1,26 @@
+"""llmos: an operating system for LLM programs.
+
+`from llmos import LLM, SamplingParams` gives the inference engine (the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+if TYPE_CHECKING:
+    from llmos.engine.llm import LLM
+    from llmos.engine.sampling import SamplingParams
+
+_LAZY = {"LLM": "llmos.engine.llm", "SamplingParams": "llmos.engine.sampling"}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import llmos` (e.g. for the CLI's --help) does not pay for torch.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmos' has no attribute {name!r}")

@@ -1,0 +1,75 @@
+"""Grouped-query attention over a paged KV cache.
+
+The cache of one layer is two tensors `[num_blocks, block_size, n_kv_heads, head_dim]`. A
+sequence owns a list of blocks (its block table); token `t` of it lives in slot
+`block_table[t // block_size] * block_size + t % block_size`. The engine builds one
+`AttentionMetadata` per step; every layer reuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    start: int  # first row of this chunk in the step's flat token batch
+    length: int  # new tokens in this chunk
+    context_len: int  # tokens the sequence holds after this step (cached + new)
+    block_table: torch.Tensor | None  # [n_blocks] int64; None when nothing was cached before
+    mask: torch.Tensor | None  # [length, context_len] bool, True = may attend
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    prefills: list[PrefillChunk]
+    decode_rows: torch.Tensor | None = None  # [Bd] rows of the flat batch with one new token
+    decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] int64
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size] bool
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Store the new tokens' keys and values. k, v: [T, n_kv_heads, head_dim]."""
+    n_kv, dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, n_kv, dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, n_kv, dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """A sequence's first `length` cached tokens: [length, n_kv_heads, head_dim]."""
+    return cache[block_table].flatten(0, 1)[:length]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, Hkv, D] (already written to the cache). Returns [T, H, D]."""
+    out = torch.empty_like(q)
+    for chunk in meta.prefills:
+        rows = slice(chunk.start, chunk.start + chunk.length)
+        qc = q[rows].transpose(0, 1)  # [H, L, D]
+        if chunk.block_table is None:  # a fresh prompt: attend over its own new keys
+            kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [Hkv, L, D]
+            o = F.scaled_dot_product_attention(qc, kc.to(q.dtype), vc.to(q.dtype), is_causal=True,
+                                               scale=scale, enable_gqa=True)
+        else:
+            kc = _gather(k_cache, chunk.block_table, chunk.context_len).transpose(0, 1)
+            vc = _gather(v_cache, chunk.block_table, chunk.context_len).transpose(0, 1)
+            o = F.scaled_dot_product_attention(qc, kc.to(q.dtype), vc.to(q.dtype),
+                                               attn_mask=chunk.mask, scale=scale, enable_gqa=True)
+        out[rows] = o.transpose(0, 1)
+    if meta.decode_rows is not None:
+        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
+        kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, S, D]
+        vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype),
+                                           attn_mask=meta.decode_mask, scale=scale,
+                                           enable_gqa=True)
+        out[meta.decode_rows] = o.squeeze(2)
+    return out
