@@ -1,0 +1,273 @@
+"""`LLMEngine`: add_request / step / abort. The step is schedule → run → postprocess."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from llmos.engine.block_manager import BlockManager
+from llmos.engine.runner import ModelRunner, StepResult
+from llmos.engine.sampling import SamplingParams
+from llmos.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
+from llmos.engine.sequence import CompletionOutput, RequestOutput, Sequence, SequenceStatus
+from llmos.errors import ContextLengthExceeded, RequestError
+from llmos.models.llama import LlamaModel
+from llmos.models.loader import load_checkpoint
+from llmos.models.registry import DEFAULT_MODEL, model_name, resolve
+from llmos.models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(value: int | str) -> int:
+    """`2147483648`, `"2GiB"`, `"512MB"` → bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise RequestError(f"kv_cache_memory: cannot read {value!r} as a size like '2GiB'",
+                           param="kv_cache_memory")
+    unit = m.group(2).lower().rstrip("b").rstrip("i")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    max_model_len: int | None = None  # default: the model's context length
+    block_size: int = 16
+    kv_cache_memory: int | str = "2GiB"  # KV cache size, unless num_kv_blocks is given
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_prefill_chunk: int | None = None
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    kv_cache_dtype: str = "float32"
+    deterministic: bool = False
+    seed: int = 0  # for requests without their own seed
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in _DTYPES:
+            raise RequestError(f"kv_cache_dtype must be one of {sorted(_DTYPES)}, "
+                               f"got {self.kv_cache_dtype!r}", param="kv_cache_dtype")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise RequestError(f"max_model_len must be at least 2, got {self.max_model_len}",
+                               param="max_model_len")
+        if self.block_size < 1:
+            raise RequestError(f"block_size must be at least 1, got {self.block_size}",
+                               param="block_size")
+        if self.deterministic:
+            raise RequestError("deterministic: batch-invariant mode is not available yet",
+                               param="deterministic")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **options: object) -> None:
+        config = config or EngineConfig(**options)  # type: ignore[arg-type]
+        self.config = config
+        self.device = config.torch_device()
+        torch.manual_seed(config.seed)
+        path = resolve(config.model)
+        self.model_name = model_name(config.model)
+        ckpt = load_checkpoint(path)
+        self.model_config = ckpt.config
+        self.tokenizer: Tokenizer = ckpt.tokenizer
+        self.model = LlamaModel.from_weights(ckpt.config, ckpt.weights).to(self.device).eval()
+        limit = ckpt.config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        kv_dtype = _DTYPES[config.kv_cache_dtype]
+        per_block = ModelRunner.kv_bytes_per_token(self.model, kv_dtype) * config.block_size
+        num_blocks = config.num_kv_blocks or max(1, parse_bytes(config.kv_cache_memory) // per_block)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs,
+                                                   config.max_num_batched_tokens,
+                                                   config.max_prefill_chunk), self.blocks)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.num_steps = 0
+        log.info("engine ready: model=%s device=%s kv_blocks=%d x %d tokens",
+                 self.model_name, self.device, num_blocks, config.block_size)
+
+    # -- requests -------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt must not be empty", param="prompt")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise RequestError("prompt must not be empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab})",
+                               param="prompt")
+        return ids
+
+    def resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens, but the prompt has "
+                f"{num_prompt} tokens, leaving none to generate.",
+                param="prompt", prompt_tokens=num_prompt, limit=limit)
+        if params.max_tokens is None:
+            max_tokens = limit - num_prompt
+        elif num_prompt + params.max_tokens > limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, "
+                f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens", prompt_tokens=num_prompt, limit=limit)
+        else:
+            max_tokens = params.max_tokens
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if num_prompt + max_tokens > capacity:
+            raise ContextLengthExceeded(
+                f"max_tokens: the prompt ({num_prompt} tokens) plus {max_tokens} new tokens "
+                f"exceeds the whole KV cache ({capacity} tokens); lower max_tokens or raise "
+                "kv_cache_memory", param="max_tokens", prompt_tokens=num_prompt, limit=capacity)
+        return max_tokens
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
+                    *, priority: int = 0, user: str | None = None) -> list[int]:
+        """Queue a request; it joins the batch on the next step. Returns its prompt token ids."""
+        if request_id in self.requests:
+            raise RequestError(f"request_id {request_id!r} is already in use", param="request_id")
+        if not isinstance(params, SamplingParams):
+            raise RequestError("params must be a SamplingParams", param="params")
+        ids = self.encode_prompt(prompt)
+        max_tokens = self.resolve_max_tokens(len(ids), params)
+        bad = next((t for t in params.stop_token_ids
+                    if not 0 <= t < self.model_config.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"stop_token_ids: {bad} is outside the vocabulary",
+                               param="stop_token_ids")
+        seqs = [Sequence(request_id, ids, params,
+                         IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+                         index=i, priority=priority, user=user, max_tokens=max_tokens)
+                for i in range(params.n)]
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and give back its blocks. False if it is unknown or done."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
+            return False
+        self.scheduler.abort(seqs)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        try:
+            results = self.runner.run(plan, self.tokenizer.eos_token_ids)
+        except Exception:
+            # A failed step fails the requests in it, gives back their blocks, and lives on.
+            log.exception("engine step failed; aborting the %d requests in it",
+                          len(plan.scheduled))
+            failed = {s.seq.request_id for s in plan.scheduled}
+            for rid in failed:
+                self.abort_request(rid)
+            raise
+        self.num_steps += 1
+        return self._postprocess(plan, results)
+
+    def _postprocess(self, plan: SchedulerPlan, results: list[StepResult]) -> list[RequestOutput]:
+        for s in plan.scheduled:
+            s.seq.num_computed_tokens = s.start + s.num_new_tokens
+        touched: dict[str, None] = {}
+        now = time.monotonic()
+        for r in results:
+            seq = r.seq
+            seq.token_ids.append(r.token_id)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.logprobs is not None and r.logprob is not None:
+                seq.logprobs.append(r.logprob)
+            status = self._check_stop(seq, r.token_id)
+            if status is not None:
+                self.scheduler.finish(seq, status)
+            touched[seq.request_id] = None
+        return [self._output(rid) for rid in touched]
+
+    def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        # (the sampler bans EOS and stop tokens until min_tokens are out)
+        if (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or \
+                token in p.stop_token_ids:
+            seq.text += seq.detokenizer.add([], final=True)
+            return SequenceStatus.FINISHED_STOPPED
+        delta = seq.detokenizer.add([token])
+        if delta:
+            seq.text += delta
+            if p.stop and n_out >= p.min_tokens and self._cut_at_stop(seq, len(delta)):
+                return SequenceStatus.FINISHED_STOPPED
+        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.text += seq.detokenizer.add([], final=True)
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def _cut_at_stop(seq: Sequence, delta_len: int) -> bool:
+        """Find a stop string that the new text completes; cut the text there."""
+        p = seq.params
+        assert p.stop is not None
+        best: int | None = None
+        for stop in p.stop:
+            start = max(0, len(seq.text) - delta_len - len(stop) + 1)
+            idx = seq.text.find(stop, start)
+            if idx != -1 and (best is None or idx < best):
+                best = idx + (len(stop) if p.include_stop_str_in_output else 0)
+        if best is None:
+            return False
+        seq.text = seq.text[:best]
+        return True
+
+    def _output(self, request_id: str) -> RequestOutput:
+        seqs = self.requests[request_id]
+        finished = all(s.status.finished for s in seqs)
+        if finished:
+            del self.requests[request_id]
+        first = seqs[0]
+        outputs = [CompletionOutput(s.index, s.visible_text(), s.output_token_ids,
+                                    s.finish_reason,
+                                    list(s.logprobs) if s.logprobs is not None else None)
+                   for s in seqs]
+        metrics = {"arrival": first.arrival}
+        if first.first_token_time is not None:
+            metrics["first_token"] = first.first_token_time
+        return RequestOutput(request_id, first.prompt_token_ids, outputs, finished,
+                             metrics=metrics)
+
+    # -- introspection --------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+        }

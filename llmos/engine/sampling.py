@@ -1,0 +1,162 @@
+"""`SamplingParams` and the sampler: a ladder of small pure functions over the whole batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from llmos.errors import RequestError
+
+_MASK = float("-inf")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. Temperature 0 is greedy."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # None: off; k: the chosen token's plus the top k
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        checks = [
+            ("n", isinstance(self.n, int) and 1 <= self.n <= 128, "an integer in [1, 128]"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "0, -1 (off) or positive"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
+            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int)
+                                                       and self.max_tokens >= 1), "at least 1"),
+            ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+             "at least 0"),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int)
+                                                   and 0 <= self.logprobs <= 20), "in [0, 20]"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+            ("stop", len(self.stop) <= 16, "at most 16 strings"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise RequestError(f"{name} must be {want}, got {getattr(self, name)!r}",
+                                   param=name)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise RequestError(f"min_tokens ({self.min_tokens}) must not exceed "
+                               f"max_tokens ({self.max_tokens})", param="min_tokens")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row sampling settings of one step, as tensors on the logits' device."""
+
+    temperature: torch.Tensor  # [B] (1.0 where greedy)
+    greedy: torch.Tensor  # [B] bool
+    top_k: torch.Tensor | None  # [B] int64 (vocab size where off), None when no row uses it
+    top_p: torch.Tensor | None  # [B]
+    min_p: torch.Tensor | None  # [B]
+    generators: list[torch.Generator | None]  # per row; None: the global RNG
+    # penalties (None when no row uses them)
+    presence: torch.Tensor | None = None  # [B]
+    frequency: torch.Tensor | None = None  # [B]
+    repetition: torch.Tensor | None = None  # [B]
+    output_counts: torch.Tensor | None = None  # [B, V] float counts of generated tokens
+    seen: torch.Tensor | None = None  # [B, V] bool, prompt or generated
+    banned: torch.Tensor | None = None  # [B, V] bool, tokens that may not be sampled yet
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    if b.repetition is not None and b.seen is not None:
+        rep = b.repetition.unsqueeze(1)  # [B, 1]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(b.seen, penalized, logits)
+    if b.output_counts is not None and b.frequency is not None and b.presence is not None:
+        logits = logits - b.frequency.unsqueeze(1) * b.output_counts
+        logits = logits - b.presence.unsqueeze(1) * (b.output_counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Mask tokens outside each row's top-k / nucleus / min-p set. logits: [B, V], tempered."""
+    if b.min_p is not None:
+        probs = logits.softmax(-1)
+        threshold = probs.amax(-1, keepdim=True) * b.min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, _MASK)
+    if b.top_k is None and b.top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(-1, descending=True)  # [B, V]
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if b.top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+        drop |= ranks >= b.top_k.unsqueeze(1)
+    if b.top_p is not None:
+        probs = sorted_logits.masked_fill(drop, _MASK).softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of strictly better tokens
+        drop |= before >= b.top_p.unsqueeze(1)
+    drop[:, 0] = False  # the best token always survives
+    return logits.masked_fill(drop.scatter(1, order, drop), _MASK)
+
+
+def exponential_noise(shape: tuple[int, int], generators: list[torch.Generator | None],
+                      device: torch.device) -> torch.Tensor:
+    """Exp(1) noise; a row with its own generator draws from it alone."""
+    noise = torch.empty(shape, device=device).exponential_()
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    return noise
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """logits: [B, V] fp32 → token ids [B]. Greedy rows take the argmax."""
+    if b.banned is not None:
+        logits = logits.masked_fill(b.banned, _MASK)
+    logits = apply_penalties(logits, b)
+    greedy_ids = logits.argmax(-1)
+    if bool(b.greedy.all()):
+        return greedy_ids
+    logits = apply_top_k_top_p_min_p(logits / b.temperature.unsqueeze(1), b)
+    probs = logits.softmax(-1)
+    # Exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) samples from p.
+    noise = exponential_noise(tuple(probs.shape), b.generators, probs.device)
+    sampled = (probs / noise).argmax(-1)
+    return torch.where(b.greedy, greedy_ids, sampled)
+
+
+def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor,
+                top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's own log-probabilities (before sampling settings): chosen [B], top [B, k]."""
+    logp = logits.log_softmax(-1)
+    chosen = logp.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    top_vals, top_ids = logp.topk(top_k, dim=-1) if top_k > 0 else (logp[:, :0], token_ids[:, None][:, :0])
+    return chosen, top_vals, top_ids

@@ -1,0 +1,128 @@
+"""`Sequence`: the engine's unit of work, and what a request's outputs look like."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from itertools import count
+
+from llmos.engine.sampling import SamplingParams
+from llmos.models.tokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                        SequenceStatus.FINISHED_ABORTED)
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely (token id, logprob), best first
+
+
+_ids = count()
+
+
+class Sequence:
+    """One stream of tokens: a prompt and what has been generated after it."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 detokenizer: IncrementalDetokenizer, *, index: int = 0, priority: int = 0,
+                 user: str | None = None, max_tokens: int) -> None:
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n outputs
+        self.token_ids = list(prompt_token_ids)  # prompt + output
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.max_tokens = max_tokens  # resolved against the context length
+        self.priority = priority
+        self.user = user
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.detokenizer = detokenizer
+        self.text = ""
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
+
+    def visible_text(self) -> str:
+        """Text that can be shown now: while running, hold back a possible stop-string prefix."""
+        stops = self.params.stop
+        if self.status.finished or not stops:
+            return self.text
+        hold = max(len(s) for s in stops) - 1
+        return self.text[: max(0, len(self.text) - hold)] if hold else self.text
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, {self.status.name}, "
+                f"computed={self.num_computed_tokens}/{self.num_tokens})")
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    # single-output conveniences, so `llm.generate(...)[0].text` reads naturally
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.outputs[0].logprobs

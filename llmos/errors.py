@@ -1,0 +1,19 @@
+"""The exceptions llmos raises at its boundaries. Each bad-input error names its field."""
+
+from __future__ import annotations
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as sent. `param` names the offending field."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ContextLengthExceeded(RequestError):
+    def __init__(self, message: str, *, param: str, prompt_tokens: int, limit: int) -> None:
+        super().__init__(message, param=param, code="context_length_exceeded")
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
