@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/llmos generate "Write a haiku about operating systems." --max-tokens 64
+	$(BIN)/llmos generate --chat "Write a haiku about operating systems." --max-tokens 64
 
 test: $(STAMP)
 	$(BIN)/ruff check llmos tests benchmarks

@@ -1,0 +1,30 @@
+"""The `llmos` command. Each command group lives in its own module and registers itself here."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+from llmos.cli import chat, generate
+
+app = typer.Typer(name="llmos", help="An operating system for LLM programs.",
+                  no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs.")) -> None:
+    level = logging.INFO if verbose else getattr(logging, os.environ.get("LLMOS_LOG", "WARNING"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+generate.register(app)
+chat.register(app)
+
+try:  # the server lands in its own module
+    from llmos.cli import serve
+except ImportError:  # pragma: no cover
+    serve = None  # type: ignore[assignment]
+else:
+    serve.register(app)
