@@ -19,6 +19,10 @@ class BlockManager:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
+        # Blocks handed out since the last `take_new_blocks()`: the runner zeroes them, since a
+        # fresh block's unwritten slots would otherwise hold whatever the allocator left there
+        # (NaN times a zero attention weight is still NaN).
+        self._new: list[int] = []
 
     @property
     def num_free(self) -> int:
@@ -45,7 +49,12 @@ class BlockManager:
             assert self.ref_counts[block] == 0
             self.ref_counts[block] = 1
             seq.block_table.append(block)
+            self._new.append(block)
         return True
+
+    def take_new_blocks(self) -> list[int]:
+        new, self._new = self._new, []
+        return new
 
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):

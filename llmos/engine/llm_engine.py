@@ -89,7 +89,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         kv_dtype = _DTYPES[config.kv_cache_dtype]
         per_block = ModelRunner.kv_bytes_per_token(self.model, kv_dtype) * config.block_size
-        num_blocks = config.num_kv_blocks or max(1, parse_bytes(config.kv_cache_memory) // per_block)
+        num_blocks = config.num_kv_blocks or max(
+            1, parse_bytes(config.kv_cache_memory) // per_block)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs,
                                                    config.max_num_batched_tokens,

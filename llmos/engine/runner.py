@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from llmos.engine.sampling import SamplingBatch, logprobs_of, sample
-from llmos.engine.scheduler import SchedulerPlan, ScheduledSeq
+from llmos.engine.scheduler import ScheduledSeq, SchedulerPlan
 from llmos.engine.sequence import Sequence, TokenLogprob
 from llmos.models.attention import AttentionMetadata, PrefillChunk
 from llmos.models.llama import LlamaModel
@@ -159,6 +159,11 @@ class ModelRunner:
     # -- the step -------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, plan: SchedulerPlan, eos: tuple[int, ...]) -> list[StepResult]:
+        if plan.new_blocks:
+            fresh = torch.tensor(plan.new_blocks, device=self.device)
+            for k_cache, v_cache in self.kv_caches:
+                k_cache.index_fill_(0, fresh, 0.0)
+                v_cache.index_fill_(0, fresh, 0.0)
         inputs = self.prepare(plan)
         logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta,
                             inputs.logits_rows)  # [len(sampled), vocab]

@@ -158,5 +158,7 @@ def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor,
     """The model's own log-probabilities (before sampling settings): chosen [B], top [B, k]."""
     logp = logits.log_softmax(-1)
     chosen = logp.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    top_vals, top_ids = logp.topk(top_k, dim=-1) if top_k > 0 else (logp[:, :0], token_ids[:, None][:, :0])
+    if top_k == 0:
+        return chosen, logp[:, :0], token_ids[:, None][:, :0]
+    top_vals, top_ids = logp.topk(top_k, dim=-1)
     return chosen, top_vals, top_ids

@@ -31,6 +31,7 @@ class ScheduledSeq:
 class SchedulerPlan:
     scheduled: tuple[ScheduledSeq, ...]
     preempted: tuple[Sequence, ...]
+    new_blocks: tuple[int, ...] = ()  # handed out by this plan: to be zeroed before use
 
     @property
     def num_tokens(self) -> int:
@@ -119,7 +120,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n
-        return SchedulerPlan(tuple(scheduled), tuple(preempted))
+        return SchedulerPlan(tuple(scheduled), tuple(preempted),
+                             tuple(self.blocks.take_new_blocks()))
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Retire a sequence (stopped, cut at length, or aborted) and free its blocks."""
