@@ -150,3 +150,108 @@ def test_abort_frees_blocks_of_running_and_waiting() -> None:
     sched.abort([a, b])
     assert bm.num_free == 8 and not sched.has_work
     assert a.status is SequenceStatus.FINISHED_ABORTED
+
+
+# -- prefix cache ------------------------------------------------------------------------------
+
+
+def _computed(bm: BlockManager, seq: Sequence) -> None:
+    """Pretend the whole sequence was computed and register its full blocks."""
+    assert bm.allocate(seq, seq.num_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    bm.commit(seq)
+
+
+def test_shared_prefix_shares_blocks_and_survives_free() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = make_seq(10, "a")  # tokens 1..10: blocks [1-4], [5-8] are full
+    _computed(bm, a)
+    b = make_seq(10, "b")
+    hits = bm.match_prefix(b)
+    assert hits == a.block_table[:2]
+    bm.admit(b, hits)
+    assert b.num_computed_tokens == 8 and bm.ref_counts[hits[0]] == 2
+    bm.free(a)
+    bm.free(b)
+    assert bm.num_free == 8 and bm.num_cached == 2  # freed, but still findable
+    c = make_seq(12, "c")
+    assert bm.match_prefix(c) == hits
+    assert bm.hit_tokens == 8 and bm.queried_tokens == 10
+
+
+def test_the_last_token_is_always_computed() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = make_seq(8, "a")  # exactly two full blocks
+    _computed(bm, a)
+    b = make_seq(8, "b")
+    assert len(bm.match_prefix(b)) == 1  # the second block holds the last token
+
+
+def test_a_different_prefix_misses_even_with_equal_later_blocks() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = make_seq(9, "a")
+    _computed(bm, a)
+    b = Sequence("b", [99, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams(), _NoDetok(),  # type: ignore[arg-type]
+                 max_tokens=4)
+    assert bm.match_prefix(b) == []  # block 2 equals a's, but its chain differs
+
+
+def test_cached_blocks_are_evicted_lru_when_needed() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = make_seq(9, "a")
+    _computed(bm, a)  # 3 blocks, 2 named
+    bm.free(a)
+    assert bm.num_free == 4 and bm.num_cached == 2
+    big = Sequence("big", list(range(100, 116)), SamplingParams(), _NoDetok(),  # type: ignore[arg-type]
+                   max_tokens=4)
+    assert bm.allocate(big, 16)  # needs every block: the named ones are evicted
+    assert bm.num_cached == 0 and bm.match_prefix(make_seq(9, "again")) == []
+
+
+def test_prefix_caching_off() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, prefix_caching=False)
+    a = make_seq(10, "a")
+    _computed(bm, a)
+    assert bm.match_prefix(make_seq(10, "b")) == []
+
+
+# -- priorities and fairness -------------------------------------------------------------------
+
+
+def test_higher_priority_goes_first_and_preempts_lower() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64), bm)
+    low = [make_seq(3, f"low{i}") for i in range(2)]
+    for s in low:
+        sched.add(s)
+    _run_step(sched)
+    urgent = make_seq(3, "urgent")
+    urgent.priority = 5
+    sched.add(urgent)
+    plan = sched.schedule()
+    assert len(plan.preempted) == 1 and plan.preempted[0] in low
+    assert "urgent" in {s.seq.request_id for s in plan.scheduled}
+
+
+def test_users_share_seats_fairly() -> None:
+    bm = BlockManager(num_blocks=256, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), bm)
+    for i in range(12):
+        s = make_seq(3, f"a{i}", max_tokens=50)
+        s.user = "alice"
+        sched.add(s)
+    _run_step(sched)
+    for i in range(12):
+        s = make_seq(3, f"b{i}", max_tokens=50)
+        s.user = "bob"
+        sched.add(s)
+    counts = {"alice": 0, "bob": 0}
+    for _ in range(40):
+        plan = sched.schedule()
+        for s in plan.scheduled:
+            s.seq.num_computed_tokens = s.start + s.num_new_tokens
+            if s.completes:
+                s.seq.token_ids.append(7)
+            counts[s.seq.user] += s.num_new_tokens  # type: ignore[index]
+    share = counts["bob"] / (counts["alice"] + counts["bob"])
+    assert 0.4 <= share <= 0.6, counts

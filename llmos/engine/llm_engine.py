@@ -16,6 +16,7 @@ from llmos.engine.sampling import SamplingParams
 from llmos.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
 from llmos.engine.sequence import CompletionOutput, RequestOutput, Sequence, SequenceStatus
 from llmos.errors import ContextLengthExceeded, RequestError
+from llmos.models.batch_invariant import make_batch_invariant
 from llmos.models.llama import LlamaModel
 from llmos.models.loader import load_checkpoint
 from llmos.models.registry import DEFAULT_MODEL, model_name, resolve
@@ -48,6 +49,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_prefill_chunk: int | None = None
+    enable_prefix_caching: bool = True
+    user_weights: dict[str, float] | None = None  # fair-share weights (default 1 each)
     device: str = "auto"  # "auto": CUDA when present, else CPU
     kv_cache_dtype: str = "float32"
     deterministic: bool = False
@@ -63,9 +66,6 @@ class EngineConfig:
         if self.block_size < 1:
             raise RequestError(f"block_size must be at least 1, got {self.block_size}",
                                param="block_size")
-        if self.deterministic:
-            raise RequestError("deterministic: batch-invariant mode is not available yet",
-                               param="deterministic")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -85,16 +85,19 @@ class LLMEngine:
         self.model_config = ckpt.config
         self.tokenizer: Tokenizer = ckpt.tokenizer
         self.model = LlamaModel.from_weights(ckpt.config, ckpt.weights).to(self.device).eval()
+        if config.deterministic:
+            make_batch_invariant(self.model)
         limit = ckpt.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
         kv_dtype = _DTYPES[config.kv_cache_dtype]
         per_block = ModelRunner.kv_bytes_per_token(self.model, kv_dtype) * config.block_size
         num_blocks = config.num_kv_blocks or max(
             1, parse_bytes(config.kv_cache_memory) // per_block)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs,
                                                    config.max_num_batched_tokens,
-                                                   config.max_prefill_chunk), self.blocks)
+                                                   config.max_prefill_chunk,
+                                                   dict(config.user_weights or {})), self.blocks)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_steps = 0
@@ -197,6 +200,7 @@ class LLMEngine:
     def _postprocess(self, plan: SchedulerPlan, results: list[StepResult]) -> list[RequestOutput]:
         for s in plan.scheduled:
             s.seq.num_computed_tokens = s.start + s.num_new_tokens
+            self.blocks.commit(s.seq)
         touched: dict[str, None] = {}
         now = time.monotonic()
         for r in results:
@@ -260,7 +264,7 @@ class LLMEngine:
         if first.first_token_time is not None:
             metrics["first_token"] = first.first_token_time
         return RequestOutput(request_id, first.prompt_token_ids, outputs, finished,
-                             metrics=metrics)
+                             num_cached_tokens=first.num_cached_tokens, metrics=metrics)
 
     # -- introspection --------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -270,5 +274,7 @@ class LLMEngine:
             "kv_blocks_used": self.blocks.num_used,
             "kv_blocks_total": self.blocks.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.blocks.queried_tokens,
+            "prefix_cache_hits": self.blocks.hit_tokens,
             "num_steps": self.num_steps,
         }

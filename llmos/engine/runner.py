@@ -80,18 +80,19 @@ class ModelRunner:
             if s.num_new_tokens == 1 and s.start > 0:
                 decode_rows.append(row)
                 decodes.append(s)
-            elif s.start == 0:
-                prefills.append(PrefillChunk(row, s.num_new_tokens, end, None, None))
             else:
-                q_pos = torch.arange(s.start, end).unsqueeze(1)  # [L, 1]
-                mask = torch.arange(end).unsqueeze(0) <= q_pos  # [L, end]
-                table = torch.tensor(s.seq.block_table[: -(-end // self.block_size)])
-                prefills.append(PrefillChunk(row, s.num_new_tokens, end, table.to(self.device),
-                                             mask.to(self.device)))
+                table = torch.tensor(s.seq.block_table[: -(-end // self.block_size)],
+                                     device=self.device)
+                mask = None
+                if s.start > 0:
+                    q_pos = torch.arange(s.start, end).unsqueeze(1)  # [L, 1]
+                    mask = (torch.arange(end).unsqueeze(0) <= q_pos).to(self.device)  # [L, end]
+                prefills.append(PrefillChunk(row, s.num_new_tokens, end, table, mask))
             if s.completes:
                 logits_rows.append(row + s.num_new_tokens - 1)
                 sampled.append(s)
-        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(self.device), prefills=prefills)
+        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(self.device), prefills=prefills,
+                                 block_size=self.block_size)
         if decodes:
             max_blocks = max(-(-(d.start + 1) // self.block_size) for d in decodes)
             tables = torch.zeros(len(decodes), max_blocks, dtype=torch.int64)
@@ -102,6 +103,7 @@ class ModelRunner:
             mask = torch.arange(max_blocks * self.block_size).unsqueeze(0) < lens.unsqueeze(1)
             meta.decode_rows = torch.tensor(decode_rows, device=self.device)
             meta.decode_block_tables = tables.to(self.device)
+            meta.decode_context_lens = lens.tolist()
             meta.decode_mask = mask[:, None, None, :].to(self.device)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),

@@ -54,6 +54,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of full blocks (prefix cache)
+        self.num_named_blocks = 0  # leading blocks already registered in the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.detokenizer = detokenizer
         self.text = ""
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None

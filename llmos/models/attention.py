@@ -8,7 +8,8 @@ sequence owns a list of blocks (its block table); token `t` of it lives in slot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,17 +20,25 @@ class PrefillChunk:
     start: int  # first row of this chunk in the step's flat token batch
     length: int  # new tokens in this chunk
     context_len: int  # tokens the sequence holds after this step (cached + new)
-    block_table: torch.Tensor | None  # [n_blocks] int64; None when nothing was cached before
-    mask: torch.Tensor | None  # [length, context_len] bool, True = may attend
+    block_table: torch.Tensor  # [n_blocks] int64, enough blocks for context_len
+    mask: torch.Tensor | None  # [length, context_len] bool, True = may attend; None if fresh
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing was cached before this chunk: it attends only to its own new keys."""
+        return self.context_len == self.length
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
     prefills: list[PrefillChunk]
+    block_size: int
     decode_rows: torch.Tensor | None = None  # [Bd] rows of the flat batch with one new token
     decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] int64
+    decode_context_lens: list[int] = field(default_factory=list)  # [Bd]
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size] bool
+    derived: dict[str, Any] = field(default_factory=dict)  # per-step data other kernels build
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -53,7 +62,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)
         qc = q[rows].transpose(0, 1)  # [H, L, D]
-        if chunk.block_table is None:  # a fresh prompt: attend over its own new keys
+        if chunk.fresh:  # a fresh prompt: attend over its own new keys
             kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [Hkv, L, D]
             o = F.scaled_dot_product_attention(qc, kc.to(q.dtype), vc.to(q.dtype), is_causal=True,
                                                scale=scale, enable_gqa=True)

@@ -7,12 +7,18 @@ own position. Linear layers see `[T, hidden]`; attention splits rows per sequenc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmos.models.attention import AttentionMetadata, paged_attention, write_kv
 from llmos.models.config import ModelConfig, rope_inv_freq
+
+# The two kernels a transform may swap (see batch_invariant.py); the model grows no flags.
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+AttentionFn = Callable[..., torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,22 +60,24 @@ class Layer(nn.Module):
                                     requires_grad=False)
         self.down = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size),
                                  requires_grad=False)
+        self.linear: LinearFn = F.linear
+        self.attention: AttentionFn = paged_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         cfg = self.cfg
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)  # [T, hidden]
-        q, k, v = F.linear(h, self.qkv, self.qkv_bias).split(self.split, dim=-1)
+        q, k, v = self.linear(h, self.qkv, self.qkv_bias).split(self.split, dim=-1)
         q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, H, D]
         k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, Hkv, D]
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim**-0.5)
-        x = x + F.linear(attn.flatten(1), self.o)
+        attn = self.attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim**-0.5)
+        x = x + self.linear(attn.flatten(1), self.o, None)
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)  # [T, I] each
-        return x + F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.linear(h, self.gate_up, None).chunk(2, dim=-1)  # [T, I] each
+        return x + self.linear(F.silu(gate) * up, self.down, None)
 
 
 class LlamaModel(nn.Module):
@@ -80,6 +88,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
         self.lm_head: nn.Parameter | None = None  # None: tied to `embed`
+        self.linear: LinearFn = F.linear
         self.register_buffer("cos", torch.empty(0), persistent=False)  # set in from_weights
         self.register_buffer("sin", torch.empty(0), persistent=False)
 
@@ -120,4 +129,4 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         x = rms_norm(x[logits_rows], self.norm, self.cfg.rms_norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(x, head).float()
+        return self.linear(x, head, None).float()
