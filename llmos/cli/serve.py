@@ -1,0 +1,88 @@
+"""`llmos serve`: the OpenAI-compatible server on one engine, stopped cleanly by SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+
+import typer
+
+from llmos.cli.options import DEVICE, KV_CACHE_MEMORY, MAX_MODEL_LEN, MODEL
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port (0 picks a free one)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="LLMOS_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' on /v1."),
+    max_waiting: int | None = typer.Option(
+        256, "--max-waiting", help="Refuse (429) requests beyond this many waiting sequences."),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Sequences in one batch."),
+    max_body_size: str = typer.Option("4MiB", "--max-body-size", help="Request size limit."),
+    grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to "
+                                "finish on SIGTERM before they are aborted."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
+    model: str = MODEL,
+    max_model_len: int | None = MAX_MODEL_LEN,
+    kv_cache_memory: str = KV_CACHE_MEMORY,
+    device: str = DEVICE,
+) -> None:
+    """Serve MODEL with the OpenAI API at http://HOST:PORT/v1."""
+    from llmos.cli.streaming import load_engine
+    from llmos.engine.async_engine import AsyncEngine
+    from llmos.engine.llm_engine import parse_bytes
+    from llmos.errors import RequestError
+    from llmos.models.registry import ModelNotFoundError
+    from llmos.server.app import create_app, server_state
+    from llmos.server.launch import bind, make_server, url_of
+    from llmos.server.state import ServerConfig
+
+    try:
+        config = ServerConfig(api_key=api_key or None, max_waiting=max_waiting,
+                              max_body_bytes=parse_bytes(max_body_size))
+        sock = bind(host, port)  # before loading the model: a busy port fails at once
+    except (RequestError, OSError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    try:
+        engine = load_engine(model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+                             device=device, max_num_seqs=max_num_seqs)
+    except (RequestError, ModelNotFoundError) as exc:
+        sock.close()
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    app = create_app(AsyncEngine(engine), config)
+    verbose = verbose or logging.getLogger().isEnabledFor(logging.INFO)
+    server = make_server(app, grace=grace, verbose=verbose)
+    typer.echo(banner(url_of(sock), server_state(app).model_name, api_key is not None))
+    # uvicorn shuts down gracefully on these, then re-raises them; once handled, exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+
+
+def banner(url: str, model: str, needs_key: bool) -> str:
+    """Where the server is, with examples to paste."""
+    url = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+    auth = ' -H "Authorization: Bearer $LLMOS_API_KEY"' if needs_key else ""
+    key = 'os.environ["LLMOS_API_KEY"]' if needs_key else '"none"'
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    return f"""llmos is serving {model} at {url}/v1
+
+  curl {url}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
+    -d '{body}'
+
+  import os
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key={key})
+  reply = client.chat.completions.create(
+      model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
+  print(reply.choices[0].message.content)
+
+Also: {url}/v1/models, {url}/health, {url}/metrics. Ctrl+C or SIGTERM stops it gracefully.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)

@@ -1,0 +1,97 @@
+"""The FastAPI app: OpenAI's routes over one `AsyncEngine`, plus `/health` and `/metrics`.
+
+The app's lifespan starts the engine thread and stops it; everything a route needs lives in one
+`ServerState`, so several apps (as in tests) never share globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from llmos import __version__
+from llmos.engine.async_engine import AsyncEngine
+from llmos.server import errors
+from llmos.server.chat import create_chat_completion
+from llmos.server.completions import create_completion
+from llmos.server.limits import Guard
+from llmos.server.protocol import ModelCard, ModelList
+from llmos.server.state import ServerConfig, ServerState
+
+_HEALTH_TIMEOUT = 10.0  # seconds for the engine thread to answer between two steps
+
+
+def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
+    state = ServerState(engine, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="llmos", version=__version__, lifespan=lifespan)
+    app.state.llmos = state
+
+    def count(request: Request, status: int) -> None:
+        if request.url.path.startswith("/v1"):
+            state.metrics.count(status)
+
+    errors.install(app, count)
+    app.add_middleware(Guard, api_key=state.config.api_key,
+                       max_body_bytes=state.config.max_body_bytes,
+                       is_draining=lambda: state.draining,
+                       on_refused=lambda _path, status: state.metrics.count(status))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(state, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(state, request)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        state.metrics.count(200)
+        return ModelList(data=[_card(state)])
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> ModelCard:
+        state.check_model(model)
+        state.metrics.count(200)
+        return _card(state)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        try:
+            alive = engine.call(lambda _: True)
+            await asyncio.wait_for(asyncio.wrap_future(alive), _HEALTH_TIMEOUT)
+        except (TimeoutError, RuntimeError):
+            return JSONResponse({"status": "engine not answering"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": state.model_name})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _card(state: ServerState) -> ModelCard:
+    return ModelCard(id=state.model_name, created=state.created,
+                     max_model_len=state.max_model_len)
+
+
+def server_state(app: FastAPI) -> ServerState:
+    """The state of an app made by `create_app` (the launcher marks it draining)."""
+    return app.state.llmos

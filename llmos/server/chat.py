@@ -1,0 +1,106 @@
+"""`POST /v1/chat/completions`: messages through the chat template, answers as OpenAI's."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import jinja2
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from llmos.engine.sequence import CompletionOutput, RequestOutput
+from llmos.server.errors import APIError
+from llmos.server.generation import Generation, PromptJob, collect
+from llmos.server.logprobs import TokenTexts, chat_logprobs
+from llmos.server.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    Usage,
+)
+from llmos.server.state import ServerState
+from llmos.server.streaming import Deltas, event, sse_response, usage_of
+
+
+def prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    messages = [m.for_template(i) for i, m in enumerate(req.messages)]
+    try:
+        return state.engine.tokenizer.encode_chat(
+            messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools)
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:
+        raise APIError(400, f"messages: the chat template cannot render them: {exc}",
+                       param="messages") from exc
+
+
+async def create_chat_completion(state: ServerState, request: Request) -> Response:
+    req = ChatCompletionRequest.model_validate_json(await request.body())
+    state.check_model(req.model)
+    req.check()
+    ids = prompt_ids(state, req)
+    max_tokens = req.requested_max_tokens
+    params = req.sampling_params(
+        max_tokens=state.default_max_tokens(len(ids)) if max_tokens is None else max_tokens,
+        logprobs=req.num_logprobs)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    gen = await Generation.start(state, [PromptJob(ids, params)], request_id=rid,
+                                 priority=req.priority, user=req.user)
+    if req.stream:
+        return sse_response(state, gen, ChatStream(state, rid, req))
+    outs = await collect(state, request, gen)
+    if outs is None:
+        return Response(status_code=499)
+    (out,) = outs
+    body = ChatCompletion(id=rid, model=state.model_name, usage=usage_of([out]),
+                          choices=[_choice(o, state.texts, req.logprobs) for o in out.outputs])
+    state.metrics.count(200)
+    return JSONResponse(body.model_dump())
+
+
+def _choice(o: CompletionOutput, texts: TokenTexts, logprobs: bool) -> ChatChoice:
+    return ChatChoice(index=o.index, message=ChatMessageOut(content=o.text),
+                      finish_reason=o.finish_reason,
+                      logprobs=chat_logprobs(o.logprobs or [], texts) if logprobs else None)
+
+
+class ChatStream:
+    """Chunks as OpenAI sends them: a role delta per choice first, content deltas, then a
+    finish reason, and a usage chunk when `stream_options.include_usage` asks for it."""
+
+    def __init__(self, state: ServerState, rid: str, req: ChatCompletionRequest) -> None:
+        self.texts = state.texts
+        self.n = req.n
+        self.logprobs = req.logprobs
+        self.include_usage = req.include_usage
+        self.deltas = Deltas(req.n)
+        self.base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": state.model_name}
+        if self.include_usage:
+            self.base["usage"] = None
+
+    def _chunk(self, index: int, delta: dict[str, str], logprobs: object = None,
+               finish_reason: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
+        return event({**self.base, "choices": [choice]})
+
+    def head(self) -> str:
+        return "".join(self._chunk(i, {"role": "assistant", "content": ""})
+                       for i in range(self.n))
+
+    def update(self, prompt_index: int, out: RequestOutput) -> str:
+        chunks = []
+        for d in self.deltas(prompt_index, out):
+            if not d.text and not d.logprobs and d.finish_reason is None:
+                continue
+            logprobs = (chat_logprobs(d.logprobs or [], self.texts).model_dump()
+                        if self.logprobs else None)
+            chunks.append(self._chunk(d.index, {"content": d.text} if d.text else {},
+                                      logprobs, d.finish_reason))
+        return "".join(chunks)
+
+    def tail(self, usage: Usage) -> str:
+        if not self.include_usage:
+            return ""
+        return event({**self.base, "choices": [], "usage": usage.model_dump()})

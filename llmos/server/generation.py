@@ -1,0 +1,173 @@
+"""The engine requests behind one HTTP request: admitted, started, primed, merged, closed.
+
+`Generation.start` returns only once the engine accepted every prompt (each produced its first
+output), so a bad prompt is refused with a status code before any response byte is sent. Closing
+a generation closes its engine streams, which aborts what is unfinished and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from starlette.requests import Request
+from starlette.types import Receive
+
+from llmos.engine.async_engine import EngineDeadError
+from llmos.engine.sampling import SamplingParams
+from llmos.engine.sequence import RequestOutput
+from llmos.errors import RequestError
+from llmos.server.errors import APIError
+from llmos.server.limits import Ticket
+from llmos.server.metrics import RequestTracker
+from llmos.server.state import ServerState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class PromptJob:
+    prompt: str | list[int]
+    params: SamplingParams
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was ready."""
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestError):
+        return APIError.from_request_error(exc)
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, "the engine is not running", code="engine_unavailable")
+    log.error("request failed in the engine: %r", exc)
+    return APIError.internal(exc)
+
+
+class Generation:
+    def __init__(self, streams: list[AsyncIterator[RequestOutput]],
+                 trackers: list[RequestTracker], ticket: Ticket) -> None:
+        self._streams = streams
+        self._trackers = trackers
+        self._ticket = ticket
+        self._firsts: list[RequestOutput] = []
+        self._pumps: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def start(cls, state: ServerState, jobs: Sequence[PromptJob], *, request_id: str,
+                    priority: int = 0, user: str | None = None) -> Generation:
+        ticket = state.admission.enter(sum(job.params.n for job in jobs))
+        streams = [state.engine.generate(job.prompt, job.params, priority=priority, user=user,
+                                         request_id=request_id if len(jobs) == 1
+                                         else f"{request_id}-{i}")
+                   for i, job in enumerate(jobs)]
+        self = cls(streams, [state.metrics.track() for _ in jobs], ticket)
+        try:
+            firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        except BaseException:
+            await self.close()
+            raise
+        failure = next((r for r in firsts if isinstance(r, BaseException)), None)
+        if failure is not None:
+            await self.close()
+            if isinstance(failure, asyncio.CancelledError):
+                raise failure
+            raise as_api_error(failure)
+        self._firsts = firsts  # type: ignore[assignment]
+        for tracker, out in zip(self._trackers, self._firsts, strict=True):
+            tracker.observe(out)
+        return self
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative snapshot), in arrival order; engine failures raise."""
+        for i, out in enumerate(self._firsts):
+            yield i, out
+        if len(self._streams) == 1:
+            async for out in self._streams[0]:
+                self._trackers[0].observe(out)
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((i, out))
+            except Exception as exc:  # noqa: BLE001 - handed to the reader
+                queue.put_nowait((i, exc))
+            queue.put_nowait((i, None))
+
+        self._pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self._streams)]
+        open_streams = len(self._streams)
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                self._trackers[i].observe(item)
+                yield i, item
+
+    async def final(self) -> list[RequestOutput]:
+        """The finished output of every prompt, in prompt order."""
+        last: list[RequestOutput] = list(self._firsts)
+        async for i, out in self.outputs():
+            last[i] = out
+        return last
+
+    async def close(self) -> None:
+        """Abort what is unfinished, count tokens, give back the admission ticket.
+
+        The bookkeeping comes first and without awaiting, as this runs in cancelled tasks too."""
+        self._ticket.release()
+        for tracker in self._trackers:
+            tracker.close()
+        if self._pumps:  # each pump owns its stream: cancelling it closes the stream
+            for task in self._pumps:
+                task.cancel()
+            return
+        for stream in self._streams:
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def collect(state: ServerState, request: Request,
+                  gen: Generation) -> list[RequestOutput] | None:
+    """Every prompt's finished output; None (counted as 499) if the client left first."""
+    try:
+        return await unless_disconnected(request.receive, gen.final())
+    except ClientDisconnected:
+        state.metrics.count(499)
+        return None
+    except Exception as exc:
+        raise as_api_error(exc) from exc
+    finally:
+        await gen.close()
+
+
+async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so aborting its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+
+    async def wait_for_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_for_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise ClientDisconnected

@@ -1,0 +1,261 @@
+"""The OpenAI wire format: request and response models for chat, completions and models.
+
+Requests allow extra fields, as OpenAI's own clients send new ones often; vLLM's sampling
+extras (`top_k`, `min_p`, `ignore_eos`, `priority`...) are read, the rest ignored. Turning a
+request into engine terms (`SamplingParams`) happens here, so the routes stay thin.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmos.engine.sampling import SamplingParams
+from llmos.server.errors import APIError
+
+_INT64 = 2**63
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Request):
+    """Fields that chat and completions share: what to sample and when to stop."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-_INT64, lt=2 * _INT64)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM-style extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    priority: int = Field(0, ge=-_INT64, lt=_INT64)
+
+    def check_common(self) -> None:
+        """Refuse what the engine cannot honour, rather than silently ignore it."""
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true",
+                           param="stream_options")
+
+    def sampling_params(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """SamplingParams with OpenAI's defaults; it names the field of any bad value."""
+        extras: dict[str, Any] = {k: v for k, v in (
+            ("top_k", self.top_k), ("min_p", self.min_p),
+            ("repetition_penalty", self.repetition_penalty)) if v is not None}
+        return SamplingParams(
+            n=self.n,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
+            stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+            seed=self.seed, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output, **extras)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+# -- chat --------------------------------------------------------------------------------------
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        """The message as chat templates expect it: text content, `developer` as `system`."""
+        if isinstance(self.content, list):
+            bad = next((p.type for p in self.content if p.type != "text"), None)
+            if bad is not None:
+                raise APIError(400, f"messages[{index}].content: '{bad}' parts are not supported;"
+                               " this model reads text only", param=f"messages[{index}].content")
+            content = "\n".join(p.text or "" for p in self.content)
+        else:
+            content = self.content or ""
+        message = self.model_dump(exclude_none=True)
+        message.update(role="system" if self.role == "developer" else self.role, content=content)
+        return message
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+    def check(self) -> None:
+        self.check_common()
+        if not self.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise APIError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
+                           param="top_logprobs")
+        if self.tools and self.tool_choice != "none":
+            raise APIError(400, "tool calls are not supported by this server yet; "
+                           "send tool_choice: 'none' to pass the tools to the chat template only",
+                           param="tool_choice")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise APIError(400, f"response_format {kind!r} is not supported by this server yet",
+                           param="response_format")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class ChatLogprobTop(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatLogprobToken(ChatLogprobTop):
+    top_logprobs: list[ChatLogprobTop]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobToken]
+    refusal: None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class _Response(BaseModel):
+    id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str | None = None
+
+
+class ChatCompletion(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+# -- completions -------------------------------------------------------------------------------
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # the legacy API's default
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of must equal n (or be left out) on this server",
+                           param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does "
+                           "not compute yet", param="echo")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a batch: one string or token list per prompt."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        if not p:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        return list(p)  # type: ignore[arg-type]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class Completion(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+# -- models ------------------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llmos"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

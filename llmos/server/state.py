@@ -1,0 +1,75 @@
+"""The server's settings, and the state its routes share: engine, metrics, admission, names."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from llmos.engine.async_engine import AsyncEngine
+from llmos.errors import RequestError
+from llmos.models.registry import ALIASES
+from llmos.server.errors import APIError
+from llmos.server.limits import Admission
+from llmos.server.logprobs import TokenTexts
+from llmos.server.metrics import Metrics
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    served_model_name: str | None = None  # default: the engine's model name
+    api_key: str | None = None  # None: no key needed
+    max_waiting: int | None = None  # None: no limit on waiting sequences
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompts: int = 64  # prompts in one /v1/completions batch
+
+    def __post_init__(self) -> None:
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise RequestError(f"max_waiting must be at least 0, got {self.max_waiting}",
+                               param="max_waiting")
+        if self.max_body_bytes < 1024:
+            raise RequestError(f"max_body_bytes must be at least 1024, got "
+                               f"{self.max_body_bytes}", param="max_body_bytes")
+        if self.max_prompts < 1:
+            raise RequestError(f"max_prompts must be at least 1, got {self.max_prompts}",
+                               param="max_prompts")
+
+
+@dataclass(slots=True)
+class ServerState:
+    engine: AsyncEngine
+    config: ServerConfig
+    metrics: Metrics = field(init=False)
+    admission: Admission = field(init=False)
+    texts: TokenTexts = field(init=False)
+    model_name: str = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        llm = self.engine.engine
+        self.metrics = Metrics(llm.stats)
+        self.admission = Admission(self.config.max_waiting, llm.config.max_num_seqs,
+                                   lambda: llm.stats()["num_requests_waiting"])
+        self.texts = TokenTexts(llm.tokenizer)
+        self.model_name = self.config.served_model_name or llm.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        """404 for a name this server does not serve (its aliases are fine)."""
+        if model is None or model == self.model_name or ALIASES.get(model) == self.model_name:
+            return
+        if model == self.engine.engine.config.model:
+            return
+        raise APIError(404, f"The model '{model}' does not exist; this server serves "
+                       f"'{self.model_name}'", param="model", code="model_not_found")
+
+    def default_max_tokens(self, num_prompt_tokens: int) -> int | None:
+        """Room left after the prompt, in the context and in the KV cache (None: no room, which
+        the engine reports with both token counts)."""
+        llm = self.engine.engine
+        capacity = llm.blocks.num_blocks * llm.blocks.block_size
+        room = min(llm.max_model_len, capacity) - num_prompt_tokens
+        return room if room >= 1 else None

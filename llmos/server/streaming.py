@@ -1,0 +1,107 @@
+"""Server-sent events: deltas from the engine's cumulative snapshots, and the stream's life.
+
+The engine hands out whole-so-far snapshots; a stream sends only what is new in each choice.
+Each engine step's events go out in one write. The stream ends with `data: [DONE]`, or with an
+error event that the official clients raise, and always closes its generation (a client that
+leaves aborts its requests).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi.responses import StreamingResponse
+
+from llmos.engine.sequence import RequestOutput, TokenLogprob
+from llmos.server.generation import Generation, as_api_error
+from llmos.server.protocol import Usage
+from llmos.server.state import ServerState
+
+DONE = "data: [DONE]\n\n"
+
+
+def event(data: Any) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def usage_of(outputs: list[RequestOutput]) -> Usage:
+    """Prompt tokens of every prompt; completion tokens of every choice."""
+    return Usage.of(sum(len(out.prompt_token_ids) for out in outputs),
+                    sum(len(o.token_ids) for out in outputs for o in out.outputs))
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    index: int  # the choice's index in the response: prompt index * n + output index
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    first: bool  # this choice's first delta
+
+
+class Deltas:
+    """What each choice gained since the previous snapshot."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._sent: dict[int, tuple[int, int]] = {}  # choice → (characters, logprob entries)
+        self._finished: set[int] = set()
+
+    def __call__(self, prompt_index: int, out: RequestOutput) -> list[ChoiceDelta]:
+        deltas = []
+        for o in out.outputs:
+            index = prompt_index * self.n + o.index
+            if index in self._finished:
+                continue
+            first = index not in self._sent
+            chars, entries = self._sent.get(index, (0, 0))
+            text = o.text[chars:]
+            logprobs = o.logprobs[entries:] if o.logprobs is not None else None
+            if not text and not logprobs and o.finish_reason is None and not first:
+                continue
+            self._sent[index] = (len(o.text), len(o.logprobs or ()))
+            if o.finish_reason is not None:
+                self._finished.add(index)
+            deltas.append(ChoiceDelta(index, text, logprobs, o.finish_reason, first))
+        return deltas
+
+
+class Renderer(Protocol):
+    """Turns a generation's outputs into one endpoint's stream chunks."""
+
+    def head(self) -> str: ...
+
+    def update(self, prompt_index: int, out: RequestOutput) -> str: ...
+
+    def tail(self, usage: Usage) -> str: ...
+
+
+async def _events(state: ServerState, gen: Generation, render: Renderer) -> AsyncIterator[str]:
+    status = 499  # unless the stream ends: the client left (or the server gave up on it)
+    try:
+        last: dict[int, RequestOutput] = {}
+        head = render.head()
+        if head:
+            yield head
+        async for i, out in gen.outputs():
+            last[i] = out
+            chunk = render.update(i, out)
+            if chunk:
+                yield chunk
+        yield render.tail(usage_of([last[i] for i in sorted(last)])) + DONE
+        status = 200
+    except Exception as exc:  # an engine failure mid-stream: tell the client, in band
+        error = as_api_error(exc)
+        status = error.status
+        yield error.sse() + DONE
+    finally:
+        state.metrics.count(status)
+        await gen.close()
+
+
+def sse_response(state: ServerState, gen: Generation, render: Renderer) -> StreamingResponse:
+    return StreamingResponse(_events(state, gen, render), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
