@@ -95,8 +95,10 @@ def test_models_and_health(client: OpenAI, server: RunningServer) -> None:
 def test_chat_matches_the_engine_and_counts_usage(client: OpenAI,
                                                   reference: dict[str, object]) -> None:
     ref = reference["chat"]
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                       max_tokens=GREEDY_TOKENS)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=GREEDY_TOKENS)
+    r = raw.parse()
+    assert raw.headers["x-request-id"] == r.id
     (choice,) = r.choices
     assert choice.message.role == "assistant"
     assert choice.message.content == ref.text  # type: ignore[attr-defined]
@@ -434,6 +436,15 @@ def test_a_dropped_non_streaming_request_is_aborted(server: RunningServer) -> No
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", timeout=2.0, json={
             "model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True})
+    assert wait_for_idle(server, kv_idle)["llmos_kv_blocks_used"] == kv_idle
+
+
+def test_a_client_that_leaves_while_queued_is_aborted(server: RunningServer) -> None:
+    """Gone before its first token (a long prefill): aborted then, not after the first token."""
+    kv_idle = metrics(server)["llmos_kv_blocks_used"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", timeout=0.5, json={
+            "model": MODEL, "prompt": "hello " * 4000, "max_tokens": 1500, "ignore_eos": True})
     assert wait_for_idle(server, kv_idle)["llmos_kv_blocks_used"] == kv_idle
 
 

@@ -44,18 +44,15 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         max_tokens=state.default_max_tokens(len(ids)) if max_tokens is None else max_tokens,
         logprobs=req.num_logprobs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    gen = await Generation.start(state, [PromptJob(ids, params)], request_id=rid,
+    gen = await Generation.start(state, request, [PromptJob(ids, params)], request_id=rid,
                                  priority=req.priority, user=req.user)
     if req.stream:
-        return sse_response(state, gen, ChatStream(state, rid, req))
-    outs = await collect(state, request, gen)
-    if outs is None:
-        return Response(status_code=499)
-    (out,) = outs
+        return sse_response(state, gen, ChatStream(state, rid, req), rid)
+    (out,) = await collect(request, gen)
     body = ChatCompletion(id=rid, model=state.model_name, usage=usage_of([out]),
                           choices=[_choice(o, state.texts, req.logprobs) for o in out.outputs])
     state.metrics.count(200)
-    return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(), headers={"x-request-id": rid})
 
 
 def _choice(o: CompletionOutput, texts: TokenTexts, logprobs: bool) -> ChatChoice:

@@ -48,16 +48,14 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     req.check()
     jobs, prompt_texts = _jobs(state, req)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    gen = await Generation.start(state, jobs, request_id=rid, priority=req.priority,
+    gen = await Generation.start(state, request, jobs, request_id=rid, priority=req.priority,
                                  user=req.user)
     render = CompletionRender(state, rid, req, prompt_texts)
     if req.stream:
-        return sse_response(state, gen, render)
-    outs = await collect(state, request, gen)
-    if outs is None:
-        return Response(status_code=499)
+        return sse_response(state, gen, render, rid)
+    outs = await collect(request, gen)
     state.metrics.count(200)
-    return JSONResponse(render.whole(outs).model_dump())
+    return JSONResponse(render.whole(outs).model_dump(), headers={"x-request-id": rid})
 
 
 class CompletionRender:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -60,6 +60,10 @@ class APIError(Exception):
     def internal(cls, exc: BaseException) -> APIError:
         return cls(500, f"the engine failed on this request: {type(exc).__name__}: {exc}",
                    code="internal_error")
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready (counted, answered 499)."""
 
 
 def _param(loc: Sequence[int | str]) -> str | None:
@@ -116,6 +120,11 @@ def install(app: FastAPI, on_error: Callable[[Request, int], None]) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return reply(request, APIError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_left(request: Request, exc: ClientDisconnected) -> Response:
+        on_error(request, 499)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

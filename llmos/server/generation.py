@@ -21,7 +21,7 @@ from llmos.engine.async_engine import EngineDeadError
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import RequestOutput
 from llmos.errors import RequestError
-from llmos.server.errors import APIError
+from llmos.server.errors import APIError, ClientDisconnected
 from llmos.server.limits import Ticket
 from llmos.server.metrics import RequestTracker
 from llmos.server.state import ServerState
@@ -34,10 +34,6 @@ T = TypeVar("T")
 class PromptJob:
     prompt: str | list[int]
     params: SamplingParams
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the response was ready."""
 
 
 def as_api_error(exc: BaseException) -> APIError:
@@ -61,8 +57,9 @@ class Generation:
         self._pumps: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def start(cls, state: ServerState, jobs: Sequence[PromptJob], *, request_id: str,
-                    priority: int = 0, user: str | None = None) -> Generation:
+    async def start(cls, state: ServerState, request: Request, jobs: Sequence[PromptJob], *,
+                    request_id: str, priority: int = 0, user: str | None = None) -> Generation:
+        """Admit the jobs and wait for each one's first output (or the first refusal)."""
         ticket = state.admission.enter(sum(job.params.n for job in jobs))
         streams = [state.engine.generate(job.prompt, job.params, priority=priority, user=user,
                                          request_id=request_id if len(jobs) == 1
@@ -70,7 +67,8 @@ class Generation:
                    for i, job in enumerate(jobs)]
         self = cls(streams, [state.metrics.track() for _ in jobs], ticket)
         try:
-            firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+            firsts = await unless_disconnected(request.receive, asyncio.gather(
+                *(anext(s) for s in streams), return_exceptions=True))
         except BaseException:
             await self.close()
             raise
@@ -80,7 +78,7 @@ class Generation:
             if isinstance(failure, asyncio.CancelledError):
                 raise failure
             raise as_api_error(failure)
-        self._firsts = firsts  # type: ignore[assignment]
+        self._firsts = firsts
         for tracker, out in zip(self._trackers, self._firsts, strict=True):
             tracker.observe(out)
         return self
@@ -139,14 +137,12 @@ class Generation:
                 await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def collect(state: ServerState, request: Request,
-                  gen: Generation) -> list[RequestOutput] | None:
-    """Every prompt's finished output; None (counted as 499) if the client left first."""
+async def collect(request: Request, gen: Generation) -> list[RequestOutput]:
+    """Every prompt's finished output; ClientDisconnected (answered 499) if the client left."""
     try:
         return await unless_disconnected(request.receive, gen.final())
-    except ClientDisconnected:
-        state.metrics.count(499)
-        return None
+    except (ClientDisconnected, APIError):
+        raise
     except Exception as exc:
         raise as_api_error(exc) from exc
     finally:

@@ -83,15 +83,14 @@ async def _events(state: ServerState, gen: Generation, render: Renderer) -> Asyn
     status = 499  # unless the stream ends: the client left (or the server gave up on it)
     try:
         last: dict[int, RequestOutput] = {}
-        head = render.head()
-        if head:
-            yield head
+        pending = render.head()  # sent with the first update, in the same write
         async for i, out in gen.outputs():
             last[i] = out
-            chunk = render.update(i, out)
+            chunk = pending + render.update(i, out)
+            pending = ""
             if chunk:
                 yield chunk
-        yield render.tail(usage_of([last[i] for i in sorted(last)])) + DONE
+        yield pending + render.tail(usage_of([last[i] for i in sorted(last)])) + DONE
         status = 200
     except Exception as exc:  # an engine failure mid-stream: tell the client, in band
         error = as_api_error(exc)
@@ -102,6 +101,8 @@ async def _events(state: ServerState, gen: Generation, render: Renderer) -> Asyn
         await gen.close()
 
 
-def sse_response(state: ServerState, gen: Generation, render: Renderer) -> StreamingResponse:
+def sse_response(state: ServerState, gen: Generation, render: Renderer,
+                 request_id: str) -> StreamingResponse:
     return StreamingResponse(_events(state, gen, render), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      "x-request-id": request_id})
