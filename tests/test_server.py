@@ -352,6 +352,15 @@ def test_text_content_parts_and_extra_fields_are_accepted(client: OpenAI) -> Non
     assert r.usage.completion_tokens >= 1
 
 
+def test_nulls_mean_unset_as_clients_send_them(server: RunningServer) -> None:
+    body = {"model": None, "messages": [{"role": "user", "content": "Hi", "name": None}],
+            "n": None, "stream": None, "stop": None, "logprobs": None, "top_logprobs": None,
+            "seed": None, "tools": None, "response_format": None, "max_tokens": 2}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 2
+
+
 def test_an_engine_failure_is_500_and_the_server_lives_on(client: OpenAI,
                                                           server: RunningServer, llm: LLM,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:

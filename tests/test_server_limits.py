@@ -6,6 +6,7 @@ stops its server leaves nothing behind for the next.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +95,17 @@ def test_429_when_more_than_max_waiting_would_wait(make_server: ServerFactory,
         assert wait_until(lambda: "status=\"499\"" in httpx.get(f"{server.url}/metrics").text)
         ok = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
         assert ok.usage.completion_tokens == 2
+
+
+def test_connections_send_without_delay(make_server: ServerFactory) -> None:
+    """TCP_NODELAY on every connection: each SSE event leaves at once, on reused connections
+    too (Nagle's algorithm with delayed ACKs would hold small writes back)."""
+    with make_server() as server, httpx.Client(base_url=server.url) as http:
+        assert http.get("/health").status_code == 200
+        sockets = [c.transport.get_extra_info("socket")
+                   for c in server.server.server_state.connections]
+        assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                               for s in sockets)
 
 
 def test_sigterm_lets_streams_in_flight_finish(make_server: ServerFactory) -> None:

@@ -35,10 +35,14 @@ def make_server(app: FastAPI, *, grace: float = 30.0, verbose: bool = False) -> 
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket; port 0 picks a free one (read it back with getsockname)."""
+    """A listening-ready socket; port 0 picks a free one (read it back with getsockname).
+
+    Its protocol is named (IPPROTO_TCP), as asyncio sets TCP_NODELAY on accepted connections
+    only then; without it each small SSE write waits on Nagle's algorithm and delayed ACKs."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError:
