@@ -8,6 +8,7 @@ their outputs do not depend on batching or on prefix-cache hits.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Iterator
 
@@ -359,6 +360,49 @@ def test_nulls_mean_unset_as_clients_send_them(server: RunningServer) -> None:
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] <= 2
+
+
+FUZZ_VALUES: dict[str, list[object]] = {
+    "temperature": [0, 0.7, 2, -1, 1e9, "1", None, [1]],
+    "top_p": [0.5, 1, 0, 1.5, None],
+    "n": [1, 2, 0, -3, 1.5, None],
+    "max_tokens": [1, 3, 0, -1, 10**12, "3"],
+    "stop": ["\n", ["a", "b"], [], [""], [1], None, "x" * 1000],
+    "seed": [0, -5, 2**63, 2**65, "s", None],
+    "logprobs": [True, False, 3, -1, None],
+    "top_logprobs": [0, 2, 21, -1, None],
+    "presence_penalty": [0, 1.5, -3, None],
+    "stream": [True, False, None, "yes"],
+    "stop_token_ids": [[0], [-1], [10**6], None],
+    "priority": [0, -10, 10**30, None],
+    "user": ["u", 5, None],
+    "messages": [CHAT, [], [{"role": "user"}], [{"content": "x"}], "hi", None,
+                 [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "y"}]}]],
+    "prompt": [PROMPT, "", [1, 2, 3], [[1, 2], "x"], [[]], None, ["a", "b"], [-1], {"a": 1}],
+}
+
+
+def test_fuzzed_requests_never_crash_or_leak(server: RunningServer) -> None:
+    rng = random.Random(0)
+    kv_idle = metrics(server)["llmos_kv_blocks_used"]
+    statuses = set()
+    with httpx.Client(base_url=f"{server.url}/v1", timeout=120) as http:
+        for i in range(80):
+            route = "chat/completions" if i % 2 else "completions"
+            body: dict[str, object] = {"model": MODEL, "max_tokens": 2}
+            for key in rng.sample(sorted(FUZZ_VALUES), 5):
+                body[key] = rng.choice(FUZZ_VALUES[key])
+            body.setdefault("messages" if i % 2 else "prompt", CHAT if i % 2 else PROMPT)
+            if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 3:  # type: ignore[operator]
+                body["max_tokens"] = 3
+            r = http.post(route, json=body)
+            statuses.add(r.status_code)
+            assert r.status_code in (200, 400), (body, r.text)
+            if r.status_code == 400:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert statuses == {200, 400}
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert wait_for_idle(server, kv_idle)["llmos_kv_blocks_used"] == kv_idle
 
 
 def test_an_engine_failure_is_500_and_the_server_lives_on(client: OpenAI,
