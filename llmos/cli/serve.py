@@ -22,6 +22,8 @@ def serve(
     max_body_size: str = typer.Option("4MiB", "--max-body-size", help="Request size limit."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to "
                                 "finish on SIGTERM before they are aborted."),
+    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: "
+                                       "one per core); the HTTP loop shares those cores."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
     model: str = MODEL,
     max_model_len: int | None = MAX_MODEL_LEN,
@@ -45,6 +47,10 @@ def serve(
     except (RequestError, OSError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     try:
         engine = load_engine(model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
                              device=device, max_num_seqs=max_num_seqs)
