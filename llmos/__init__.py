@@ -8,13 +8,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "Kernel", "Program", "SamplingParams", "__version__", "tool"]
 
 if TYPE_CHECKING:
     from llmos.engine.llm import LLM
     from llmos.engine.sampling import SamplingParams
+    from llmos.kernel.kernel import Kernel
+    from llmos.kernel.program import Program
+    from llmos.kernel.tools import tool
 
-_LAZY = {"LLM": "llmos.engine.llm", "SamplingParams": "llmos.engine.sampling"}
+_LAZY = {"LLM": "llmos.engine.llm", "SamplingParams": "llmos.engine.sampling",
+         "Kernel": "llmos.kernel.kernel", "Program": "llmos.kernel.program",
+         "tool": "llmos.kernel.tools"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,72 @@
+"""Any OpenAI-compatible server (llmos serve, vLLM, SGLang, llama.cpp, OpenAI) through the
+official `openai` client. This is how the kernel uses a cluster when one machine is not enough.
+
+`native_tools=False` renders the tools into the prompt instead, for servers whose models have
+no tool calling (how most local agents run today)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from openai import AsyncOpenAI
+
+from llmos.backends import toolprompt
+from llmos.backends.base import ChatRequest, ChatResult, Message, ToolCall, Usage
+
+_OPENAI_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+
+
+class OpenAIHTTPBackend:
+    kind = "openai_http"
+
+    def __init__(self, base_url: str, model: str, *, api_key: str = "none",
+                 native_tools: bool = True, send_priority: bool = False,
+                 context_window: int | None = None, timeout: float = 600.0) -> None:
+        self.client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
+                                  max_retries=2)
+        self.model = model
+        self.native_tools = native_tools
+        self.send_priority = send_priority  # vLLM and llmos read `priority`; others may not
+        self.name = f"openai_http:{model}@{base_url}"
+        self.context_window = context_window
+
+    def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]]) -> int:
+        """An estimate (about 4 characters a token): the server's tokenizer is not here."""
+        return len(json.dumps(messages)) // 4 + len(json.dumps(tools)) // 4
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        native = self.native_tools and bool(request.tools)
+        if native:
+            messages = [{k: v for k, v in m.items() if k in _OPENAI_MESSAGE_KEYS}
+                        for m in request.messages]
+        else:
+            messages = toolprompt.render(request.messages, request.tools, request.tool_choice)
+        kwargs: dict[str, Any] = dict(request.sampling)
+        if native:
+            kwargs.update(tools=request.tools, tool_choice=request.tool_choice)
+        if request.user:
+            kwargs["user"] = request.user
+        if self.send_priority:
+            kwargs["extra_body"] = {"priority": request.priority}
+        t0 = time.monotonic()
+        reply = await self.client.chat.completions.create(model=self.model, messages=messages,
+                                                          **kwargs)
+        seconds = time.monotonic() - t0
+        choice = reply.choices[0]
+        u = reply.usage
+        details = getattr(u, "prompt_tokens_details", None) if u else None
+        usage = Usage(u.prompt_tokens if u else 0,
+                      (getattr(details, "cached_tokens", None) or 0) if details else 0,
+                      u.completion_tokens if u else 0)
+        text = choice.message.content or ""
+        result = ChatResult(text or None, [], usage, seconds, choice.finish_reason, raw=text)
+        if native:
+            result.tool_calls = [ToolCall(c.id, c.function.name, c.function.arguments or "{}")
+                                 for c in choice.message.tool_calls or []]
+            return result
+        return toolprompt.read_reply(result, request)
+
+    async def aclose(self) -> None:
+        await self.client.close()

@@ -1,0 +1,265 @@
+"""The agent loop: plan (call the model) → act (system calls) → observe (results join the
+transcript), as one `while` over a tagged union of next steps.
+
+Guardrails: step, wall-time, token and cost limits; stuck detection (the same call with the
+same arguments N times); one repair retry for unusable model output. Model mistakes and tool
+failures become observations; our own bugs raise. Every step is committed before the next
+model call, so a crashed run resumes from its transcript.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from llmos.backends.base import Backend, ChatRequest, ToolCall
+from llmos.kernel import journal, memory, report
+from llmos.kernel.meter import Meter
+from llmos.kernel.process import (
+    ApprovalStep,
+    ErrorStep,
+    FinalAnswer,
+    ModelTurn,
+    Process,
+    Status,
+    ToolCallStep,
+    ToolResultStep,
+)
+from llmos.kernel.store import Store
+from llmos.kernel.tools import TOOLS, ToolResult, execute
+
+
+@dataclass(frozen=True, slots=True)
+class CallModel:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RunTools:
+    calls: list[ToolCall]
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    what: str  # malformed_output | bad_answer
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    answer: str
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    kind: str  # a key of report.ADVICE
+    reason: str
+
+
+NextStep = CallModel | RunTools | Repair | Finish | GiveUp
+
+
+@dataclass(slots=True)
+class Context:
+    backend: Backend
+    store: Store
+    meter: Meter
+    decide: Callable[[Process, ToolCall], Awaitable[bool | None]]  # a person's approval
+    killed: Callable[[Process], bool]
+
+
+async def run(proc: Process, ctx: Context) -> None:
+    """Run (or resume) a process until it stops. Sets its status, answer or report."""
+    started, base = time.monotonic(), proc.elapsed
+    step: NextStep = resume_point(proc)
+    try:
+        while True:
+            proc.elapsed = base + time.monotonic() - started
+            if isinstance(step, CallModel):
+                step = await plan(proc, ctx)
+            elif isinstance(step, RunTools):
+                step = await act(proc, ctx, step.calls)
+            elif isinstance(step, Repair):
+                journal.append(ctx.store, proc, ErrorStep(step.what, step.why))
+                step = CallModel()
+            elif isinstance(step, Finish):
+                proc.status, proc.answer, proc.reason = Status.DONE, step.answer, "done"
+                journal.append(ctx.store, proc, FinalAnswer(step.answer))
+                break
+            elif isinstance(step, GiveUp):
+                give_up(proc, ctx, step)
+                break
+            else:
+                raise AssertionError(f"unknown next step {step!r}")
+    except asyncio.CancelledError:
+        give_up(proc, ctx, GiveUp("killed", "killed by a person (kill)"))
+    journal.save_status(ctx.store, proc)
+
+
+def give_up(proc: Process, ctx: Context, step: GiveUp) -> None:
+    proc.status = Status.KILLED if step.kind == "killed" else Status.FAILED
+    proc.reason = step.reason
+    journal.append(ctx.store, proc, ErrorStep(step.kind, step.reason))
+    proc.report = report.build(proc, step.kind, step.reason)
+
+
+def resume_point(proc: Process) -> NextStep:
+    if proc.pending_calls():
+        return RunTools(proc.pending_calls())
+    if proc.steps and isinstance(proc.steps[-1], ModelTurn):
+        return classify(proc, proc.steps[-1])
+    return CallModel()
+
+
+def check_limits(proc: Process, ctx: Context) -> GiveUp | None:
+    lim = proc.program.limits
+    if ctx.killed(proc):
+        return GiveUp("killed", "killed by a person (kill)")
+    if proc.num_turns >= lim.max_steps:
+        return GiveUp("step_limit", f"step limit: {proc.num_turns} model turns of "
+                      f"{lim.max_steps}, with no final answer")
+    if proc.elapsed >= lim.max_seconds:
+        return GiveUp("time_limit", f"time limit: {proc.elapsed:.1f}s of {lim.max_seconds:g}s")
+    why = ctx.meter.over_budget(proc.owner, proc.usage, lim)
+    return GiveUp("budget", why) if why else None
+
+
+async def plan(proc: Process, ctx: Context) -> NextStep:
+    stop = check_limits(proc, ctx)
+    if stop is not None:
+        return stop
+    prog = proc.program
+    tools = [TOOLS[name].to_openai() for name in prog.tools if name in TOOLS]
+    msgs = memory.to_messages(proc)
+    if ctx.backend.context_window:
+        room = ctx.backend.context_window - int(prog.sampling.get("max_tokens") or 256) - 8
+        msgs = memory.fit(msgs, memory.counter(ctx.backend.count_tokens, tools), room,
+                          summarize_dropped=prog.summarize)
+    request = ChatRequest(msgs, tools, prog.tool_choice if tools else "none", dict(prog.sampling),
+                          proc.priority, proc.owner, f"p{proc.pid}-s{len(proc.steps)}")
+    proc.status = Status.RUNNING
+    journal.save_status(ctx.store, proc)
+    try:
+        result = await asyncio.wait_for(ctx.backend.chat(request),
+                                        max(0.01, prog.limits.max_seconds - proc.elapsed))
+    except TimeoutError:
+        return GiveUp("time_limit", f"time limit: {prog.limits.max_seconds:g}s ran out "
+                      "during a model call")
+    except Exception as exc:  # noqa: BLE001 - a failed backend stops the run with a report
+        return GiveUp("backend", f"backend {ctx.backend.name} failed: "
+                      f"{type(exc).__name__}: {exc}")
+    cost = ctx.meter.price(ctx.backend.kind, ctx.backend.name).cost(result)
+    u = result.usage
+    turn = ModelTurn(result.content, result.tool_calls, result.raw, u.prompt_tokens,
+                     u.cached_tokens, u.completion_tokens, result.engine_seconds, cost,
+                     result.finish_reason, result.malformed)
+    journal.append(ctx.store, proc, turn, model=ctx.backend.name)
+    return classify(proc, turn)
+
+
+def classify(proc: Process, turn: ModelTurn) -> NextStep:
+    """What the model's turn asks for next."""
+    problem = _problem(proc, turn)
+    if problem is None:
+        if turn.tool_calls:
+            return RunTools(turn.tool_calls)
+        return Finish((turn.content or "").strip())
+    what, why = problem
+    previous = [s for s in proc.steps[:-1] if isinstance(s, ModelTurn | ToolResultStep)]
+    if previous and isinstance(previous[-1], ModelTurn) and _problem(proc, previous[-1]):
+        return GiveUp("malformed", f"the model's output was unusable twice in a row: {why}")
+    return Repair(what, why)
+
+
+def _problem(proc: Process, turn: ModelTurn) -> tuple[str, str] | None:
+    if turn.malformed:
+        return "malformed_output", turn.malformed
+    if turn.tool_calls:
+        return None
+    text = (turn.content or "").strip()
+    if not text:
+        return "malformed_output", "the reply was empty"
+    schema = proc.program.output_schema
+    if schema is not None:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return "bad_answer", f"the final answer is not JSON ({exc.msg})"
+        try:
+            import jsonschema
+        except ImportError:  # pragma: no cover - JSON-ness is all we can check then
+            return None
+        try:
+            jsonschema.validate(value, schema)
+        except jsonschema.ValidationError as exc:
+            return "bad_answer", f"the final answer does not match the schema: {exc.message}"
+    return None
+
+
+async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
+    policy, lim = proc.program.policy, proc.program.limits
+    started = {s.call_id for s in proc.steps if isinstance(s, ToolCallStep)}
+    done = {s.call_id for s in proc.steps if isinstance(s, ToolResultStep)}
+    for call in calls:
+        if call.id in done:
+            continue
+        if ctx.killed(proc):
+            return GiveUp("killed", "killed by a person (kill)")
+        if call.id in started:  # it was running when the kernel stopped
+            tool = TOOLS.get(call.name)
+            if tool is None or not tool.read_only:
+                _observe(ctx, proc, call, ToolResult(False, error=(
+                    "interrupted: the kernel stopped while this call ran; it may or may not "
+                    "have taken effect. Check before repeating it.")))
+                continue
+        elif _times_requested(proc, call) >= lim.stuck_after:
+            return GiveUp("stuck", f"stuck: {call.name}({call.arguments}) was requested "
+                          f"{lim.stuck_after} times with the same arguments")
+        if call.name in policy.needs_approval:
+            allow = await _approval(proc, ctx, call)
+            if not allow:
+                _observe(ctx, proc, call, ToolResult(False, error=(
+                    "refused: a person denied this call")))
+                continue
+        if call.id not in started:
+            proc.status = Status.WAITING_TOOL
+            journal.append(ctx.store, proc, ToolCallStep(call.id, call.name, call.arguments))
+        result = await asyncio.to_thread(execute, call.name, call.arguments, proc.workspace,
+                                         policy)
+        _observe(ctx, proc, call, result)
+    proc.status = Status.RUNNING
+    return CallModel()
+
+
+def _observe(ctx: Context, proc: Process, call: ToolCall, result: ToolResult) -> None:
+    journal.append(ctx.store, proc, ToolResultStep(call.id, call.name, result.ok, result.output,
+                                                   result.error, result.sha256))
+
+
+def _times_requested(proc: Process, call: ToolCall) -> int:
+    key = (call.name, _canonical(call.arguments))
+    return sum(1 for s in proc.steps if isinstance(s, ModelTurn)
+               for c in s.tool_calls if (c.name, _canonical(c.arguments)) == key)
+
+
+def _canonical(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), sort_keys=True)
+    except json.JSONDecodeError:
+        return arguments
+
+
+async def _approval(proc: Process, ctx: Context, call: ToolCall) -> bool:
+    if any(isinstance(s, ApprovalStep) and s.call_id == call.id for s in proc.steps):
+        return next(s.allow for s in proc.steps
+                    if isinstance(s, ApprovalStep) and s.call_id == call.id)
+    proc.status = Status.WAITING_APPROVAL
+    journal.save_status(ctx.store, proc)
+    allow = await ctx.decide(proc, call)
+    while allow is None:  # decide() returns None only when asked to re-check
+        allow = await ctx.decide(proc, call)
+    journal.append(ctx.store, proc, ApprovalStep(call.id, allow))
+    return allow

@@ -1,0 +1,122 @@
+"""Programs: declarative agent specs, in YAML or Python. A program names its system prompt
+(versioned), its model (a backend name), its tools and policy, its limits, an optional output
+schema and its sampling settings. A process is one run of a program."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmos.kernel.tools import Policy
+
+
+class ProgramError(ValueError):
+    """A program file or spec that cannot be used; the message names the field."""
+
+
+@dataclass(slots=True)
+class Limits:
+    max_steps: int = 12  # model turns
+    max_seconds: float = 600.0  # wall time, over every resume
+    max_tokens: int | None = 200_000  # prompt + completion, over the process
+    max_cost: float | None = None
+    stuck_after: int = 3  # the same call with the same arguments this many times: stuck
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "max_seconds", "stuck_after"):
+            if getattr(self, name) <= 0:
+                raise ProgramError(f"limits.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(slots=True)
+class Program:
+    name: str = "assistant"
+    system_prompt: str = "You are a helpful assistant."
+    version: str = "1"
+    model: str | None = None  # a backend name; None: the kernel's default backend
+    tools: list[str] = field(default_factory=list)
+    policy: Policy = field(default_factory=Policy)
+    limits: Limits = field(default_factory=Limits)
+    output_schema: dict[str, Any] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    tool_choice: str = "auto"
+    summarize: bool = False  # summarize what trimming drops from the context, else elide it
+    source: str | None = None  # the .py file that defines it (its custom tools)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.policy, dict):
+            self.policy = _build(Policy, self.policy, "policy")
+        if isinstance(self.limits, dict):
+            self.limits = _build(Limits, self.limits, "limits")
+        self.version = str(self.version)
+        self.tools = [t.tool.name if hasattr(t, "tool") else t for t in self.tools]
+        if self.policy.allowed_tools is None:
+            self.policy.allowed_tools = list(self.tools)
+        if not isinstance(self.sampling, dict):
+            raise ProgramError("sampling must be a mapping like {temperature: 0}")
+
+    @property
+    def prompt_hash(self) -> str:
+        """Identifies the exact system prompt a process ran with, beside its version."""
+        return hashlib.sha256(self.system_prompt.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Program:
+        return _build(cls, data, "program")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Program:
+        """A `.yaml`/`.yml`/`.json` spec, or a `.py` file that defines `program = Program(...)`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ProgramError(f"program file {str(path)!r} does not exist")
+        if path.suffix == ".py":
+            return _load_python(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ProgramError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ProgramError(f"{path}: a program is a mapping of fields")
+        return cls.from_dict(data)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ProgramError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise ProgramError(f"{where}: {exc}") from None
+
+
+def _load_python(path: Path) -> Program:
+    name = f"llmos_program_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]}"
+    if name in sys.modules:
+        module = sys.modules[name]
+    else:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    program = getattr(module, "program", None)
+    if not isinstance(program, Program):
+        raise ProgramError(f"{path}: define `program = Program(...)` at module level")
+    program.source = str(path.resolve())
+    return program
