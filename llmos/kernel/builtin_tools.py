@@ -16,6 +16,9 @@ from llmos.kernel.tools import ToolContext, tool
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PROGRAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# No shell runs, but an allow-listed program may hand its arguments to one (make, git
+# aliases), so shell syntax in an argument is refused rather than trusted to stay inert.
+_SHELL_SYNTAX = re.compile(r"[;|&$`<>\n\r]")
 MAX_LISTING = 500
 
 
@@ -133,9 +136,13 @@ def _check_argv(argv: list[str], ctx: ToolContext) -> None:
     for arg in argv[1:]:
         if "\x00" in arg:
             raise Refused("an argument contains a NUL byte")
+        if _SHELL_SYNTAX.search(arg):
+            raise Refused(f"argument {arg!r} contains shell syntax (; | & $ ` < > or a newline)")
         for piece in re.split(r"[=:,]", arg):
             if piece.startswith(("/", "~")) or ".." in piece.replace("\\", "/").split("/"):
                 raise Refused(f"argument {arg!r} names a path outside the workspace")
+            if piece and not piece.startswith("-") and os.path.lexists(ctx.workspace / piece):
+                sandbox.resolve(ctx.workspace, piece, field="argument")  # symlinks out
 
 
 @tool
@@ -148,6 +155,7 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
     _check_argv(argv, ctx)
     env = {"PATH": SAFE_PATH, "HOME": str(ctx.workspace), "LANG": "C.UTF-8", "TERM": "dumb"}
     cap = ctx.policy.max_output_chars
+    runaway = max(4 * cap, 1 << 20)  # bytes read before a writer counts as runaway
     try:
         proc = subprocess.Popen(argv, cwd=ctx.workspace, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -163,7 +171,7 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
             if size[0] < cap:
                 chunks.append(chunk)
             size[0] += len(chunk)
-            if size[0] > cap * 4:  # a runaway writer: stop it rather than read forever
+            if size[0] > runaway:  # a runaway writer: stop it rather than read forever
                 _kill(proc)
                 return
 
@@ -179,6 +187,9 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
     out = b"".join(chunks)[:cap].decode("utf-8", errors="replace")
     if size[0] > cap:
         out += f"\n[... output cut at {cap} of {size[0]}+ bytes]"
+    if size[0] > runaway:
+        raise Refused(f"{argv[0]} wrote more than {runaway} bytes and was stopped; output "
+                      f"starts:\n{out}")
     if code is None:
         raise Refused(f"{argv[0]} ran past its {ctx.policy.command_timeout:g}s timeout and was "
                       f"killed; output so far:\n{out}")

@@ -187,11 +187,11 @@ def execute(name: str, arguments: str | dict[str, Any] | None, workspace: str | 
             text = text[:policy.max_output_chars] + f"\n[... {cut} more characters cut]"
         return ToolResult(True, text)
     except Refused as exc:
-        return ToolResult(False, error=f"refused: {exc}")
+        return ToolResult(False, error=f"refused: {exc}"[:policy.max_output_chars])
     except json.JSONDecodeError as exc:
         return ToolResult(False, error=f"refused: arguments are not valid JSON ({exc.msg})")
     except Exception as exc:  # noqa: BLE001 - a failed tool is an observation, not a crash
-        return ToolResult(False, error=f"{type(exc).__name__}: {exc}")
+        return ToolResult(False, error=f"{type(exc).__name__}: {exc}"[:policy.max_output_chars])
 
 
 async def _await(awaitable: Any) -> Any:
