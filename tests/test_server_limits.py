@@ -97,6 +97,17 @@ def test_429_when_more_than_max_waiting_would_wait(make_server: ServerFactory,
         assert ok.usage.completion_tokens == 2
 
 
+def test_a_huge_prompt_is_refused_before_tokenizing(make_server: ServerFactory) -> None:
+    with make_server() as server:
+        for route, body in (("completions", {"prompt": "ab " * 400_000}),
+                            ("chat/completions",
+                             {"messages": [{"role": "user", "content": "ab " * 400_000}]})):
+            r = httpx.post(f"{server.url}/v1/{route}", json={"model": MODEL, **body}, timeout=60)
+            assert r.status_code == 400
+            error = r.json()["error"]
+            assert error["code"] == "context_length_exceeded" and "at least" in error["message"]
+
+
 def test_connections_send_without_delay(make_server: ServerFactory) -> None:
     """TCP_NODELAY on every connection: each SSE event leaves at once, on reused connections
     too (Nagle's algorithm with delayed ACKs would hold small writes back)."""

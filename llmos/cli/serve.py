@@ -35,7 +35,6 @@ def serve(
     from llmos.engine.async_engine import AsyncEngine
     from llmos.engine.llm_engine import parse_bytes
     from llmos.errors import RequestError
-    from llmos.models.registry import ModelNotFoundError
     from llmos.server.app import create_app, server_state
     from llmos.server.launch import bind, make_server, url_of
     from llmos.server.state import ServerConfig
@@ -44,8 +43,12 @@ def serve(
         config = ServerConfig(api_key=api_key or None, max_waiting=max_waiting,
                               max_body_bytes=parse_bytes(max_body_size))
         sock = bind(host, port)  # before loading the model: a busy port fails at once
-    except (RequestError, OSError) as exc:
+    except RequestError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.secho(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", fg="red",
+                    err=True)
         raise typer.Exit(2) from None
     if threads is not None:
         import torch
@@ -54,7 +57,7 @@ def serve(
     try:
         engine = load_engine(model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
                              device=device, max_num_seqs=max_num_seqs)
-    except (RequestError, ModelNotFoundError) as exc:
+    except ValueError as exc:  # RequestError, ModelNotFoundError, a bad engine setting
         sock.close()
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

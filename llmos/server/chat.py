@@ -26,6 +26,7 @@ from llmos.server.streaming import Deltas, event, sse_response, usage_of
 
 def prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     messages = [m.for_template(i) for i, m in enumerate(req.messages)]
+    state.check_text_fits(sum(len(m["content"]) for m in messages), "messages")
     try:
         return state.engine.tokenizer.encode_chat(
             messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools)

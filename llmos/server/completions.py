@@ -31,6 +31,7 @@ def _jobs(state: ServerState, req: CompletionRequest) -> tuple[list[PromptJob], 
     jobs, texts = [], []
     for prompt in prompts:
         if isinstance(prompt, str):
+            state.check_text_fits(len(prompt), "prompt")
             ids, text = (tokenizer.encode(prompt) if prompt else []), prompt
         else:
             ids, text = prompt, (tokenizer.decode(prompt) if req.echo else "")

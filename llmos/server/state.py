@@ -42,6 +42,7 @@ class ServerState:
     admission: Admission = field(init=False)
     texts: TokenTexts = field(init=False)
     model_name: str = field(init=False)
+    longest_token: int = field(init=False)  # characters in the vocabulary's longest token
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
 
@@ -52,6 +53,7 @@ class ServerState:
                                    lambda: llm.stats()["num_requests_waiting"])
         self.texts = TokenTexts(llm.tokenizer)
         self.model_name = self.config.served_model_name or llm.model_name
+        self.longest_token = max(map(len, llm.tokenizer.hf.get_vocab()), default=1)
 
     @property
     def max_model_len(self) -> int:
@@ -65,6 +67,15 @@ class ServerState:
             return
         raise APIError(404, f"The model '{model}' does not exist; this server serves "
                        f"'{self.model_name}'", param="model", code="model_not_found")
+
+    def check_text_fits(self, num_chars: int, param: str) -> None:
+        """Refuse text too long for the context without tokenizing it: tokenizing holds the GIL,
+        so a huge prompt would stall every stream for seconds only to be refused."""
+        at_least = num_chars // self.longest_token
+        if at_least > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
+                           f"tokens, but the prompt has at least {at_least} tokens.",
+                           param=param, code="context_length_exceeded")
 
     def default_max_tokens(self, num_prompt_tokens: int) -> int | None:
         """Room left after the prompt, in the context and in the KV cache (None: no room, which
