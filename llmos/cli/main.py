@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from llmos.cli import chat, generate
+from llmos.cli import approve, chat, generate, ps, run, usage
 
 app = typer.Typer(name="llmos", help="An operating system for LLM programs.",
                   no_args_is_help=True, add_completion=False)
@@ -21,6 +21,10 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info 
 
 generate.register(app)
 chat.register(app)
+run.register(app)
+ps.register(app)
+approve.register(app)
+usage.register(app)
 
 try:  # the server lands in its own module
     from llmos.cli import serve

@@ -30,7 +30,9 @@ class Kernel:
                  prices: dict[str, Price] | None = None) -> None:
         self.store = Store(db if db is not None else default_db_path())
         self.meter = Meter(self.store, prices)
-        self.backend = resolve(backend) if isinstance(backend, str) else backend
+        # a name is resolved on first use, so a kernel that only reads the store loads nothing
+        self._default_name = backend if isinstance(backend, str) else None
+        self.backend = None if isinstance(backend, str) else backend
         self._backends: dict[str, Backend] = {}
         self._procs: dict[int, Process] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -89,6 +91,8 @@ class Kernel:
         return journal.load(self.store, pid)
 
     def kill(self, pid: int) -> None:
+        """Stop a process: at once when it runs here, at its next step when it runs in
+        another OS process (`llmos kill`), or right away in the store when nothing runs it."""
         self._row(pid)
         journal.request_kill(self.store, pid)
         task = self._tasks.get(pid)
@@ -96,8 +100,11 @@ class Kernel:
             self._loop.call_soon_threadsafe(task.cancel)
             self.wait(pid, 30)
             return
+        row = self._row(pid)
+        if journal.runner_alive(row) and row["runner_pid"] != os.getpid():
+            return  # its runner sees the request at its next step
         proc = journal.load(self.store, pid)
-        if not proc.status.finished:  # nothing runs it here: record the kill now
+        if not proc.status.finished:  # nothing runs it: record the kill now
             loop.give_up(proc, self._context(proc, self.backend), loop.GiveUp(
                 "killed", "killed by a person (kill)"))
             journal.save_status(self.store, proc)
@@ -148,12 +155,15 @@ class Kernel:
 
     def _backend_for(self, program: Program) -> Backend:
         name = os.environ.get("LLMOS_BACKEND") or program.model
+        if self.backend is None and self._default_name is not None and \
+                name in (None, self._default_name):
+            self.backend = resolve(self._default_name)
         if name is None:
             if self.backend is None:
                 raise ProgramError("model: the program names no backend and the kernel has "
                                    "no default; pass Kernel(backend=...)")
             return self.backend
-        if self.backend is not None and name == self.backend.name:
+        if self.backend is not None and name in (self.backend.name, self._default_name):
             return self.backend
         if name not in self._backends:
             self._backends[name] = resolve(name)
