@@ -30,6 +30,8 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, K] @ weight.T [K, N] in fixed [TILE, K] tiles → [T, N]."""
     rows, k = x.shape
+    if rows == 0:
+        return x.new_empty(0, weight.shape[0])
     tiles = -(-rows // TILE)
     xp = F.pad(x, (0, 0, 0, tiles * TILE - rows)).view(tiles, TILE, k)
     out = torch.bmm(xp, weight.t().unsqueeze(0).expand(tiles, k, weight.shape[0]))
