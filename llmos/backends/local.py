@@ -10,11 +10,16 @@ import uuid
 from typing import Any
 
 from llmos.backends import toolprompt
-from llmos.backends.base import ChatRequest, ChatResult, Message, Usage
+from llmos.backends.base import ChatRequest, ChatResult, Message, ToolCall, Usage
 from llmos.engine.async_engine import AsyncEngine
 from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import RequestOutput
+
+try:  # grammar-constrained tool calls (the structured-output engine work)
+    from llmos.engine.tool_calls import prepare_chat
+except ImportError:  # pragma: no cover - an engine without them: tools go in the prompt
+    prepare_chat = None
 
 DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "max_tokens": 256}
 
@@ -44,14 +49,28 @@ class LocalBackend:
         for rid in ours:
             self._seconds[rid] += dt / max(1, len(outputs))
 
+    def _prompt(self, request: ChatRequest, params: SamplingParams) -> tuple[list[int], Any]:
+        """Token ids, and the engine's tool-call grammar (None when the model may not call)."""
+        tok = self.engine.tokenizer
+        if prepare_chat is None:
+            msgs = toolprompt.render(request.messages, request.tools, request.tool_choice)
+            return tok.encode_chat(msgs), None
+        # A past call goes back as the exact text the model wrote, so its KV blocks match.
+        msgs = [{"role": m["role"], "content": m["raw"]} if m.get("raw") else
+                {k: v for k, v in m.items() if k != "raw"} for m in request.messages]
+        rendered, kwargs, calls = prepare_chat(tok, msgs, request.tools or None,
+                                               request.tool_choice)
+        return tok.encode_chat(rendered, **kwargs), calls
+
     def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]]) -> int:
-        rendered = toolprompt.render(messages, tools, "auto")
-        return len(self.engine.tokenizer.encode_chat(rendered))
+        request = ChatRequest(messages, tools)
+        return len(self._prompt(request, SamplingParams())[0])
 
     async def chat(self, request: ChatRequest) -> ChatResult:
-        messages = toolprompt.render(request.messages, request.tools, request.tool_choice)
-        prompt = self.engine.tokenizer.encode_chat(messages)
         params = SamplingParams(**{**DEFAULT_SAMPLING, **request.sampling})
+        prompt, calls = self._prompt(request, params)
+        if calls is not None:
+            params = calls.constrain(params)
         rid = request.request_id or uuid.uuid4().hex
         if self.engine.num_in_flight == 0:
             self._last_step = time.monotonic()  # the engine was idle until now
@@ -64,10 +83,21 @@ class LocalBackend:
         finally:
             seconds = self._seconds.pop(rid, 0.0)
         assert final is not None and final.finished
-        text = final.text
-        usage = Usage(len(final.prompt_token_ids), final.num_cached_tokens, len(final.token_ids))
-        return toolprompt.read_reply(
-            ChatResult(text, [], usage, seconds, final.finish_reason, raw=text), request)
+        out = final.outputs[0]
+        raw = out.text
+        usage = Usage(len(final.prompt_token_ids), final.num_cached_tokens, len(out.token_ids))
+        result = ChatResult(raw, [], usage, seconds, out.finish_reason, raw=raw)
+        if prepare_chat is None:
+            return toolprompt.read_reply(result, request)
+        if calls is not None:
+            calls.finish(out)
+            if out.tool_calls:
+                result.content = out.text or None
+                result.tool_calls = [ToolCall(c.id, c.function.name, c.function.arguments)
+                                     for c in out.tool_calls]
+            elif out.finish_reason == "length" and raw.lstrip().startswith("<tool_call>"):
+                result.malformed = "the tool call was cut off by max_tokens"
+        return result
 
     async def aclose(self) -> None:
         self.engine.step_listeners.remove(self._on_step)

@@ -138,7 +138,8 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
         room = ctx.backend.context_window - int(prog.sampling.get("max_tokens") or 256) - 8
         msgs = memory.fit(msgs, memory.counter(ctx.backend.count_tokens, tools), room,
                           summarize_dropped=prog.summarize)
-    request = ChatRequest(msgs, tools, prog.tool_choice if tools else "none", dict(prog.sampling),
+    choice = prog.tool_choice_for(proc.num_turns) if tools else "none"
+    request = ChatRequest(msgs, tools, choice, dict(prog.sampling),
                           proc.priority, proc.owner, f"p{proc.pid}-s{len(proc.steps)}")
     proc.status = Status.RUNNING
     journal.save_status(ctx.store, proc)

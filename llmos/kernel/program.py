@@ -46,7 +46,9 @@ class Program:
     limits: Limits = field(default_factory=Limits)
     output_schema: dict[str, Any] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
-    tool_choice: str = "auto"
+    # "auto", "required", "none" or a tool's name; a list gives one per model turn, its last
+    # one repeating (["required", "auto"]: a small model must look before it answers)
+    tool_choice: str | list[str] = "auto"
     summarize: bool = False  # summarize what trimming drops from the context, else elide it
     source: str | None = None  # the .py file that defines it (its custom tools)
 
@@ -59,8 +61,20 @@ class Program:
         self.tools = [t.tool.name if hasattr(t, "tool") else t for t in self.tools]
         if self.policy.allowed_tools is None:
             self.policy.allowed_tools = list(self.tools)
+        choices = [self.tool_choice] if isinstance(self.tool_choice, str) else self.tool_choice
+        bad = [c for c in choices if c not in ("auto", "required", "none", *self.tools)]
+        if not choices or bad:
+            raise ProgramError(f"tool_choice: {bad or choices} must be 'auto', 'required', "
+                               f"'none' or one of the program's tools {self.tools}")
         if not isinstance(self.sampling, dict):
             raise ProgramError("sampling must be a mapping like {temperature: 0}")
+
+    def tool_choice_for(self, turn: int) -> str | dict[str, Any]:
+        choices = [self.tool_choice] if isinstance(self.tool_choice, str) else self.tool_choice
+        choice = choices[min(turn, len(choices) - 1)]
+        if choice in ("auto", "required", "none"):
+            return choice
+        return {"type": "function", "function": {"name": choice}}
 
     @property
     def prompt_hash(self) -> str:
