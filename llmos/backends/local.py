@@ -91,6 +91,7 @@ class LocalBackend:
             return toolprompt.read_reply(result, request)
         if calls is not None:
             calls.finish(out)
+            result.finish_reason = out.finish_reason
             if out.tool_calls:
                 result.content = out.text or None
                 result.tool_calls = [ToolCall(c.id, c.function.name, c.function.arguments)
