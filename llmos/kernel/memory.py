@@ -81,15 +81,15 @@ def fit(msgs: list[Message], count: Callable[[list[Message]], int], limit: int, 
                 return head + body
     groups = _exchanges(body)
     dropped: list[Message] = []
+    trial = head + body
     while len(groups) > 1 and sum(map(len, groups[1:])) >= KEEP_RECENT - 1:  # 2: drop oldest
         dropped += groups.pop(0)
         note = summarize(dropped) if summarize_dropped else \
             f"[{len(dropped)} earlier messages were dropped to fit the context]"
         trial = head + [{"role": "user", "content": note}] + [m for g in groups for m in g]
         if count(trial) <= limit:
-            return trial
-    return head + [{"role": "user", "content": f"[{len(dropped)} earlier messages dropped]"}] \
-        + [m for g in groups for m in g]
+            break
+    return trial  # the best it can do: the newest messages are kept whole
 
 
 def counter(count_tokens: Callable[[list[Message], list[dict[str, Any]]], int],
