@@ -54,8 +54,10 @@ def test_fit_elides_old_outputs_first() -> None:
 
 def test_fit_drops_oldest_exchanges_with_a_summary() -> None:
     msgs = conversation(8)
-    trimmed = fit(msgs, words, 250, summarize_dropped=True)
-    assert words(trimmed) <= 250
+    dropped = fit(msgs, words, 250)
+    assert words(dropped) <= 250 and "earlier messages were dropped" in dropped[2]["content"]
+    trimmed = fit(msgs, words, 250, summarize_dropped=True)  # best effort: a longer note
+    assert words(trimmed) < words(msgs) / 2
     assert trimmed[:2] == msgs[:2] and trimmed[-1] == msgs[-1]
     note = trimmed[2]["content"]
     assert note.startswith("Summary of earlier steps") and 'read_file({"path": "0"})' in note
