@@ -61,17 +61,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)
-        qc = q[rows].transpose(0, 1)  # [H, L, D]
+        # 4-D inputs: on the CPU, 3-D ones take a path several times slower
+        qc = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
         if chunk.fresh:  # a fresh prompt: attend over its own new keys
-            kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [Hkv, L, D]
-            o = F.scaled_dot_product_attention(qc, kc.to(q.dtype), vc.to(q.dtype), is_causal=True,
-                                               scale=scale, enable_gqa=True)
+            kc, vc = k[rows], v[rows]  # [L, Hkv, D]
+            causal, mask = True, None
         else:
-            kc = _gather(k_cache, chunk.block_table, chunk.context_len).transpose(0, 1)
-            vc = _gather(v_cache, chunk.block_table, chunk.context_len).transpose(0, 1)
-            o = F.scaled_dot_product_attention(qc, kc.to(q.dtype), vc.to(q.dtype),
-                                               attn_mask=chunk.mask, scale=scale, enable_gqa=True)
-        out[rows] = o.transpose(0, 1)
+            kc = _gather(k_cache, chunk.block_table, chunk.context_len)  # [ctx, Hkv, D]
+            vc = _gather(v_cache, chunk.block_table, chunk.context_len)
+            causal, mask = False, chunk.mask
+        o = F.scaled_dot_product_attention(
+            qc, kc.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            vc.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        out[rows] = o.squeeze(0).transpose(0, 1)
     if meta.decode_rows is not None:
         assert meta.decode_block_tables is not None and meta.decode_mask is not None
         qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]

@@ -41,6 +41,11 @@ class ModelConfig:
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """From a HF `config.json`."""
         heads = cfg["num_attention_heads"]
+        # transformers ≥ 5 writes {"rope_parameters": {"rope_theta": ..., "rope_type": ...}}
+        rope = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling")
+        if scaling is None and rope.get("rope_type") not in (None, "default"):
+            scaling = rope
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -50,10 +55,10 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_scaling=scaling,
             architecture=cfg.get("model_type", "llama"),
         )
 
