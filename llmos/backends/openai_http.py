@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from openai import AsyncOpenAI
@@ -23,7 +24,9 @@ class OpenAIHTTPBackend:
 
     def __init__(self, base_url: str, model: str, *, api_key: str = "none",
                  native_tools: bool = True, send_priority: bool = False,
-                 context_window: int | None = None, timeout: float = 600.0) -> None:
+                 context_window: int | None = None, timeout: float = 600.0,
+                 extra_body: dict[str, Any] | Callable[[ChatRequest], dict[str, Any]] | None
+                 = None) -> None:
         self.client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
                                   max_retries=2)
         self.model = model
@@ -31,6 +34,7 @@ class OpenAIHTTPBackend:
         self.send_priority = send_priority  # vLLM and llmos read `priority`; others may not
         self.name = f"openai_http:{model}@{base_url}"
         self.context_window = context_window
+        self.extra_body = extra_body  # server-specific fields (a grammar, guided decoding...)
 
     def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]]) -> int:
         """An estimate (about 4 characters a token): the server's tokenizer is not here."""
@@ -48,8 +52,12 @@ class OpenAIHTTPBackend:
             kwargs.update(tools=request.tools, tool_choice=request.tool_choice)
         if request.user:
             kwargs["user"] = request.user
+        extra = self.extra_body(request) if callable(self.extra_body) else dict(
+            self.extra_body or {})
         if self.send_priority:
-            kwargs["extra_body"] = {"priority": request.priority}
+            extra["priority"] = request.priority
+        if extra:
+            kwargs["extra_body"] = extra
         t0 = time.monotonic()
         reply = await self.client.chat.completions.create(model=self.model, messages=messages,
                                                           **kwargs)
