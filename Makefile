@@ -17,8 +17,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: the OpenAI-compatible server on the embedded model (prints curl/openai examples).
 run: $(STAMP)
-	$(BIN)/llmos generate --chat "Write a haiku about operating systems." --max-tokens 64
+	$(BIN)/llmos serve --host 127.0.0.1 --port 8000
 
 # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads otherwise spin-wait, which costs ~10x on a
 # machine whose two cores are shared with anything else.
