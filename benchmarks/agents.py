@@ -6,10 +6,10 @@ programs through `openai_http` against llama-cpp-python's server (how local agen
 
 Every agent runs the same program: look up six keys with a `lookup` tool (each call waits
 `--tool-seconds`, as a real tool would, then returns a ~70-token passage), then answer in one
-sentence. Its tool calls are forced (`tool_choice` names the tool for the first six turns), so
-every configuration makes the same number of model calls. Reported: prompt tokens, how many
-were served from the KV cache, how many had to be prefilled, and the makespan (first spawn to
-last process done).
+sentence. Its tool calls are forced (`tool_choice` names the tool for the first six turns, then
+is "none" for the answer), so every configuration makes the same number of model calls.
+Reported: prompt tokens, how many were served from the KV cache, how many had to be prefilled,
+and the makespan (first spawn to last process done).
 
 - llmos, retention on: the engine's prefix cache keeps a waiting process's blocks findable, so
   its next turn prefills only the new tokens (the tool result and the next header).
@@ -17,7 +17,7 @@ last process done).
 - llama-cpp-python: one request at a time; it reuses the longest prefix shared with the
   request before it, which, with 16 agents taking turns, is mostly the system prompt. Its tool
   calls are forced by a GBNF grammar sent with each request; its prefilled tokens are read from
-  its own timing log ("prompt eval ... tokens").
+  its own log ("N prefix-match hit, remaining M prompt tokens to eval").
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def lookup(key: str) -> str:
 
 def program(steps: int) -> Program:
     return Program(name="researcher", version="1", system_prompt=SYSTEM, tools=["lookup"],
-                   tool_choice=["lookup"] * steps + ["auto"],
+                   tool_choice=["lookup"] * steps + ["none"],
                    limits={"max_steps": steps + 1, "max_seconds": 3600,
                            "stuck_after": steps + 1},  # measure the cache, not the model
                    sampling={"temperature": 0.0, "max_tokens": 40})
@@ -156,9 +156,10 @@ def run_llamacpp(agents: int, steps: int, threads: int) -> dict[str, Any]:
         proc.wait(30)
     text = Path(log.name).read_text()[start:]
     os.unlink(log.name)
-    evals = [int(n) for n in re.findall(r"prompt eval time\s*=.*?/\s*(\d+) tokens", text)]
-    result["prefilled"] = sum(evals)
-    result["cached"] = result["prompt"] - result["prefilled"]
+    # llama-cpp-python logs each request's reuse: "N prefix-match hit, remaining M prompt tokens"
+    reuse = re.findall(r"(\d+) prefix-match hit, remaining (\d+) prompt tokens to eval", text)
+    result["cached"] = sum(int(hit) for hit, _ in reuse)
+    result["prefilled"] = sum(int(rest) for _, rest in reuse)
     return result
 
 
@@ -200,7 +201,8 @@ def main(agents: Annotated[int, typer.Option("--agents")] = 16,
              f"{os.cpu_count()} cores, load average {loadavg():.1f} at the end, "
              f"{time.strftime('%Y-%m-%d')}. A process that used its last turn for another "
              "call instead of an answer counts as not done (the 135M model's choice, the same "
-             "in every configuration).",
+             "in every configuration). The answer turn has no tools, so its system prompt "
+             "differs and it prefills from there on (in every configuration).",
              f"Retention cuts prefilled tokens {off['prefilled'] / max(1, on['prefilled']):.1f}× "
              f"and makespan {off['makespan'] / on['makespan']:.2f}×."]
     if have_llamacpp:

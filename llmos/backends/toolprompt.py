@@ -58,6 +58,9 @@ def render(messages: list[Message], tools: list[dict[str, Any]],
             out.append({"role": "assistant", "content": content})
         elif role == "assistant":
             out.append({"role": "assistant", "content": m.get("raw") or m.get("content") or ""})
+        elif role == "tool":  # as a user turn: servers without tool calling refuse `tool`
+            out.append({"role": "user", "content": f"Result of {m.get('name') or 'the tool'}:\n"
+                                                   f"{m.get('content') or ''}"})
         else:
             out.append({"role": role, "content": m.get("content") or ""})
     return out

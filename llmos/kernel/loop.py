@@ -69,6 +69,7 @@ class Context:
     meter: Meter
     decide: Callable[[Process, ToolCall], Awaitable[bool | None]]  # a person's approval
     killed: Callable[[Process], bool]
+    paused: float = 0.0  # seconds spent waiting for a person: not the program's wall time
 
 
 async def run(proc: Process, ctx: Context) -> None:
@@ -77,7 +78,7 @@ async def run(proc: Process, ctx: Context) -> None:
     step: NextStep = resume_point(proc)
     try:
         while True:
-            proc.elapsed = base + time.monotonic() - started
+            proc.elapsed = base + time.monotonic() - started - ctx.paused
             if isinstance(step, CallModel):
                 step = await plan(proc, ctx)
             elif isinstance(step, RunTools):
@@ -259,8 +260,10 @@ async def _approval(proc: Process, ctx: Context, call: ToolCall) -> bool:
                     if isinstance(s, ApprovalStep) and s.call_id == call.id)
     proc.status = Status.WAITING_APPROVAL
     journal.save_status(ctx.store, proc)
+    t0 = time.monotonic()
     allow = await ctx.decide(proc, call)
     while allow is None:  # decide() returns None only when asked to re-check
         allow = await ctx.decide(proc, call)
+    ctx.paused += time.monotonic() - t0
     journal.append(ctx.store, proc, ApprovalStep(call.id, allow))
     return allow
