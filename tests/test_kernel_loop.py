@@ -222,3 +222,29 @@ def test_final_answer_step_is_last(kernel: Kernel, ws: Path) -> None:
     assert isinstance(p.steps[-1], FinalAnswer) and p.answer == "done"
     assert isinstance(p.steps[0], ModelTurn) and not any(
         isinstance(s, ToolCallStep) for s in p.steps)
+
+
+def test_closing_the_kernel_leaves_processes_resumable(tmp_path: Path, ws: Path) -> None:
+    turns = [{"tool_calls": [READ]}, {"content": "slow", "delay": 30}]
+    with Kernel(backend=ScriptedBackend(turns), db=tmp_path / "k.db") as k:
+        pid = k.spawn(Program(tools=["read_file"]), "x", workspace=ws)
+        deadline = time.monotonic() + 10
+        while k.get(pid).num_turns < 1 or k.get(pid).status is not Status.RUNNING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+    turns[1] = {"content": "resumed"}
+    with Kernel(backend=ScriptedBackend(turns), db=tmp_path / "k.db") as k:
+        assert k.get(pid).status is Status.RUNNING and k.get(pid).report is None
+        p = k.wait(k.resume(pid), 10)
+        assert p.status is Status.DONE and p.answer == "resumed"
+        assert [s.kind for s in p.steps] == ["model_turn", "tool_call", "tool_result",
+                                             "model_turn", "final_answer"]
+
+
+def test_tool_choice_per_turn_is_checked() -> None:
+    p = Program(tools=["read_file"], tool_choice=["read_file", "auto"])
+    assert p.tool_choice_for(0) == {"type": "function", "function": {"name": "read_file"}}
+    assert p.tool_choice_for(5) == "auto"
+    with pytest.raises(ValueError, match="tool_choice"):
+        Program(tools=["read_file"], tool_choice="write_file")

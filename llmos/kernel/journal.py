@@ -99,6 +99,12 @@ def claim(store: Store, pid: int) -> None:
                    (os.getpid(), pid))
 
 
+def release(store: Store, pid: int) -> None:
+    """No OS process runs it any more (the kernel that ran it shut down)."""
+    with store.transaction() as db:
+        db.execute("UPDATE processes SET runner_pid = NULL WHERE pid = ?", (pid,))
+
+
 def request_kill(store: Store, pid: int) -> None:
     with store.transaction() as db:
         db.execute("UPDATE processes SET kill_requested = 1 WHERE pid = ?", (pid,))

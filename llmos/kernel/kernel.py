@@ -37,6 +37,7 @@ class Kernel:
         self._procs: dict[int, Process] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._done: dict[int, threading.Event] = {}
+        self._contexts: dict[int, loop.Context] = {}
         self._events: dict[int, asyncio.Event] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="llmos-kernel",
@@ -130,8 +131,11 @@ class Kernel:
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
+        """Stop the kernel. Processes still running stop where they are and stay resumable
+        (`resume(pid)`), as after a crash, but with their last step saved cleanly."""
         for pid, task in self._tasks.items():
             if not self._done[pid].is_set():
+                self._contexts[pid].detached = True
                 self._loop.call_soon_threadsafe(task.cancel)
                 self._done[pid].wait(10)
         for backend in {id(b): b for b in [self.backend, *self._backends.values()] if b}.values():
@@ -175,7 +179,7 @@ class Kernel:
 
     def _start(self, proc: Process, backend: Backend) -> None:
         self._procs[proc.pid] = proc
-        ctx = self._context(proc, backend)
+        ctx = self._contexts[proc.pid] = self._context(proc, backend)
         done = self._done[proc.pid] = threading.Event()
         started = threading.Event()
 
@@ -190,6 +194,8 @@ class Kernel:
     async def _run(self, proc: Process, ctx: loop.Context, done: threading.Event) -> None:
         try:
             await loop.run(proc, ctx)
+            if ctx.detached:
+                journal.release(self.store, proc.pid)
         finally:
             self._events.pop(proc.pid, None)
             done.set()

@@ -70,6 +70,7 @@ class Context:
     decide: Callable[[Process, ToolCall], Awaitable[bool | None]]  # a person's approval
     killed: Callable[[Process], bool]
     paused: float = 0.0  # seconds spent waiting for a person: not the program's wall time
+    detached: bool = False  # the kernel is shutting down: stop, but stay resumable
 
 
 async def run(proc: Process, ctx: Context) -> None:
@@ -96,7 +97,8 @@ async def run(proc: Process, ctx: Context) -> None:
             else:
                 raise AssertionError(f"unknown next step {step!r}")
     except asyncio.CancelledError:
-        give_up(proc, ctx, GiveUp("killed", "killed by a person (kill)"))
+        if not ctx.detached:
+            give_up(proc, ctx, GiveUp("killed", "killed by a person (kill)"))
     journal.save_status(ctx.store, proc)
 
 
