@@ -21,6 +21,7 @@ def default_program():  # noqa: ANN201 - a Program
 
     return Program(name="assistant", version="1", system_prompt=DEFAULT_PROMPT,
                    tools=["list_dir", "read_file", "search_files"],
+                   tool_choice=["required", "auto"],  # look before answering
                    policy={"read_only": True}, limits={"max_steps": 8},
                    sampling={"temperature": 0.0, "max_tokens": 256})
 
