@@ -56,6 +56,11 @@ ATTEMPTS: list[tuple[str, str, dict[str, Any]]] = [
     ("symlink-dangling-write", "write_file", {"path": "link_new", "content": "x"}),
     ("symlink-relative-up", "read_file", {"path": "sub/uplink/secret.txt"}),
     ("symlink-search", "search_files", {"query": "secret", "path": "link_out"}),
+    # hard links to a file outside
+    ("hardlink-read", "read_file", {"path": "hard.txt"}),
+    ("hardlink-command", "run_command", {"argv": ["cat", "hard.txt"]}),
+    ("hardlink-patch", "apply_patch", {"patch_text": _patch("a/hard.txt", "b/hard.txt", SECRET)}),
+    ("cmd-history-expansion", "run_command", {"argv": ["echo", "alias.x=!id"]}),
     # devices and special files
     ("device-symlink", "read_file", {"path": "dev_zero"}),
     ("fifo", "read_file", {"path": "fifo"}),
@@ -128,6 +133,7 @@ def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path
     (ws / "sub" / "uplink").symlink_to(Path("..") / ".." / "outside")
     (ws / "dev_zero").symlink_to("/dev/zero")
     os.mkfifo(ws / "fifo")
+    os.link(outside / "secret.txt", ws / "hard.txt")
     return ws, outside
 
 

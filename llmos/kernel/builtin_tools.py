@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import threading
@@ -18,8 +19,10 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PROGRAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # No shell runs, but an allow-listed program may hand its arguments to one (make, git
 # aliases), so shell syntax in an argument is refused rather than trusted to stay inert.
-_SHELL_SYNTAX = re.compile(r"[;|&$`<>\n\r]")
+_SHELL_SYNTAX = re.compile(r"[;|&$`<>!\n\r]")
 MAX_LISTING = 500
+MAX_SEARCHED_FILES = 5000
+MAX_WRITTEN_BYTES = 64 << 20  # the largest file a command may write
 
 
 def _read_text(ctx: ToolContext, path: str) -> str:
@@ -28,7 +31,7 @@ def _read_text(ctx: ToolContext, path: str) -> str:
         raise Refused(f"path {path!r} is a folder; use list_dir")
     if target.stat().st_size > ctx.policy.max_file_bytes:
         raise Refused(f"path {path!r} is larger than {ctx.policy.max_file_bytes} bytes")
-    data = target.read_bytes()
+    data = sandbox.read_bytes(ctx.workspace, target)
     if b"\x00" in data[:8192]:
         raise Refused(f"path {path!r} is a binary file")
     return data.decode("utf-8", errors="replace")
@@ -80,9 +83,13 @@ def search_files(query: str, ctx: ToolContext, path: str = ".", max_results: int
     if not needle:
         raise Refused("query must not be empty")
     hits: list[str] = []
+    seen = 0
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
+            seen += 1
+            if seen > MAX_SEARCHED_FILES:
+                return "\n".join(hits + [f"[... stopped after {MAX_SEARCHED_FILES} files]"])
             rel = os.path.relpath(os.path.join(folder, name), ctx.workspace)
             try:
                 text = _read_text(ctx, rel)
@@ -137,7 +144,7 @@ def _check_argv(argv: list[str], ctx: ToolContext) -> None:
         if "\x00" in arg:
             raise Refused("an argument contains a NUL byte")
         if _SHELL_SYNTAX.search(arg):
-            raise Refused(f"argument {arg!r} contains shell syntax (; | & $ ` < > or a newline)")
+            raise Refused(f"argument {arg!r} contains shell syntax (; | & $ ` < > ! or a newline)")
         for piece in re.split(r"[=:,]", arg):
             if piece.startswith(("/", "~")) or ".." in piece.replace("\\", "/").split("/"):
                 raise Refused(f"argument {arg!r} names a path outside the workspace")
@@ -159,7 +166,8 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
     try:
         proc = subprocess.Popen(argv, cwd=ctx.workspace, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=_limits(ctx.policy.command_timeout))
     except FileNotFoundError:
         raise Refused(f"command {argv[0]!r} is not installed") from None
     chunks: list[bytes] = []
@@ -194,6 +202,16 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
         raise Refused(f"{argv[0]} ran past its {ctx.policy.command_timeout:g}s timeout and was "
                       f"killed; output so far:\n{out}")
     return f"exit code {code}\n{out}"
+
+
+def _limits(timeout: float):  # noqa: ANN202 - a preexec function
+    """CPU seconds and the size of any file the command writes, capped in the child."""
+    def apply() -> None:
+        cpu = int(timeout) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_WRITTEN_BYTES, MAX_WRITTEN_BYTES))
+
+    return apply
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -52,11 +52,26 @@ def resolve(workspace: str | Path, path: str, *, field: str = "path",
         if os.path.lexists(root / pure):
             raise Refused(f"{field} {path!r} is a dangling symlink")
         return target
-    mode = target.stat().st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    st = target.stat()
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise Refused(f"{field} {path!r} is not a regular file or folder (device, FIFO or "
                       "socket)")
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        raise Refused(f"{field} {path!r} is a hard link, which may lead outside the workspace")
     return target
+
+
+def read_bytes(workspace: str | Path, target: Path) -> bytes:
+    """Read a checked file without following a symlink swapped in since the check: the file
+    actually opened must still be inside the workspace."""
+    fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        opened = Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists("/proc/self/fd") \
+            else target
+        root = workspace_root(workspace)
+        if root not in opened.parents or not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Refused("the file changed into a link leading outside the workspace")
+        return f.read()
 
 
 def relative(workspace: str | Path, path: Path) -> str:
