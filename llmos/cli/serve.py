@@ -24,6 +24,11 @@ def serve(
                                 "finish on SIGTERM before they are aborted."),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: "
                                        "one per core); the HTTP loop shares those cores."),
+    deterministic: bool = typer.Option(
+        False, "--deterministic", help="Batch-invariant kernels: a request's logits do not "
+        "depend on what else is in the batch, its chunking, cache hits or preemption."),
+    no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching",
+                                           help="Recompute shared prefixes."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
     model: str = MODEL,
     max_model_len: int | None = MAX_MODEL_LEN,
@@ -56,7 +61,9 @@ def serve(
         torch.set_num_threads(max(1, threads))
     try:
         engine = load_engine(model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                             device=device, max_num_seqs=max_num_seqs)
+                             device=device, max_num_seqs=max_num_seqs,
+                             deterministic=deterministic,
+                             enable_prefix_caching=not no_prefix_caching)
     except ValueError as exc:  # RequestError, ModelNotFoundError, a bad engine setting
         sock.close()
         typer.secho(f"error: {exc}", fg="red", err=True)

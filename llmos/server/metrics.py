@@ -35,6 +35,12 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily(f"llmos_{key}", doc, value=stats[key])
         yield CounterMetricFamily("llmos_num_preemptions", "Sequences preempted for KV room.",
                                   value=stats.get("num_preemptions", 0))
+        yield CounterMetricFamily("llmos_prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache.",
+                                  value=stats.get("prefix_cache_queries", 0))
+        yield CounterMetricFamily("llmos_prefix_cache_hits",
+                                  "Prompt tokens found in the prefix cache (not recomputed).",
+                                  value=stats.get("prefix_cache_hits", 0))
 
 
 class Metrics:
