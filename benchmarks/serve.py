@@ -71,11 +71,17 @@ class Level:
         return sum(r.tokens for r in self.requests) / self.duration
 
     def ttft(self, q: float) -> tuple[float, bool]:
-        """q-th percentile TTFT, and whether it is a lower bound: a request that got no token
-        in the window counts with the time it waited, its true TTFT is longer."""
+        """q-th percentile TTFT, and whether it is a lower bound.
+
+        A request with no token by the window's end counts with the time it waited (its true
+        TTFT is longer), unless it waited less than the fastest TTFT seen: sent that late, it
+        tells nothing."""
         end = self.start + self.duration
-        pairs = sorted(((r.first if r.first is not None else end) - r.sent, r.first is None)
-                       for r in self.requests)
+        seen = [r.first - r.sent for r in self.requests if r.first is not None]
+        fastest = min(seen, default=0.0)
+        pairs = sorted([(t, False) for t in seen] + [
+            (end - r.sent, True) for r in self.requests
+            if r.first is None and end - r.sent >= fastest])
         if not pairs:
             return float("nan"), False
         i = round(q / 100 * (len(pairs) - 1))
@@ -152,19 +158,21 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any], headers: 
 
 async def run_level(url: str, server: str, concurrency: int, duration: float, fresh: bool,
                     extra: dict[str, Any], seed: int) -> Level:
+    """One window of load. Prompts are numbered from `seed * 100_000`, so no two runs share one:
+    a prefix cache must not make a later run look faster."""
     rng = random.Random(seed)
     headers = {"Connection": "close"} if fresh else {}
     limits = httpx.Limits(max_connections=concurrency + 8,
                           max_keepalive_connections=0 if fresh else concurrency + 8)
     requests: list[Request] = []
     errors: list[str] = []
-    counter = iter(range(10**9))
+    counter = iter(range(seed * 100_000, (seed + 1) * 100_000))
 
     async def client_loop(client: httpx.AsyncClient, deadline: float) -> None:
         while time.perf_counter() < deadline:
             i = next(counter)
-            body = {"model": MODEL, "prompt": f"Story {i}: write about {TOPICS[i % len(TOPICS)]}"
-                    f" and the number {rng.randint(0, 9999)}.", "stream": True,
+            body = {"model": MODEL, "prompt": f"{i}. Write about {TOPICS[i % len(TOPICS)]} and "
+                    f"the number {rng.randint(0, 9999)}.", "stream": True,
                     "max_tokens": rng.randint(64, 128), "temperature": 1.0, **extra}
             req = Request(time.perf_counter())
             requests.append(req)
@@ -204,12 +212,13 @@ def cpu_stall_seconds() -> float | None:
 
 def measure(url: str, server: str, levels: list[int], duration: float, modes: list[bool],
             extra: dict[str, Any]) -> list[Level]:
-    asyncio.run(run_level(url, server, 2, 3.0, False, extra, seed=99))  # warm up
+    asyncio.run(run_level(url, server, 2, 3.0, False, extra, seed=999))  # warm up
     results = []
-    for c in levels:
-        for fresh in modes:
+    for n, c in enumerate(levels):
+        for fresh in modes if n % 2 == 0 else modes[::-1]:  # neither mode always goes first
             before = cpu_stall_seconds()
-            level = asyncio.run(run_level(url, server, c, duration, fresh, extra, seed=c))
+            level = asyncio.run(run_level(url, server, c, duration, fresh, extra,
+                                          seed=2 * c + fresh))
             after = cpu_stall_seconds()
             if before is not None and after is not None:
                 level.stall = (after - before) / duration
