@@ -279,6 +279,8 @@ def machine_line() -> str:
 def main(
     duration: Annotated[float, typer.Option(help="Seconds per concurrency level.")] = 20.0,
     concurrency: Annotated[str, typer.Option(help="Comma-separated levels.")] = "1,4,16,64",
+    connections: Annotated[str, typer.Option(
+        help="keep-alive, fresh, or both (each run once per level).")] = "both",
     quick: Annotated[bool, typer.Option(help="Levels 1 and 16, 10 s, keep-alive only.")] = False,
     skip_llamacpp: Annotated[bool, typer.Option()] = False,
     llmos_threads: Annotated[str, typer.Option(
@@ -286,7 +288,7 @@ def main(
     record: Annotated[Path | None, typer.Option(help="Append the results section here.")] = None,
 ) -> None:
     levels = [int(c) for c in concurrency.split(",")]
-    modes = [False, True]
+    modes = {"keep-alive": [False], "fresh": [True]}.get(connections, [False, True])
     if quick:
         levels, duration, modes = [1, 16], 10.0, [False]
     from llmos.models.registry import resolve

@@ -164,6 +164,12 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            task.add_done_callback(_retrieve)  # nobody awaits it now; keep asyncio quiet
     if task.done() and not task.cancelled():
         return task.result()
     raise ClientDisconnected
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()
