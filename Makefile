@@ -33,7 +33,7 @@ lint: $(STAMP)
 
 # llama-cpp-python compiles llama.cpp (~10 min here): only the benchmarks need it.
 $(BENCH_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q llama-cpp-python psutil || echo "llama-cpp-python did not build; benchmarks skip it"
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q 'llama-cpp-python[server]' psutil || echo "llama-cpp-python did not build; benchmarks skip it"
 	touch $(BENCH_STAMP)
 
 bench-setup: $(BENCH_STAMP)

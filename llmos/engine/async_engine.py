@@ -69,6 +69,10 @@ class AsyncEngine:
             self._thread = None
 
     @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 
@@ -140,7 +144,10 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            command()
+            try:
+                command()
+            except Exception:  # a failed command must not kill the engine thread
+                log.exception("engine command failed")
 
     def _run(self) -> None:
         engine = self.engine
