@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from llmos.engine.llm_engine import EngineConfig, LLMEngine
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import RequestOutput
+from llmos.engine.tool_calls import prepare_chat
 from llmos.errors import RequestError
 from llmos.models.registry import DEFAULT_MODEL
 from llmos.models.tokenizer import Tokenizer
@@ -52,17 +53,34 @@ class LLM:
         return self._run(prompts, params_list, use_progress)
 
     def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
-             params: SamplingParams | None = None, *, add_generation_prompt: bool = True,
-             use_progress: bool | None = None, **template_kwargs: Any) -> list[RequestOutput]:
-        """One conversation (a list of messages) or a list of conversations."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+             params: SamplingParams | None = None, *, tools: list[dict[str, Any]] | None = None,
+             tool_choice: str | dict[str, Any] = "auto", parallel_tool_calls: bool = True,
+             add_generation_prompt: bool = True, use_progress: bool | None = None,
+             **template_kwargs: Any) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of conversations.
+
+        `tools` and `tool_choice` are OpenAI's. A completion that calls tools has `tool_calls`
+        set, `text` holding only its content ("" for a pure call) and finish_reason
+        "tool_calls"; the grammar makes every call valid against its function's schema."""
+        if not messages:
+            raise RequestError("messages must not be empty", param="messages")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
         prompts: list[Prompt] = []
+        calls = None
         for conv in conversations:
             _check_messages(conv)  # type: ignore[arg-type]
+            rendered, kwargs, calls = prepare_chat(self.tokenizer, list(conv),  # type: ignore[arg-type]
+                                                   tools, tool_choice, parallel_tool_calls)
             prompts.append(self.tokenizer.encode_chat(
-                conv, add_generation_prompt=add_generation_prompt,  # type: ignore[arg-type]
-                **template_kwargs))
-        return self.generate(prompts, params, use_progress=use_progress)
+                rendered, add_generation_prompt=add_generation_prompt,
+                **{**kwargs, **template_kwargs}))
+        if calls is not None:
+            params = calls.constrain(params or SamplingParams())
+        outputs = self.generate(prompts, params, use_progress=use_progress)
+        for out in outputs if calls is not None else ():
+            for completion in out.outputs:
+                calls.finish(completion)  # type: ignore[union-attr]
+        return outputs
 
     def _run(self, prompts: list[Prompt], params: list[SamplingParams],
              use_progress: bool | None) -> list[RequestOutput]:
@@ -107,3 +125,14 @@ def _check_messages(messages: Seq[dict[str, Any]]) -> None:
         if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
             raise RequestError(f"messages[{i}].role: unknown role {m['role']!r}",
                                param=f"messages[{i}].role")
+        calls = m.get("tool_calls")
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list) or not
+                                  all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                      and isinstance(c["function"].get("name"), str)
+                                      for c in calls)):
+            raise RequestError(f"messages[{i}].tool_calls: only assistant messages have them, as "
+                               "a list of {'id', 'type', 'function': {'name', 'arguments'}}",
+                               param=f"messages[{i}].tool_calls")
+        if m.get("content") is None and not (m["role"] == "assistant" and calls):
+            raise RequestError(f"messages[{i}].content is missing (only an assistant message "
+                               "with tool_calls may leave it out)", param=f"messages[{i}].content")

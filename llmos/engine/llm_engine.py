@@ -15,6 +15,7 @@ from llmos.engine.runner import ModelRunner, StepResult
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
 from llmos.engine.sequence import CompletionOutput, RequestOutput, Sequence, SequenceStatus
+from llmos.engine.structured import GrammarCompiler
 from llmos.errors import ContextLengthExceeded, RequestError
 from llmos.models.batch_invariant import make_batch_invariant
 from llmos.models.llama import LlamaModel
@@ -99,6 +100,7 @@ class LLMEngine:
                                                    config.max_prefill_chunk,
                                                    dict(config.user_weights or {})), self.blocks)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype)
+        self.grammars = GrammarCompiler(self.tokenizer, ckpt.config.vocab_size)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_steps = 0
         log.info("engine ready: model=%s device=%s kv_blocks=%d x %d tokens",
@@ -127,8 +129,9 @@ class LLMEngine:
                 f"This model's maximum context length is {limit} tokens, but the prompt has "
                 f"{num_prompt} tokens, leaving none to generate.",
                 param="prompt", prompt_tokens=num_prompt, limit=limit)
-        if params.max_tokens is None:
-            max_tokens = limit - num_prompt
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if params.max_tokens is None:  # to the end of the context, or of the KV cache
+            max_tokens = min(limit, capacity) - num_prompt
         elif num_prompt + params.max_tokens > limit:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -137,8 +140,7 @@ class LLMEngine:
                 param="max_tokens", prompt_tokens=num_prompt, limit=limit)
         else:
             max_tokens = params.max_tokens
-        capacity = self.blocks.num_blocks * self.blocks.block_size
-        if num_prompt + max_tokens > capacity:
+        if max_tokens < 1 or num_prompt + max_tokens > capacity:
             raise ContextLengthExceeded(
                 f"max_tokens: the prompt ({num_prompt} tokens) plus {max_tokens} new tokens "
                 f"exceeds the whole KV cache ({capacity} tokens); lower max_tokens or raise "
@@ -159,10 +161,13 @@ class LLMEngine:
         if bad is not None:
             raise RequestError(f"stop_token_ids: {bad} is outside the vocabulary",
                                param="stop_token_ids")
+        matchers = self.grammars.matchers(params)  # raises on a grammar it cannot enforce
         seqs = [Sequence(request_id, ids, params,
                          IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
                          index=i, priority=priority, user=user, max_tokens=max_tokens)
                 for i in range(params.n)]
+        for seq, matcher in zip(seqs, matchers or (), strict=False):
+            seq.matcher = matcher
         self.requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -210,11 +215,21 @@ class LLMEngine:
                 seq.first_token_time = now
             if seq.logprobs is not None and r.logprob is not None:
                 seq.logprobs.append(r.logprob)
-            status = self._check_stop(seq, r.token_id)
+            status = self._advance_grammar(seq, r.token_id) or self._check_stop(seq, r.token_id)
             if status is not None:
                 self.scheduler.finish(seq, status)
             touched[seq.request_id] = None
         return [self._output(rid) for rid in touched]
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token: int) -> SequenceStatus | None:
+        """Feed the token to the sequence's matcher. Only a matcher error (a grammar that hit
+        llguidance's limits) ends the sequence here, as aborted rather than unconstrained."""
+        if seq.matcher is None or seq.matcher.consume_token(token):
+            return None
+        log.warning("request %s: grammar failed: %s", seq.request_id, seq.matcher.get_error())
+        seq.text += seq.detokenizer.add([token], final=True)
+        return SequenceStatus.FINISHED_ABORTED
 
     def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
         p = seq.params
@@ -229,6 +244,9 @@ class LLMEngine:
             seq.text += delta
             if p.stop and n_out >= p.min_tokens and self._cut_at_stop(seq, len(delta)):
                 return SequenceStatus.FINISHED_STOPPED
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            seq.text += seq.detokenizer.add([], final=True)
+            return SequenceStatus.FINISHED_STOPPED
         if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.text += seq.detokenizer.add([], final=True)
             return SequenceStatus.FINISHED_LENGTH

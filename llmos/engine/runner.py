@@ -10,6 +10,7 @@ import torch
 from llmos.engine.sampling import SamplingBatch, logprobs_of, sample
 from llmos.engine.scheduler import ScheduledSeq, SchedulerPlan
 from llmos.engine.sequence import Sequence, TokenLogprob
+from llmos.engine.structured import MaskBuilder
 from llmos.models.attention import AttentionMetadata, PrefillChunk
 from llmos.models.llama import LlamaModel
 
@@ -45,6 +46,7 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.vocab_size = cfg.vocab_size
+        self.masks = MaskBuilder(cfg.vocab_size)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # torch.empty: on the CPU, pages become resident only once written.
         self.kv_caches = [(torch.empty(shape, dtype=kv_dtype, device=device),
@@ -148,8 +150,9 @@ class ModelRunner:
             batch.presence = torch.tensor([p.presence_penalty for p in params], device=dev)
             batch.frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)
             batch.repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)
-        banned_rows = [i for i, s in enumerate(seqs)
-                       if s.num_output_tokens < s.params.min_tokens and not s.params.ignore_eos]
+        banned_rows = [i for i, s in enumerate(seqs)  # (a grammar decides when EOS may come)
+                       if s.num_output_tokens < s.params.min_tokens and not s.params.ignore_eos
+                       and s.matcher is None]
         if banned_rows and eos:
             banned = torch.zeros(len(seqs), V, dtype=torch.bool, device=dev)
             stop_ids = list(eos)
@@ -167,12 +170,17 @@ class ModelRunner:
                 k_cache.index_fill_(0, fresh, 0.0)
                 v_cache.index_fill_(0, fresh, 0.0)
         inputs = self.prepare(plan)
+        seqs = [s.seq for s in inputs.sampled]
+        masks = self.masks.start([s.matcher for s in seqs])  # overlaps the forward pass
         logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta,
                             inputs.logits_rows)  # [len(sampled), vocab]
         if not inputs.sampled:
             return []
-        seqs = [s.seq for s in inputs.sampled]
-        token_ids = sample(logits, self.sampling_batch(seqs, eos))
+        batch = self.sampling_batch(seqs, eos)
+        if masks is not None:
+            grammar = self.masks.banned(masks, eos, self.device)  # [S, V]
+            batch.banned = grammar if batch.banned is None else batch.banned | grammar
+        token_ids = sample(logits, batch)
         results = [StepResult(seq, 0, None) for seq in seqs]
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if want:

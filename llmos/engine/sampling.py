@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from llmos.errors import RequestError
 
 _MASK = float("-inf")
+_CONSTRAINTS = ("json_schema", "json_object", "regex", "grammar", "choice")
 
 
 @dataclass(slots=True)
@@ -32,6 +35,12 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: the chosen token's plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output (at most one; see llmos/engine/structured.py)
+    json_schema: dict[str, Any] | str | None = None  # a JSON schema, or its JSON text
+    json_object: bool = False  # any JSON object (OpenAI's response_format json_object)
+    regex: str | None = None  # the whole output matches it
+    grammar: str | None = None  # a Lark grammar in llguidance's dialect
+    choice: list[str] | None = None  # exactly one of these strings
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +74,47 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise RequestError(f"min_tokens ({self.min_tokens}) must not exceed "
                                f"max_tokens ({self.max_tokens})", param="min_tokens")
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        """Types and exclusivity here; whether llguidance can enforce it is checked when the
+        engine compiles it (add_request)."""
+        if isinstance(self.json_schema, str):
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as exc:
+                raise RequestError(f"json_schema is not valid JSON: {exc}",
+                                   param="json_schema") from exc
+        checks = [
+            ("json_schema", self.json_schema is None or isinstance(self.json_schema, dict),
+             "a JSON object (dict)"),
+            ("json_object", isinstance(self.json_object, bool), "a bool"),
+            ("regex", self.regex is None or (isinstance(self.regex, str) and self.regex != ""),
+             "a non-empty string"),
+            ("grammar", self.grammar is None or (isinstance(self.grammar, str)
+                                                 and self.grammar.strip() != ""),
+             "a non-empty Lark grammar"),
+            ("choice", self.choice is None or (isinstance(self.choice, list | tuple)
+                                               and len(self.choice) > 0
+                                               and all(isinstance(c, str) and c
+                                                       for c in self.choice)),
+             "a non-empty list of non-empty strings"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise RequestError(f"{name} must be {want}, got {getattr(self, name)!r}",
+                                   param=name)
+        if self.choice is not None:
+            self.choice = list(self.choice)
+        used = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(used) > 1:
+            raise RequestError(f"{used[1]}: at most one of {', '.join(_CONSTRAINTS)} may be set "
+                               f"(got {' and '.join(used)})", param=used[1])
+
+    @property
+    def constrained(self) -> bool:
+        """Whether decoding follows a grammar (JSON schema, regex, Lark grammar or choice)."""
+        return any(getattr(self, name) not in (None, False) for name in _CONSTRAINTS)
 
     @property
     def greedy(self) -> bool:
@@ -92,7 +142,7 @@ class SamplingBatch:
     repetition: torch.Tensor | None = None  # [B]
     output_counts: torch.Tensor | None = None  # [B, V] float counts of generated tokens
     seen: torch.Tensor | None = None  # [B, V] bool, prompt or generated
-    banned: torch.Tensor | None = None  # [B, V] bool, tokens that may not be sampled yet
+    banned: torch.Tensor | None = None  # [B, V] bool: min_tokens' stops, grammar-masked tokens
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:

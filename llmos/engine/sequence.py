@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import enum
+import json
 import time
 from dataclasses import dataclass, field
 from itertools import count
+from typing import TYPE_CHECKING, Any
 
 from llmos.engine.sampling import SamplingParams
 from llmos.models.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -61,6 +66,9 @@ class Sequence:
         self.text = ""
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.num_preemptions = 0
+        # grammar state for structured output: it follows the generated tokens, so preemption
+        # and recompute leave it right
+        self.matcher: LLMatcher | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -96,12 +104,43 @@ class Sequence:
 
 
 @dataclass(slots=True)
+class FunctionCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """One call the model made, shaped like OpenAI's `tool_calls` entries."""
+
+    id: str  # "call_..."
+    function: FunctionCall
+    type: str = "function"
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """The arguments, parsed (the grammar made them valid JSON)."""
+        return json.loads(self.function.arguments)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type,
+                "function": {"name": self.function.name, "arguments": self.function.arguments}}
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
+    # set by chat with tools: the calls parsed from the output (then `text` holds only the
+    # answer's content, "" for a pure call, and finish_reason is "tool_calls")
+    tool_calls: list[ToolCall] | None = None
 
 
 @dataclass(slots=True)
@@ -129,3 +168,7 @@ class RequestOutput:
     @property
     def logprobs(self) -> list[TokenLogprob] | None:
         return self.outputs[0].logprobs
+
+    @property
+    def tool_calls(self) -> list[ToolCall] | None:
+        return self.outputs[0].tool_calls

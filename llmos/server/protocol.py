@@ -8,11 +8,15 @@ request into engine terms (`SamplingParams`) happens here, so the routes stay th
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmos.engine.sampling import SamplingParams
+from llmos.engine.structured import grammar_of
+from llmos.errors import RequestError
 from llmos.server.errors import APIError
 
 _INT64 = 2**63
@@ -60,6 +64,19 @@ class SamplingRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = Field(0, ge=-_INT64, lt=_INT64)
+    # vLLM-style structured output
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """(SamplingParams fields, their names in this request) of the structured output asked."""
+        fields = {"json_schema": self.guided_json, "regex": self.guided_regex,
+                  "choice": self.guided_choice, "grammar": self.guided_grammar}
+        names = {"json_schema": "guided_json", "regex": "guided_regex",
+                 "choice": "guided_choice", "grammar": "guided_grammar"}
+        return {k: v for k, v in fields.items() if v is not None}, names
 
     def check_common(self) -> None:
         """Refuse what the engine cannot honour, rather than silently ignore it."""
@@ -74,6 +91,14 @@ class SamplingRequest(_Request):
         extras: dict[str, Any] = {k: v for k, v in (
             ("top_k", self.top_k), ("min_p", self.min_p),
             ("repetition_penalty", self.repetition_penalty)) if v is not None}
+        constraint, names = self.constraint()
+        with _renamed(names):
+            params = self._sampling_params(max_tokens, logprobs, {**extras, **constraint})
+            grammar_of(params)  # compile now (cached for the engine) to name a bad field
+        return params
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         extras: dict[str, Any]) -> SamplingParams:
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -90,16 +115,43 @@ class SamplingRequest(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+@contextmanager
+def _renamed(names: dict[str, str]) -> Iterator[None]:
+    """Re-raise a RequestError about an engine field under the request's own name for it."""
+    try:
+        yield
+    except RequestError as exc:
+        head, _, rest = (exc.param or "").partition(".")
+        if head not in names:
+            raise
+        message = str(exc).replace(head, names[head], 1)
+        raise APIError(400, message, param=names[head] + (f".{rest}" if rest else ""),
+                       code=exc.code) from exc
+
+
 # -- chat --------------------------------------------------------------------------------------
 class ContentPart(_Request):
     type: str
     text: str | None = None
 
 
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # a tool turn: which call this answers
 
     def for_template(self, index: int) -> dict[str, Any]:
         """The message as chat templates expect it: text content, `developer` as `system`."""
@@ -123,6 +175,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
@@ -135,14 +188,38 @@ class ChatCompletionRequest(SamplingRequest):
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise APIError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
                            param="top_logprobs")
-        if self.tools and self.tool_choice != "none":
-            raise APIError(400, "tool calls are not supported by this server yet; "
-                           "send tool_choice: 'none' to pass the tools to the chat template only",
-                           param="tool_choice")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise APIError(400, f"response_format {kind!r} is not supported by this server yet",
+        for i, m in enumerate(self.messages):
+            if m.tool_calls and m.role != "assistant":
+                raise APIError(400, f"messages[{i}].tool_calls: only assistant messages call "
+                               "tools", param=f"messages[{i}].tool_calls")
+
+    def constraint(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """`response_format` (json_object, or json_schema with `strict`) as SamplingParams fields;
+        the schema is always enforced, `strict` or not."""
+        fields, names = super().constraint()
+        fmt = self.response_format or {}
+        kind = fmt.get("type", "text")
+        if kind == "json_object":
+            fields["json_object"] = True
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise APIError(400, "response_format.json_schema must be an object with a "
+                               "'schema'", param="response_format.json_schema")
+            if spec.get("schema") is None:
+                fields["json_object"] = True
+            else:
+                fields["json_schema"] = spec["schema"]
+        elif kind != "text":
+            raise APIError(400, f"response_format.type must be 'text', 'json_object' or "
+                           f"'json_schema', got {kind!r}", param="response_format.type")
+        if kind != "text" and len(fields) > 1:
+            raise APIError(400, "response_format cannot be combined with guided_* fields",
                            param="response_format")
+        if kind != "text":
+            names = {**names, "json_schema": "response_format.json_schema.schema",
+                     "json_object": "response_format"}
+        return fields, names
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -171,7 +248,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from fastapi.responses import StreamingResponse
 
 from llmos.engine.sequence import RequestOutput, TokenLogprob
+from llmos.engine.tool_calls import OPEN, new_call_id, scan_calls
 from llmos.server.generation import Generation, as_api_error
 from llmos.server.protocol import Usage
 from llmos.server.state import ServerState
@@ -67,6 +68,50 @@ class Deltas:
                 self._finished.add(index)
             deltas.append(ChoiceDelta(index, text, logprobs, o.finish_reason, first))
         return deltas
+
+
+class ToolCallStream:
+    """One choice's reply while tools may be called: content deltas for an answer, or OpenAI's
+    `tool_calls` deltas (index, id, type and name first, then `arguments` in pieces) once the
+    reply opens with `<tool_call>`. A reply that might still become a call is held back."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.calling: bool | None = None  # None: undecided
+        self.ids: list[str] = []
+        self.sent: list[int] = []  # characters of each call's arguments already sent
+
+    @property
+    def called(self) -> bool:
+        return bool(self.ids)
+
+    def feed(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """(content delta, tool_call deltas) for the reply's next piece of text."""
+        self.text += text
+        if self.calling is None:
+            if self.text.startswith(OPEN):
+                self.calling = True
+            elif OPEN.startswith(self.text) and not final:
+                return "", []
+            else:
+                self.calling = False
+                return self.text, []
+        if not self.calling:
+            return text, []
+        deltas: list[dict[str, Any]] = []
+        for i, call in enumerate(scan_calls(self.text[len(OPEN):])):
+            delta: dict[str, Any] = {"index": i, "function": {}}
+            if i == len(self.ids):
+                self.ids.append(new_call_id())
+                self.sent.append(0)
+                delta.update(id=self.ids[i], type="function",
+                             function={"name": call.name, "arguments": ""})
+            if len(call.arguments) > self.sent[i]:
+                delta["function"]["arguments"] = call.arguments[self.sent[i]:]
+                self.sent[i] = len(call.arguments)
+            if delta["function"]:
+                deltas.append(delta)
+        return "", deltas
 
 
 class Renderer(Protocol):
