@@ -122,7 +122,8 @@ def main(record: Annotated[Path | None, typer.Option(help="Write a section here.
             f"{fill:.2f} ms to compute the {batch // 2} masks, on a side thread while the model "
             f"runs, and {fold:.2f} ms to fold them into the sampler's mask on the engine thread; "
             f"against {step_mixed:.0f} ms for the whole step. A batch with no constrained "
-            "request does neither.")
+            "request does neither. On a shared machine the end-to-end rows move by a few "
+            "percent between runs, so these in-engine timings are the steadier measure.")
     console.print(body)
     if record is not None:
         replace_section(record, "## Structured output (benchmarks/structured.py)", body)

@@ -14,6 +14,8 @@ from openai import OpenAI
 from pydantic import BaseModel, Field
 from test_server import MODEL, client, reference, server  # noqa: F401 - fixtures
 
+from llmos.server.streaming import ToolCallStream
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -148,3 +150,21 @@ def test_the_stream_helper_parses_strict_tool_arguments(client: OpenAI) -> None:
         final = stream.get_final_completion()
     (call,) = final.choices[0].message.tool_calls or []
     assert isinstance(call.function.parsed_arguments, City)
+
+
+def test_tool_call_stream_deltas() -> None:
+    stream = ToolCallStream()
+    pieces = ['<tool', '_call>[{"name": "get_weather", "arg', 'uments": {"ci', 'ty": "Oslo"}}, ',
+              '{"name": "get_weather", "arguments": {"city": "Rome"}}]</tool_call>']
+    out = [stream.feed(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+    assert all(content == "" for content, _ in out)
+    deltas = [d for _, ds in out for d in ds]
+    assert deltas[0]["id"].startswith("call_") and deltas[0]["type"] == "function"
+    assert deltas[0]["function"] == {"name": "get_weather", "arguments": '{"ci'}
+    args = ["".join(d["function"].get("arguments", "") for d in deltas if d["index"] == i)
+            for i in (0, 1)]
+    assert args == ['{"city": "Oslo"}', '{"city": "Rome"}'] and stream.called
+    text = ToolCallStream()
+    assert text.feed("<tool", final=False) == ("", [])  # might still become a call
+    assert text.feed("s are fun", final=False) == ("<tools are fun", [])
+    assert text.feed("!", final=True) == ("!", []) and not text.called
