@@ -62,9 +62,10 @@ def arrays(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dic
 SCHEMAS = objects(st.recursive(LEAVES, lambda c: st.one_of(objects(c), arrays(c)), max_leaves=4))
 
 
-def ten_seeds(llm: LLM, prompt: list[int], max_tokens: int, **constraint: Any) -> list[Any]:
+def ten_seeds(llm: LLM, prompt: list[int], max_tokens: int, seeds: range = SEEDS,
+              **constraint: Any) -> list[Any]:
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=max_tokens, **constraint)
-              for s in SEEDS]
+              for s in seeds]
     return llm.generate([prompt] * len(params), params)
 
 
@@ -94,7 +95,7 @@ def test_regex_choice_and_lark_grammar(llm: LLM) -> None:
 
 def test_json_object_and_schema_strings(llm: LLM) -> None:
     prompt = llm.tokenizer.encode_chat(ASK_JSON)
-    for out in ten_seeds(llm, prompt, 120, json_object=True):
+    for out in ten_seeds(llm, prompt, 60, range(4), json_object=True):
         if out.finish_reason == "stop":
             assert isinstance(json.loads(out.text), dict)
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
@@ -155,8 +156,8 @@ def test_constrained_beside_free_changes_neither(tight_llm: LLM) -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                                "age": {"type": "integer"}},
               "required": ["name", "age"]}
-    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    constrained = SamplingParams(temperature=0, max_tokens=24, json_schema=schema)
+    free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    constrained = SamplingParams(temperature=0, max_tokens=16, json_schema=schema)
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, " * 4,
                "Name and age of a person, as JSON: ", "A person record: " * 3]
     params = [free, free, free, constrained, constrained]
@@ -185,27 +186,28 @@ ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def test_tool_choice_required_named_and_none(llm: LLM) -> None:
-    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=48) for s in range(4)]
-    for p in params:
-        out = llm.chat(ASK_WEATHER, p, tools=[WEATHER, ADD], tool_choice="required",
-                       parallel_tool_calls=False)[0]
+    params = SamplingParams(temperature=1.0, seed=7, n=4, max_tokens=48)  # 4 random streams
+    required = llm.chat(ASK_WEATHER, params, tools=[WEATHER, ADD], tool_choice="required",
+                        parallel_tool_calls=False)[0]
+    named = llm.chat(ASK_WEATHER, params, tools=[WEATHER, ADD], parallel_tool_calls=False,
+                     tool_choice={"type": "function", "function": {"name": "add"}})[0]
+    plain = llm.chat(ASK_WEATHER, params, tools=[WEATHER, ADD], tool_choice="none")[0]
+    for out in required.outputs:
         assert out.finish_reason == "tool_calls" and out.text == ""
-        (call,) = out.tool_calls
+        (call,) = out.tool_calls or []
         assert call.id.startswith("call_") and call.type == "function"
         schema = (WEATHER if call.name == "get_weather" else ADD)["function"]["parameters"]
         jsonschema.validate(call.arguments, schema)
-        named = llm.chat(ASK_WEATHER, p, tools=[WEATHER, ADD], parallel_tool_calls=False,
-                         tool_choice={"type": "function", "function": {"name": "add"}})[0]
-        assert [c.name for c in named.tool_calls] == ["add"]
-        jsonschema.validate(named.tool_calls[0].arguments, ADD["function"]["parameters"])
-        plain = llm.chat(ASK_WEATHER, p, tools=[WEATHER, ADD], tool_choice="none")[0]
-        assert plain.tool_calls is None and "<tool_call>" not in plain.text
+    for out in named.outputs:
+        assert [c.name for c in out.tool_calls or []] == ["add"]
+        jsonschema.validate(out.tool_calls[0].arguments, ADD["function"]["parameters"])
+    for out in plain.outputs:
+        assert out.tool_calls is None and "<tool_call>" not in out.text
 
 
 def test_auto_answers_or_calls_and_a_round_trip_renders(llm: LLM) -> None:
-    for seed in range(4):
-        out = llm.chat(ASK_WEATHER, SamplingParams(temperature=1.0, seed=seed, max_tokens=64),
-                       tools=[WEATHER])[0]
+    for out in llm.chat(ASK_WEATHER, SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=64),
+                        tools=[WEATHER])[0].outputs:
         if out.tool_calls:
             assert out.finish_reason == "tool_calls"
             assert all(c.name == "get_weather" for c in out.tool_calls)
