@@ -6,7 +6,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "llmos"
-RANK = {"models": 0, "engine": 1, "backends": 2, "kernel": 3, "cli": 4, "server": 4, "evals": 4}
+# cli sits on top: `llmos serve` starts the server, `llmos run` the kernel.
+RANK = {"models": 0, "engine": 1, "backends": 2, "kernel": 3, "server": 4, "evals": 4, "cli": 5}
 SHARED = {"errors"}  # boundary exceptions, importable from every layer
 
 
