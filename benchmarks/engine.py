@@ -345,7 +345,7 @@ def report(info: dict[str, Any]) -> tuple[list[tuple[str, list[str], list[list[s
     base = results.get("llmos")
     agree = agreement(results)
     head = ["engine", "output tok/s", "llmos ×", "wall s", "TTFT mean s", "TTFT p50 s",
-            "peak RSS MiB", "cores used", "CPU stall", "same tokens as llmos"]
+            "peak RSS MiB", "cores used", "tok per CPU-s", "CPU stall", "same tokens as llmos"]
     rows = []
     for name, r in results.items():
         same = agree.get(name)
@@ -354,12 +354,14 @@ def report(info: dict[str, Any]) -> tuple[list[tuple[str, list[str], list[list[s
             LABELS[name], f"{r['tok_s']:.1f}", ratio(base["tok_s"], r["tok_s"]) if base else "-",
             f"{r['wall_s']:.1f}", f"{r['ttft']['mean']:.2f}", f"{r['ttft']['p50']:.2f}",
             f"{r['peak_rss'] / 2**20:,.0f}", f"{r['cpu_util']:.2f}",
+            f"{r['tok_s'] / r['cpu_util']:.1f}",
             pct(stall),
             "-" if same is None else f"{same[0]}/{len(r['token_ids'])} ({same[1]:.0%})"])
-    shead = ["engine", "decode tok/s", "llmos ×", "TTFT ms", "CPU stall"]
+    shead = ["engine", "decode tok/s", "llmos ×", "best run tok/s", "TTFT ms", "CPU stall"]
     srows = [[LABELS[name], f"{r['stream']['decode_tok_s']:.1f}",
               ratio(base["stream"]["decode_tok_s"], r["stream"]["decode_tok_s"]) if base else "-",
-              f"{r['stream']['ttft'] * 1000:.0f}", pct(r["stream"].get("cpu_stall"))]
+              f"{max(r['stream']['all']):.1f}", f"{r['stream']['ttft'] * 1000:.0f}",
+              pct(r["stream"].get("cpu_stall"))]
              for name, r in results.items()]
     chead = ["cold start", "fresh process → ready, s", "import + load in process, s"]
     crows = [[label, f"{c['spawn_to_ready']:.2f}", f"{c['in_process_s']:.2f}"]
@@ -384,9 +386,11 @@ def report(info: dict[str, Any]) -> tuple[list[tuple[str, list[str], list[list[s
     legend = (
         "llmos × = how many times llmos's figure this engine's is (higher is better for llmos). "
         "Cores used = the worker's CPU time ÷ wall time during the workload (at most "
-        f"{info['threads']}). CPU stall = the share of that time in which some task on the "
-        "machine waited for a CPU (Linux PSI): near 0 % means the engine had the cores to "
-        "itself, and figures taken at a high stall understate it. Same tokens as llmos = "
+        f"{info['threads']}); tok per CPU-s = output tokens ÷ that CPU time. CPU stall = the "
+        "share of that time in which some task on the machine waited for a CPU (Linux PSI): "
+        "near 0 % means the engine had the cores to itself, and figures taken at a high stall "
+        "understate it (most for engines whose threads spin at barriers). Same tokens as "
+        "llmos = "
         "requests whose greedy output is identical to llmos's (mean shared-prefix share). "
         "Peak RSS covers the whole worker: load, workload and single stream.")
     text = [
@@ -464,7 +468,7 @@ def prepare(spec_path: Path, *, prompts: int, seed: int, threads: int, hf_batch:
         "chat_prompt": tokenizer.encode_chat(CHAT, add_generation_prompt=True),
     }))
     return {
-        "command": "python benchmarks/engine.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/engine.py", *_run_options(sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
         "threads": threads, "hf_batch": hf_batch, "stream_tokens": stream_tokens,
         "stream_reps": reps, "loadavg_start": loadavg(), "spec": str(spec_path),
@@ -476,9 +480,24 @@ def prepare(spec_path: Path, *, prompts: int, seed: int, threads: int, hf_batch:
     }
 
 
+def _run_options(argv: list[str]) -> list[str]:
+    """The options that shape a run, without where its results were written."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--json", "--record"):
+            skip = True
+        elif not arg.startswith(("--json=", "--record=")):
+            out.append(arg)
+    return out
+
+
 def run_all(info: dict[str, Any], engines: list[str], tmp: Path, wait_quiet_s: float,
-            cold_runs: int) -> None:
-    """Each engine's worker in turn, then the cold starts; results go into `info`."""
+            cold_runs: int, save: Callable[[], None]) -> None:
+    """Each engine's worker in turn, then the cold starts; results go into `info`, and
+    `save` runs after each, so a long run that is cut short keeps what it measured."""
     spec_path = Path(info["spec"])
     total = info["workload"]["num_prompts"]
     with Progress(TextColumn("{task.description}"), BarColumn(),
@@ -494,6 +513,7 @@ def run_all(info: dict[str, Any], engines: list[str], tmp: Path, wait_quiet_s: f
                 info["notes"].append(f"{LABELS[name]} failed: {exc}")
                 console.print(f"[red]{LABELS[name]} failed[/]: {exc}")
             progress.update(task, description=f"{LABELS[name]}: done")
+            save()
         if not cold_runs:
             return
         task = progress.add_task("cold starts", total=None)
@@ -556,7 +576,13 @@ def main(
     console.print(f"[bold]workload[/]: {prompts} prompts, {info['workload']['prompt_tokens']:,} "
                   f"prompt tokens, {info['workload']['output_tokens']:,} output tokens; engines: "
                   f"{', '.join(engines)}; load average {info['loadavg_start']:.2f}")
-    run_all(info, engines, tmp, wait_quiet_s, cold_runs=0 if skip_cold else 1 if quick else 2)
+
+    def save() -> None:
+        if json_out is not None:
+            json_out.write_text(json.dumps(info, indent=1))
+
+    run_all(info, engines, tmp, wait_quiet_s, cold_runs=0 if skip_cold else 1 if quick else 2,
+            save=save)
     info["loadavg_end"] = loadavg()
     tables, floors, markdown = report(info)
     out = Console(width=None if sys.stdout.isatty() else 150)
@@ -579,10 +605,7 @@ def main(
     if record is not None:
         replace_section(record, SECTION, markdown)
         out.print(f"wrote the engine section of {record}")
-    if json_out is not None:
-        for r in info["results"].values():
-            r.pop("token_ids", None)
-        json_out.write_text(json.dumps(info, indent=2))
+    save()
 
 
 if __name__ == "__main__":
