@@ -184,6 +184,7 @@ def main(agents: Annotated[int, typer.Option("--agents")] = 16,
     TOOL_SECONDS[0] = tool_seconds
     if quiet_wait:
         wait_quiet(quiet_wait)
+    load_start = loadavg()
     results: dict[str, dict[str, Any]] = {}
     for name, caching in (("llmos local, retention on", True),
                           ("llmos local, retention off", False)):
@@ -198,11 +199,10 @@ def main(agents: Annotated[int, typer.Option("--agents")] = 16,
     on, off = results["llmos local, retention on"], results["llmos local, retention off"]
     notes = [f"{agents} agents × {steps} forced tool steps + 1 answer turn, greedy, "
              f"tool latency {tool_seconds:g} s; machine: {machine().get('cpu', '?')}, "
-             f"{os.cpu_count()} cores, load average {loadavg():.1f} at the end, "
-             f"{time.strftime('%Y-%m-%d')}. A process that used its last turn for another "
-             "call instead of an answer counts as not done (the 135M model's choice, the same "
-             "in every configuration). The answer turn has no tools, so its system prompt "
-             "differs and it prefills from there on (in every configuration).",
+             f"{os.cpu_count()} cores, load average {load_start:.1f} at the start and "
+             f"{loadavg():.1f} at the end, {time.strftime('%Y-%m-%d')}. The answer turn has "
+             "no tools, so its system prompt differs from the tool turns' and it prefills from "
+             "there on (in every configuration).",
              f"Retention cuts prefilled tokens {off['prefilled'] / max(1, on['prefilled']):.1f}× "
              f"and makespan {off['makespan'] / on['makespan']:.2f}×."]
     if have_llamacpp:
