@@ -420,7 +420,8 @@ def report(info: dict[str, Any]) -> tuple[list[tuple[str, list[str], list[list[s
         legend,
         "",
         f"Single stream: {info['stream_tokens']} tokens after a short chat prompt; decode rate "
-        f"after the first token, median of {info['stream_reps']} runs.",
+        "after the first token, " + ("one run." if info["stream_reps"] == 1 else
+                                     f"median of {info['stream_reps']} runs."),
         "",
         md_table(shead, srows),
         "",
