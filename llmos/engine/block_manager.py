@@ -113,15 +113,17 @@ class BlockManager:
         seq.num_named_blocks = full
 
     # -- allocation -----------------------------------------------------------------------
-    def _take_free(self) -> int:
-        if self._free:
-            return self._free.pop()
-        block, _ = self._evictable.popitem(last=False)  # the least recently freed named block
+    def _evict_oldest(self) -> int:
+        """Take the least recently freed named block out of the cache."""
+        block, _ = self._evictable.popitem(last=False)
         h = self._hash_of[block]
         assert h is not None
         del self._block_of[h]
         self._hash_of[block] = None
         return block
+
+    def _take_free(self) -> int:
+        return self._free.pop() if self._free else self._evict_oldest()
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow `seq`'s block table to hold `num_tokens`; False (and no change) if out of blocks."""
@@ -156,9 +158,4 @@ class BlockManager:
     def reset_prefix_cache(self) -> None:
         """Forget every evictable named block (those in use keep their names)."""
         while self._evictable:
-            block, _ = self._evictable.popitem(last=False)
-            h = self._hash_of[block]
-            assert h is not None
-            del self._block_of[h]
-            self._hash_of[block] = None
-            self._free.append(block)
+            self._free.append(self._evict_oldest())

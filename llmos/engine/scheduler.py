@@ -112,8 +112,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+    def _chunk(self, seq: Sequence, budget: int, computed: int | None = None) -> int:
+        """New tokens for `seq` this step, from `computed` (default: its computed tokens)."""
+        done = seq.num_computed_tokens if computed is None else computed
+        n = min(seq.num_tokens - done, budget)
         if self.config.max_prefill_chunk is not None:
             n = min(n, self.config.max_prefill_chunk)
         return n
@@ -177,9 +179,7 @@ class Scheduler:
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq)
             cached = len(hits) * self.blocks.block_size
-            n = min(seq.num_tokens - cached, budget)
-            if self.config.max_prefill_chunk is not None:
-                n = min(n, self.config.max_prefill_chunk)
+            n = self._chunk(seq, budget, computed=cached)
             if not self.blocks.can_admit(hits, cached + n):
                 break
             self.blocks.admit(seq, hits)
