@@ -48,10 +48,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     state.check_model(req.model)
     req.check()
     ids, calls = prompt_ids(state, req)
-    max_tokens = req.requested_max_tokens
-    params = req.sampling_params(
-        max_tokens=state.default_max_tokens(len(ids)) if max_tokens is None else max_tokens,
-        logprobs=req.num_logprobs)
+    # None: the engine gives the room left in the context and the KV cache
+    params = req.sampling_params(max_tokens=req.requested_max_tokens,
+                                 logprobs=req.num_logprobs)
     if calls is not None:
         params = calls.constrain(params)
     rid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -35,9 +35,8 @@ def _jobs(state: ServerState, req: CompletionRequest) -> tuple[list[PromptJob], 
             ids, text = (tokenizer.encode(prompt) if prompt else []), prompt
         else:
             ids, text = prompt, (tokenizer.decode(prompt) if req.echo else "")
-        max_tokens = req.max_tokens if req.max_tokens is not None \
-            else state.default_max_tokens(len(ids))
-        params = req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs)
+        # None: the engine gives the room left in the context and the KV cache
+        params = req.sampling_params(max_tokens=req.max_tokens, logprobs=req.logprobs)
         jobs.append(PromptJob(ids, params))
         texts.append(text)
     return jobs, texts

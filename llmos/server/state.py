@@ -76,11 +76,3 @@ class ServerState:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
                            f"tokens, but the prompt has at least {at_least} tokens.",
                            param=param, code="context_length_exceeded")
-
-    def default_max_tokens(self, num_prompt_tokens: int) -> int | None:
-        """Room left after the prompt, in the context and in the KV cache (None: no room, which
-        the engine reports with both token counts)."""
-        llm = self.engine.engine
-        capacity = llm.blocks.num_blocks * llm.blocks.block_size
-        room = min(llm.max_model_len, capacity) - num_prompt_tokens
-        return room if room >= 1 else None
