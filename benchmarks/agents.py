@@ -32,11 +32,18 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CORPUS, loadavg, machine, md_table, replace_section, wait_quiet  # noqa: E402
+from common import (  # noqa: E402
+    CORPUS,
+    loadavg,
+    machine,
+    md_table,
+    replace_section,
+    wait_quiet,
+    wait_until_serving,
+)
 
 from llmos.backends.base import ChatRequest  # noqa: E402
 from llmos.kernel import Kernel, Program, Status, tool  # noqa: E402
@@ -132,18 +139,8 @@ def run_llamacpp(agents: int, steps: int, threads: int) -> dict[str, Any]:
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited: {Path(log.name).read_text()[-800:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("llama_cpp.server did not start")
-            time.sleep(0.5)
+        wait_until_serving(f"{url}/models", proc, 300,
+                           lambda: Path(log.name).read_text()[-800:])
         backend = OpenAIHTTPBackend(url, "smollm2-135m", native_tools=False,
                                     extra_body=grammar_for, context_window=4096)
         with tempfile.TemporaryDirectory() as d, Kernel(backend=backend,

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
+
 # Varied natural text (narrative, instructions, dialogue, science, history, business, a letter,
 # technical prose) so that prompts look like real requests rather than token noise.
 CORPUS: tuple[str, ...] = (
@@ -319,3 +321,20 @@ def replace_section(path: Path, heading: str, body: str, title: str = "# Benchma
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
     path.write_text(new)
+
+
+def wait_until_serving(probe_url: str, proc: subprocess.Popen, timeout: float,
+                       exit_detail: Callable[[], str]) -> None:
+    """Poll `probe_url` until it answers 200; fail early if the server process exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {exit_detail()}")
+        try:
+            if httpx.get(probe_url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server at {probe_url} did not start in {timeout:.0f} s")
+        time.sleep(0.5)

@@ -39,6 +39,9 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import wait_until_serving  # noqa: E402
+
 MODEL = "smollm2-135m"
 TOPICS = ["a lighthouse", "the moon", "a lost key", "rain in Paris", "a robot cook", "old maps",
           "a quiet forest", "the first snow", "a chess game", "a paper boat", "a night train",
@@ -105,19 +108,9 @@ def server_process(args: list[str], port: int) -> Iterator[str]:
     """Start a server process; yield its base URL once /v1/models answers; stop it."""
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + BOOT_TIMEOUT
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start in time")
-            time.sleep(0.5)
+        wait_until_serving(f"{url}/v1/models", proc, BOOT_TIMEOUT,
+                           lambda: proc.stderr.read()[-2000:])  # type: ignore[union-attr]
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
