@@ -11,8 +11,8 @@ is "none" for the answer), so every configuration makes the same number of model
 Reported: prompt tokens, how many were served from the KV cache, how many had to be prefilled,
 and the makespan (first spawn to last process done).
 
-- llmos, retention on: the engine's prefix cache keeps a waiting process's blocks findable, so
-  its next turn prefills only the new tokens (the tool result and the next header).
+- llmos, retention on: the engine pins a waiting process's blocks (`retain`), so its next turn
+  prefills only the new tokens (the tool result and the next header).
 - llmos, retention off: `enable_prefix_caching=False`; every turn prefills its whole prompt.
 - llama-cpp-python: one request at a time; it reuses the longest prefix shared with the
   request before it, which, with 16 agents taking turns, is mostly the system prompt. Its tool
@@ -212,10 +212,9 @@ def main(agents: Annotated[int, typer.Option("--agents")] = 16,
                      "prompts differ slightly in length from llmos's.")
     else:
         notes.append("llama-cpp-python was not importable: its row is missing.")
-    notes.append("Retention today is the engine's prefix cache: a waiting process's freed blocks "
-                 "stay findable until LRU eviction. Under memory pressure they can be evicted "
-                 "while the process waits; pinning them per process needs an engine hook "
-                 "(see the kernel's notes in README.md).")
+    notes.append("Retention pins each waiting process's blocks in the engine (released when the "
+                 "process ends, or oldest first under memory pressure), on top of the prefix "
+                 "cache's LRU.")
     markdown = body + "\n\n" + "\n".join(f"- {n}" for n in notes)
     print(markdown)
     if record is not None:

@@ -41,6 +41,9 @@ class ChatRequest:
     priority: int = 0  # lower runs first, as in the engine
     user: str | None = None
     request_id: str | None = None
+    # A key (the process) under which the backend may keep this conversation's KV cache after
+    # the call, for the next turn; `release(key)` lets it go. Backends without one ignore it.
+    retain: str | None = None
 
 
 @dataclass(slots=True)
@@ -63,5 +66,9 @@ class Backend(Protocol):
     async def chat(self, request: ChatRequest) -> ChatResult: ...
 
     def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]]) -> int: ...
+
+    def release(self, key: str) -> None:
+        """Let go of what `ChatRequest.retain` kept under `key` (no-op where nothing is kept)."""
+        ...
 
     async def aclose(self) -> None: ...

@@ -78,7 +78,8 @@ class LocalBackend:
         final: RequestOutput | None = None
         try:
             async for out in self.engine.generate(prompt, params, request_id=rid,
-                                                  priority=request.priority, user=request.user):
+                                                  priority=request.priority, user=request.user,
+                                                  retain=request.retain):
                 final = out
         finally:
             seconds = self._seconds.pop(rid, 0.0)
@@ -99,6 +100,9 @@ class LocalBackend:
             elif out.finish_reason == "length" and raw.lstrip().startswith("<tool_call>"):
                 result.malformed = "the tool call was cut off by max_tokens"
         return result
+
+    def release(self, key: str) -> None:
+        self.engine.release(key)
 
     async def aclose(self) -> None:
         self.engine.step_listeners.remove(self._on_step)

@@ -76,5 +76,8 @@ class OpenAIHTTPBackend:
             return result
         return toolprompt.read_reply(result, request)
 
+    def release(self, key: str) -> None:
+        return None  # nothing is kept between calls
+
     async def aclose(self) -> None:
         await self.client.close()

@@ -69,5 +69,8 @@ class ScriptedBackend:
                           "tool_calls" if calls else "stop", raw=raw,
                           malformed=turn.get("malformed"))
 
+    def release(self, key: str) -> None:
+        return None  # nothing is kept between calls
+
     async def aclose(self) -> None:
         return None

@@ -79,7 +79,8 @@ class AsyncEngine:
     # -- requests -------------------------------------------------------------------------
     async def generate(self, prompt: str | Seq[int], params: SamplingParams, *,
                        request_id: str | None = None, priority: int = 0,
-                       user: str | None = None) -> AsyncIterator[RequestOutput]:
+                       user: str | None = None,
+                       retain: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield snapshots of the request's outputs as tokens are made; the last is finished.
 
         Bad input raises (RequestError) before anything is yielded."""
@@ -91,7 +92,8 @@ class AsyncEngine:
 
         def add() -> None:
             try:
-                self.engine.add_request(rid, prompt, params, priority=priority, user=user)
+                self.engine.add_request(rid, prompt, params, priority=priority, user=user,
+                                        retain=retain)
                 self._streams[rid] = stream
                 added.set_result([])
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -119,6 +121,10 @@ class AsyncEngine:
             self.engine.abort_request(request_id)
 
         self._submit(do)
+
+    def release(self, key: str) -> None:
+        """Unpin the KV blocks kept under `key` (see `LLMEngine.add_request(retain=...)`)."""
+        self._submit(lambda: self.engine.release(key))
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> Future[Any]:
         """Run `fn(engine)` on the engine thread, between steps."""

@@ -4,6 +4,10 @@ A full block is named by a chained hash of its tokens and of the blocks before i
 sequences that share a prefix share its blocks. A freed block keeps its contents and its name,
 and stays findable until it is evicted (least recently freed first) for new work.
 
+A pin keeps a finished conversation's named blocks in use under a key (an agent process waiting
+on a tool), so its next turn prefills only the new tokens. Pins are a cache, not a promise: the
+scheduler releases the oldest one before it would stall or preempt real work.
+
 Blocks are handed out lowest id first and reused last-freed first, so on the CPU (where the KV
 tensors are allocated lazily by the OS) resident memory follows the tokens actually in use.
 """
@@ -39,6 +43,7 @@ class BlockManager:
         # fresh block's unwritten slots would otherwise hold whatever the allocator left there
         # (NaN times a zero attention weight is still NaN).
         self._new: list[int] = []
+        self._pins: OrderedDict[str, list[int]] = OrderedDict()  # key -> blocks, oldest first
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -142,9 +147,9 @@ class BlockManager:
         new, self._new = self._new, []
         return new
 
-    def free(self, seq: Sequence) -> None:
+    def _unref(self, blocks: list[int]) -> None:
         # Tail blocks first: they are the least likely to be shared, so they are evicted first.
-        for block in reversed(seq.block_table):
+        for block in reversed(blocks):
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0, f"block {block} freed twice"
             if self.ref_counts[block] == 0:
@@ -152,8 +157,45 @@ class BlockManager:
                     self._evictable[block] = None
                 else:
                     self._free.append(block)
+
+    def free(self, seq: Sequence) -> None:
+        self._unref(seq.block_table)
         seq.block_table = []
         seq.num_named_blocks = 0
+
+    # -- pins -----------------------------------------------------------------------------
+    def pin(self, key: str, seq: Sequence) -> None:
+        """Keep `seq`'s named blocks in use under `key`, replacing the key's previous pin."""
+        blocks = seq.block_table[:seq.num_named_blocks]
+        for block in blocks:
+            self.ref_counts[block] += 1  # in use by seq, so never on a free list here
+        old = self._pins.pop(key, None)
+        self._pins[key] = blocks
+        if old is not None:
+            self._unref(old)
+
+    def release(self, key: str) -> bool:
+        """Drop the pin under `key`; its blocks stay findable in the prefix cache until evicted."""
+        blocks = self._pins.pop(key, None)
+        if blocks is None:
+            return False
+        self._unref(blocks)
+        return True
+
+    def release_oldest_pin(self) -> bool:
+        """Under memory pressure: drop the longest-held pin. False when there is none."""
+        if not self._pins:
+            return False
+        return self.release(next(iter(self._pins)))
+
+    @property
+    def num_pins(self) -> int:
+        return len(self._pins)
+
+    @property
+    def num_pinned(self) -> int:
+        """Blocks held by at least one pin."""
+        return len({b for blocks in self._pins.values() for b in blocks})
 
     def reset_prefix_cache(self) -> None:
         """Forget every evictable named block (those in use keep their names)."""

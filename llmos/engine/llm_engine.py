@@ -148,8 +148,15 @@ class LLMEngine:
         return max_tokens
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
-                    *, priority: int = 0, user: str | None = None) -> list[int]:
-        """Queue a request; it joins the batch on the next step. Returns its prompt token ids."""
+                    *, priority: int = 0, user: str | None = None,
+                    retain: str | None = None) -> list[int]:
+        """Queue a request; it joins the batch on the next step. Returns its prompt token ids.
+
+        With `retain`, a request that completes leaves its conversation's KV blocks pinned
+        under that key (replacing the key's previous pin) until `release(retain)`, or until
+        memory pressure takes them back: an agent's next turn then prefills only what is new."""
+        if retain is not None and not (isinstance(retain, str) and retain):
+            raise RequestError("retain must be a non-empty string key", param="retain")
         if request_id in self.requests:
             raise RequestError(f"request_id {request_id!r} is already in use", param="request_id")
         if not isinstance(params, SamplingParams):
@@ -164,7 +171,8 @@ class LLMEngine:
         matchers = self.grammars.matchers(params)  # raises on a grammar it cannot enforce
         seqs = [Sequence(request_id, ids, params,
                          IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
-                         index=i, priority=priority, user=user, max_tokens=max_tokens)
+                         index=i, priority=priority, user=user, max_tokens=max_tokens,
+                         retain=retain)
                 for i in range(params.n)]
         for seq, matcher in zip(seqs, matchers or (), strict=False):
             seq.matcher = matcher
@@ -180,6 +188,10 @@ class LLMEngine:
             return False
         self.scheduler.abort(seqs)
         return True
+
+    def release(self, key: str) -> bool:
+        """Unpin the blocks kept under `key`. False if nothing is pinned there."""
+        return self.blocks.release(key)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work
@@ -291,6 +303,8 @@ class LLMEngine:
             "num_requests_waiting": len(self.scheduler.waiting),
             "kv_blocks_used": self.blocks.num_used,
             "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_pinned": self.blocks.num_pinned,
+            "num_pins": self.blocks.num_pins,
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": self.blocks.queried_tokens,
             "prefix_cache_hits": self.blocks.hit_tokens,

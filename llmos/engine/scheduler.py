@@ -6,7 +6,9 @@ computed tokens (its blocks stay findable in the prefix cache, so the recompute 
 
 Order: higher `priority` first; between users, weighted fair queuing on tokens computed (each
 user's virtual time grows by tokens / weight, and the least-served user goes next); then
-arrival. A waiting sequence may preempt a running one of lower priority, or of a user holding
+arrival. Pinned blocks (a finished conversation kept for its next turn) give way first: the oldest
+pin is released before anything would wait for blocks or be preempted. A waiting sequence may
+preempt a running one of lower priority, or of a user holding
 more than its fair share of the batch. The plan is a frozen object the runner executes.
 """
 
@@ -130,10 +132,15 @@ class Scheduler:
         self.waiting.append(seq)
 
     def _can_admit(self, seq: Sequence) -> bool:
+        """Whether `seq` has a seat and blocks for its first token, releasing pins for it."""
         if len(self.running) >= self.config.max_num_seqs:
             return False
-        hits = self.blocks.match_prefix(seq) if not seq.block_table else []
-        return self.blocks.can_admit(hits, len(hits) * self.blocks.block_size + 1)
+        while True:
+            hits = self.blocks.match_prefix(seq)
+            if self.blocks.can_admit(hits, len(hits) * self.blocks.block_size + 1):
+                return True
+            if not self.blocks.release_oldest_pin():
+                return False
 
     # -- the plan -------------------------------------------------------------------------
     def schedule(self) -> SchedulerPlan:
@@ -162,6 +169,8 @@ class Scheduler:
                 continue
             n = self._chunk(seq, budget)
             while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+                if self.blocks.release_oldest_pin():
+                    continue
                 victim = max((s for s in self.running if s.seq_id not in done), key=self._rank)
                 self._preempt(victim)
                 preempted.append(victim)
@@ -181,6 +190,8 @@ class Scheduler:
             cached = len(hits) * self.blocks.block_size
             n = self._chunk(seq, budget, computed=cached)
             if not self.blocks.can_admit(hits, cached + n):
+                if self.blocks.release_oldest_pin():
+                    continue
                 break
             self.blocks.admit(seq, hits)
             if seq.num_preemptions == 0:
@@ -200,7 +211,8 @@ class Scheduler:
                              tuple(self.blocks.take_new_blocks()))
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
-        """Retire a sequence (stopped, cut at length, or aborted) and free its blocks."""
+        """Retire a sequence (stopped, cut at length, or aborted) and free its blocks; a
+        completed first output of a request with `retain` pins its blocks first."""
         assert status.finished
         if seq.status.finished:
             return
@@ -209,6 +221,9 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if seq.retain is not None and seq.index == 0 and status is not \
+                SequenceStatus.FINISHED_ABORTED:
+            self.blocks.pin(seq.retain, seq)
         self.blocks.free(seq)
         self._active[seq.user] -= 1
 

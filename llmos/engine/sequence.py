@@ -44,7 +44,7 @@ class Sequence:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  detokenizer: IncrementalDetokenizer, *, index: int = 0, priority: int = 0,
-                 user: str | None = None, max_tokens: int) -> None:
+                 user: str | None = None, max_tokens: int, retain: str | None = None) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n outputs
@@ -54,6 +54,7 @@ class Sequence:
         self.max_tokens = max_tokens  # resolved against the context length
         self.priority = priority
         self.user = user
+        self.retain = retain  # pin key: keep this conversation's blocks when it finishes
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         self.status = SequenceStatus.WAITING

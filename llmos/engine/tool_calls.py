@@ -14,9 +14,11 @@ added when the conversation has none):
 A reply is then either a plain answer, which may not contain `<tool_call>`, or exactly
 `<tool_call>[{"name": ..., "arguments": {...}}, ...]</tool_call>` with one object per call (one
 only, unless `parallel_tool_calls`), each valid against its function's parameter schema. With
-`tool_choice` "required" or a named function only calls are admitted. Earlier turns render the
-same way: an assistant message's `tool_calls` become that text after its content, and a `tool`
-message keeps its role and content.
+`tool_choice` "required" or a named function only calls are admitted; the grammar alone
+enforces the choice, so the system message is the same whatever the choice, and an agent whose
+choice changes between turns still finds its whole conversation in the prefix cache. Earlier
+turns render the same way: an assistant message's `tool_calls` become that text after its
+content, and a `tool` message keeps its role and content.
 
 A template that renders `tools` itself gets them, and the history, as Hugging Face passes them
 (assistant `tool_calls` with object arguments); if it speaks Hermes' format (`<tool_call>`, as
@@ -129,17 +131,12 @@ def _calls_text(calls: list[dict[str, Any]], hermes: bool) -> str:
     return f"{OPEN}{json.dumps(items)}{CLOSE}"
 
 
-def _tool_prompt(tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
+def _tool_prompt(tools: list[dict[str, Any]], parallel: bool) -> str:
     lines = ["You can call these tools:",
              f"<tools>{json.dumps([t['function'] for t in tools])}</tools>",
              f"To call tools, reply with only a JSON list of calls between {OPEN} and {CLOSE}:",
-             f'{OPEN}[{{"name": "tool_name", "arguments": {{"arg": "value"}}}}]{CLOSE}']
-    if choice == "auto":
-        lines.append("Otherwise, answer the user directly.")
-    elif choice == "required":
-        lines.append("You must call a tool now.")
-    else:
-        lines.append(f"You must call the tool {choice!r} now.")
+             f'{OPEN}[{{"name": "tool_name", "arguments": {{"arg": "value"}}}}]{CLOSE}',
+             "Otherwise, answer the user directly."]
     if not parallel:
         lines.append("Make one call at a time.")
     return "\n".join(lines)
@@ -165,7 +162,7 @@ def render_messages(tokenizer: Tokenizer, messages: list[dict[str, Any]],
     if native:
         return out, ({"tools": tools} if tools else {})
     if calls is not None:
-        prompt = _tool_prompt(calls.tools, calls.choice, calls.parallel)
+        prompt = _tool_prompt(calls.tools, calls.parallel)
         if out and out[0]["role"] in ("system", "developer"):
             out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}".lstrip()}
         else:

@@ -197,6 +197,8 @@ class Kernel:
             if ctx.detached:
                 journal.release(self.store, proc.pid)
         finally:
+            if ctx.backend is not None:  # its next turn is not coming here
+                ctx.backend.release(loop.retain_key(proc))
             self._events.pop(proc.pid, None)
             done.set()
 

@@ -117,6 +117,11 @@ def resume_point(proc: Process) -> NextStep:
     return CallModel()
 
 
+def retain_key(proc: Process) -> str:
+    """The key under which the backend keeps a process's conversation cached between turns."""
+    return f"p{proc.pid}"
+
+
 def check_limits(proc: Process, ctx: Context) -> GiveUp | None:
     lim = proc.program.limits
     if ctx.killed(proc):
@@ -143,7 +148,8 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
                           summarize_dropped=prog.summarize)
     choice = prog.tool_choice_for(proc.num_turns) if tools else "none"
     request = ChatRequest(msgs, tools, choice, dict(prog.sampling),
-                          proc.priority, proc.owner, f"p{proc.pid}-s{len(proc.steps)}")
+                          proc.priority, proc.owner, f"p{proc.pid}-s{len(proc.steps)}",
+                          retain=retain_key(proc))
     proc.status = Status.RUNNING
     journal.save_status(ctx.store, proc)
     try:

@@ -22,6 +22,7 @@ _GAUGES = {
     "num_requests_waiting": "Sequences waiting for a place in the batch.",
     "kv_blocks_used": "KV cache blocks in use.",
     "kv_blocks_total": "KV cache blocks in all.",
+    "kv_blocks_pinned": "KV cache blocks pinned for agents waiting on a tool.",
 }
 
 
