@@ -18,6 +18,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	# convert the embedded GGUF into the model cache once, so every later load is fast
 	$(BIN)/python -c "from llmos.models.loader import load_checkpoint; \
 		from llmos.models.registry import resolve; load_checkpoint(resolve('smollm2-135m'))"
+	# build the native CPU kernels for this machine (cached; the torch paths work without them)
+	$(BIN)/python -c "from llmos.models.native import kernels; \
+		print('native CPU kernels:', 'ready' if kernels() else 'unavailable')"
 	touch $(STAMP)
 
 # The main job: the OpenAI-compatible server on the embedded model (prints curl/openai examples).

@@ -20,6 +20,8 @@ from llmos.errors import ContextLengthExceeded, RequestError
 from llmos.models.batch_invariant import make_batch_invariant
 from llmos.models.llama import LlamaModel
 from llmos.models.loader import load_checkpoint
+from llmos.models.quant import MODES as QUANT_MODES
+from llmos.models.quant import quantize
 from llmos.models.registry import DEFAULT_MODEL, model_name, resolve
 from llmos.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -55,6 +57,9 @@ class EngineConfig:
     device: str = "auto"  # "auto": CUDA when present, else CPU
     kv_cache_dtype: str = "float32"
     deterministic: bool = False
+    # weight storage for small steps: "auto" (lossless 4/8-bit where a weight allows, see
+    # models/quant.py), "q8", "q4" (lossy) or "fp32"
+    quantization: str = "auto"
     seed: int = 0  # for requests without their own seed
 
     def __post_init__(self) -> None:
@@ -64,6 +69,9 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise RequestError(f"max_model_len must be at least 2, got {self.max_model_len}",
                                param="max_model_len")
+        if self.quantization not in QUANT_MODES:
+            raise RequestError(f"quantization must be one of {list(QUANT_MODES)}, got "
+                               f"{self.quantization!r}", param="quantization")
         if self.block_size < 1:
             raise RequestError(f"block_size must be at least 1, got {self.block_size}",
                                param="block_size")
@@ -86,8 +94,11 @@ class LLMEngine:
         self.model_config = ckpt.config
         self.tokenizer: Tokenizer = ckpt.tokenizer
         self.model = LlamaModel.from_weights(ckpt.config, ckpt.weights).to(self.device).eval()
-        if config.deterministic:
+        self.weight_formats: dict[str, int] = {}
+        if config.deterministic:  # (its tiled kernels are what make it batch-invariant)
             make_batch_invariant(self.model)
+        else:
+            self.weight_formats = quantize(self.model, config.quantization)
         limit = ckpt.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
         kv_dtype = _DTYPES[config.kv_cache_dtype]

@@ -97,16 +97,13 @@ class ModelRunner:
                                  block_size=self.block_size)
         if decodes:
             max_blocks = max(-(-(d.start + 1) // self.block_size) for d in decodes)
-            tables = torch.zeros(len(decodes), max_blocks, dtype=torch.int64)
-            lens = torch.tensor([d.start + 1 for d in decodes])
-            for i, d in enumerate(decodes):
-                used = d.seq.block_table[:max_blocks]
-                tables[i, : len(used)] = torch.tensor(used)
-            mask = torch.arange(max_blocks * self.block_size).unsqueeze(0) < lens.unsqueeze(1)
+            padded = [(d.seq.block_table + [0] * max_blocks)[:max_blocks] for d in decodes]
+            tables = torch.tensor(padded, dtype=torch.int64)
+            lens = [d.start + 1 for d in decodes]
             meta.decode_rows = torch.tensor(decode_rows, device=self.device)
             meta.decode_block_tables = tables.to(self.device)
-            meta.decode_context_lens = lens.tolist()
-            meta.decode_mask = mask[:, None, None, :].to(self.device)
+            meta.decode_context_lens = lens
+            meta.decode_lens = torch.tensor(lens)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
             positions=torch.tensor(positions, dtype=torch.int64, device=self.device),

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmos.models.native import kernels
+
 
 @dataclass(slots=True)
 class PrefillChunk:
@@ -37,6 +39,7 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None  # [Bd] rows of the flat batch with one new token
     decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] int64
     decode_context_lens: list[int] = field(default_factory=list)  # [Bd]
+    decode_lens: torch.Tensor | None = None  # [Bd] int64 (on the CPU)
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size] bool
     derived: dict[str, Any] = field(default_factory=dict)  # per-step data other kernels build
 
@@ -75,8 +78,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             vc.transpose(0, 1).unsqueeze(0).to(q.dtype),
             attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
         out[rows] = o.squeeze(0).transpose(0, 1)
-    if meta.decode_rows is not None:
-        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+    if meta.decode_rows is None:
+        return out
+    assert meta.decode_block_tables is not None
+    native = kernels() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    if native is not None and meta.decode_lens is not None:
+        # straight from the blocks: no padded copy of every sequence's keys and values
+        out[meta.decode_rows] = native.paged_decode(q[meta.decode_rows], k_cache, v_cache,
+                                                    meta.decode_block_tables, meta.decode_lens,
+                                                    scale)
+    else:
+        if meta.decode_mask is None:
+            n = meta.decode_block_tables.shape[1] * meta.block_size
+            lens = torch.tensor(meta.decode_context_lens, device=q.device)
+            mask = torch.arange(n, device=q.device).unsqueeze(0) < lens.unsqueeze(1)
+            meta.decode_mask = mask[:, None, None, :]
         qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
         kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, S, D]
         vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)

@@ -1,0 +1,143 @@
+"""Weight-only quantization, applied after loading: `quantize(model, mode)` swaps the model's
+`linear` hooks for kernels that read 4- or 8-bit weights, as `batch_invariant.py` swaps them for
+tiled ones. The model file has no flags.
+
+Formats (groups of 32 along the input dimension, as GGUF's):
+- q4: `w = d * q + m`, q in [0, 15], one fp32 scale d and min m per group (Q4_1's layout).
+- q8: `w = d * q`, q in [-127, 127], one fp32 scale per group (Q8_0's layout).
+
+Modes:
+- "auto" (the default): each weight is stored in the smallest of these formats that holds it
+  exactly (to fp32 rounding), else kept in fp32. A GGUF's Q4_1 and Q8_0 tensors come back to
+  their own formats, so the model computes what the file says, only faster; an fp32 or fp16
+  checkpoint is left as it is.
+- "q8", "q4": every linear weight in that format (lossy for weights that were not already).
+- "fp32": no quantized kernels.
+
+The quantized kernels (models/native) serve steps of up to `max_rows` tokens, where streaming
+the weights is the cost; bigger steps (prefill) use fp32 matmul on the weights, kept beside.
+Without the native kernels, or off the CPU, the transform does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmos.models.llama import LinearFn, LlamaModel
+from llmos.models.native import kernels
+
+log = logging.getLogger(__name__)
+GROUP = 32
+MODES = ("auto", "fp32", "q8", "q4")
+DEFAULT_MAX_ROWS = 16
+
+
+@dataclass(slots=True)
+class QuantWeight:
+    fmt: str  # "q4" | "q8"
+    packed: torch.Tensor  # q4: [N, K/2] uint8 (two per byte); q8: [N, K] int8
+    scales: torch.Tensor  # [N, K/32] fp32
+    mins: torch.Tensor | None  # q4 only: [N, K/32] fp32
+
+    def dequantize(self) -> torch.Tensor:
+        n = self.scales.shape[0]
+        if self.fmt == "q4":
+            assert self.mins is not None
+            lo, hi = self.packed & 15, self.packed >> 4
+            q = torch.cat([lo.view(n, -1, 16), hi.view(n, -1, 16)], dim=-1).float()
+            return (q * self.scales[..., None] + self.mins[..., None]).view(n, -1)
+        q = self.packed.view(n, -1, GROUP).float()
+        return (q * self.scales[..., None]).view(n, -1)
+
+
+def quantize_q4(w: torch.Tensor) -> QuantWeight:
+    n, k = w.shape
+    g = w.float().view(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d = (hi - lo) / 15
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = ((g - lo[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
+    packed = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous()
+    return QuantWeight("q4", packed, d.contiguous(), lo.contiguous())
+
+
+def quantize_q8(w: torch.Tensor) -> QuantWeight:
+    n, k = w.shape
+    g = w.float().view(n, k // GROUP, GROUP)
+    d = g.abs().amax(-1) / 127
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = (g / safe[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return QuantWeight("q8", q.view(n, k).contiguous(), d.contiguous(), None)
+
+
+def _exact(w: torch.Tensor, qw: QuantWeight) -> bool:
+    """Whether `qw` gives back `w` up to fp32 rounding of the scale arithmetic."""
+    err = (qw.dequantize() - w).abs()
+    tol = 1e-5 * w.abs().amax().clamp_min(1e-30)
+    return bool((err <= tol).all())
+
+
+def choose(w: torch.Tensor, mode: str) -> QuantWeight | None:
+    """The stored form of one weight under `mode` (None: keep fp32)."""
+    if w.dim() != 2 or w.shape[1] % GROUP or mode == "fp32":
+        return None
+    if mode == "q4":
+        return quantize_q4(w)
+    if mode == "q8":
+        return quantize_q8(w)
+    for make in (quantize_q4, quantize_q8):
+        qw = make(w)
+        if _exact(w, qw):
+            return qw
+    return None
+
+
+def quant_linear(table: dict[int, QuantWeight], max_rows: int, native) -> LinearFn:  # noqa: ANN001
+    def linear(x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        qw = table.get(weight.data_ptr())
+        if qw is None or x.shape[0] > max_rows or x.dtype != torch.float32:
+            return F.linear(x, weight, bias)
+        if qw.fmt == "q4":
+            out = native.q4_linear(x, qw.packed, qw.scales, qw.mins)
+        else:
+            out = native.q8_linear(x, qw.packed, qw.scales)
+        return out + bias if bias is not None else out
+
+    return linear
+
+
+def quantize(model: LlamaModel, mode: str = "auto",
+             max_rows: int = DEFAULT_MAX_ROWS) -> dict[str, int]:
+    """Swap `model`'s linear hooks for quantized kernels. Returns {format: weights} counts."""
+    if mode not in MODES:
+        raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")
+    native = kernels()
+    if mode == "fp32" or native is None or model.embed.device.type != "cpu":
+        return {}
+    table: dict[int, QuantWeight] = {}
+    counts: dict[str, int] = {}
+
+    def add(w: torch.Tensor) -> None:
+        qw = choose(w, mode)
+        if qw is not None:
+            table[w.data_ptr()] = qw
+            counts[qw.fmt] = counts.get(qw.fmt, 0) + 1
+        else:
+            counts["fp32"] = counts.get("fp32", 0) + 1
+
+    for layer in model.layers:
+        for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            add(w)
+    add(model.embed if model.lm_head is None else model.lm_head)
+    hook: Callable[..., torch.Tensor] = quant_linear(table, max_rows, native)
+    for layer in model.layers:
+        layer.linear = hook
+    model.linear = hook
+    log.info("weights: %s", counts)
+    return counts

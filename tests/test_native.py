@@ -1,0 +1,75 @@
+"""The native CPU kernels against plain torch on the same numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmos.models.attention import AttentionMetadata, paged_attention
+from llmos.models.native import kernels
+from llmos.models.quant import choose, quantize_q4, quantize_q8
+
+native = kernels()
+pytestmark = pytest.mark.skipif(native is None, reason="no C++ compiler for the native kernels")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 33])
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_quantized_linear_matches_dequantized_matmul(rows: int, fmt: str) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 160, generator=g)
+    x = torch.randn(rows, 160, generator=g)
+    qw = quantize_q4(w) if fmt == "q4" else quantize_q8(w)
+    ref = x @ qw.dequantize().T
+    out = (native.q4_linear(x, qw.packed, qw.scales, qw.mins) if fmt == "q4"
+           else native.q8_linear(x, qw.packed, qw.scales))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # a row's result does not depend on the rows beside it
+    alone = (native.q4_linear(x[-1:], qw.packed, qw.scales, qw.mins) if fmt == "q4"
+             else native.q8_linear(x[-1:], qw.packed, qw.scales))
+    assert torch.equal(alone[0], out[-1])
+
+
+def test_auto_keeps_exact_formats_and_leaves_others() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    q4 = quantize_q4(w).dequantize()  # a weight that is exactly 4-bit, as a Q4_1 tensor is
+    q8 = quantize_q8(w).dequantize()
+    assert choose(q4, "auto").fmt == "q4"
+    assert choose(q8, "auto").fmt == "q8"
+    assert choose(w, "auto") is None  # a full-precision weight stays fp32
+    assert choose(w, "q4").fmt == "q4" and choose(w, "fp32") is None
+    assert choose(torch.randn(8, 40), "q8") is None  # K not a multiple of 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_decode_matches_sdpa(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    blocks, bs, hkv, heads, d = 12, 4, 2, 6, 16
+    k_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
+    lens = [1, 7, 13]
+    tables = torch.tensor([[5, 0, 0, 0], [3, 9, 0, 0], [11, 2, 8, 1]])
+    q = torch.randn(3, heads, d, generator=g)
+    out = native.paged_decode(q, k_cache, v_cache, tables, torch.tensor(lens), 0.25)
+    for b, n in enumerate(lens):
+        k = k_cache[tables[b]].flatten(0, 1)[:n].float().transpose(0, 1)  # [Hkv, n, D]
+        v = v_cache[tables[b]].flatten(0, 1)[:n].float().transpose(0, 1)
+        ref = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=0.25,
+                                             enable_gqa=True).squeeze(1)
+        torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_native_and_torch_paths_agree() -> None:
+    g = torch.Generator().manual_seed(2)
+    k_cache, v_cache = torch.randn(2, 10, 4, 3, 8, generator=g)
+    q = torch.randn(2, 6, 8, generator=g)
+    meta = AttentionMetadata(slot_mapping=torch.tensor([0, 1]), prefills=[], block_size=4,
+                             decode_rows=torch.tensor([0, 1]),
+                             decode_block_tables=torch.tensor([[7, 2, 0], [4, 0, 0]]),
+                             decode_context_lens=[10, 3], decode_lens=torch.tensor([10, 3]))
+    fast = paged_attention(q, q[:, :3], q[:, :3], k_cache, v_cache, meta, 0.3)
+    meta.decode_lens = None  # the torch path, as on CUDA
+    slow = paged_attention(q, q[:, :3], q[:, :3], k_cache, v_cache, meta, 0.3)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
