@@ -12,11 +12,13 @@ Modes:
   their own formats, so the model computes what the file says, only faster; an fp32 or fp16
   checkpoint is left as it is.
 - "q8", "q4": every linear weight in that format (lossy for weights that were not already).
-- "fp32": no quantized kernels.
+- "fp32": every weight stays fp32 (decode steps still take the fused native layer).
 
 The quantized kernels (models/native) serve steps of up to `max_rows` tokens, where streaming
 the weights is the cost; bigger steps (prefill) use fp32 matmul on the weights, kept beside.
-Without the native kernels, or off the CPU, the transform does nothing.
+Pure decode steps of up to `max_rows` sequences run each layer as one native call
+(`FusedDecodeLayer`): at batch 1 the per-op dispatch of an eager layer costs as much as its
+math. Without the native kernels, or off the CPU, the transform does nothing.
 """
 
 from __future__ import annotations
@@ -24,17 +26,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from llmos.models.llama import LinearFn, LlamaModel
+from llmos.models.attention import AttentionMetadata
+from llmos.models.llama import Layer, LinearFn, LlamaModel
 from llmos.models.native import kernels
 
 log = logging.getLogger(__name__)
 GROUP = 32
 MODES = ("auto", "fp32", "q8", "q4")
-DEFAULT_MAX_ROWS = 16
+DEFAULT_MAX_ROWS = 24
 
 
 @dataclass(slots=True)
@@ -112,14 +117,54 @@ def quant_linear(table: dict[int, QuantWeight], max_rows: int, native) -> Linear
     return linear
 
 
+class FusedDecodeLayer(nn.Module):
+    """A layer whose pure-decode steps (every row one sequence's next token, at most
+    `max_rows`) run as one native call: norms, RoPE, the KV write, attention and the MLP
+    without a Python op between them. Other steps go to the wrapped layer unchanged."""
+
+    def __init__(self, layer: Layer, table: dict[int, QuantWeight], max_rows: int,
+                 native: Any) -> None:  # noqa: ANN401 - the compiled module
+        super().__init__()
+        self.inner = layer
+        self.max_rows = max_rows
+        self.native = native
+        self.weights = [_spec(table, w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        if (meta.prefills or meta.decode_lens is None or x.shape[0] > self.max_rows
+                or x.dtype != torch.float32):
+            return self.inner(x, cos, sin, k_cache, v_cache, meta)
+        layer, cfg = self.inner, self.inner.cfg
+        qkv, o, gate_up, down = self.weights
+        return self.native.decode_layer(
+            x.contiguous(), layer.input_norm, layer.post_norm, cfg.rms_norm_eps, qkv,
+            layer.qkv_bias, o, gate_up, down, cos.contiguous(), sin.contiguous(), k_cache,
+            v_cache, meta.slot_mapping, meta.decode_block_tables, meta.decode_lens,
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim**-0.5)
+
+
+def _spec(table: dict[int, QuantWeight], w: torch.Tensor) -> tuple[int, torch.Tensor, ...]:
+    """A weight as the native decode_layer takes it: (format, tensors...)."""
+    qw = table.get(w.data_ptr())
+    if qw is None:
+        return (0, w, w, w)
+    if qw.fmt == "q4":
+        assert qw.mins is not None
+        return (4, qw.packed, qw.scales, qw.mins)
+    return (8, qw.packed, qw.scales, qw.scales)
+
+
 def quantize(model: LlamaModel, mode: str = "auto",
-             max_rows: int = DEFAULT_MAX_ROWS) -> dict[str, int]:
+             max_rows: int | None = None) -> dict[str, int]:
     """Swap `model`'s linear hooks for quantized kernels. Returns {format: weights} counts."""
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")
     native = kernels()
-    if mode == "fp32" or native is None or model.embed.device.type != "cpu":
+    if native is None or model.embed.device.type != "cpu":
         return {}
+    max_rows = DEFAULT_MAX_ROWS if max_rows is None else max_rows
     table: dict[int, QuantWeight] = {}
     counts: dict[str, int] = {}
 
@@ -136,8 +181,9 @@ def quantize(model: LlamaModel, mode: str = "auto",
             add(w)
     add(model.embed if model.lm_head is None else model.lm_head)
     hook: Callable[..., torch.Tensor] = quant_linear(table, max_rows, native)
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         layer.linear = hook
+        model.layers[i] = FusedDecodeLayer(layer, table, max_rows, native)
     model.linear = hook
     log.info("weights: %s", counts)
     return counts

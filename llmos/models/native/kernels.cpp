@@ -292,10 +292,109 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   return out;
 }
 
+// -- one decoder layer for a batch of decode rows -----------------------------------------
+// A weight as Python hands it over: (format, a, b, c) with format 0 = dense fp32 (a = weight),
+// 4 = q4 (a = packed, b = scales, c = mins), 8 = q8 (a = packed, b = scales).
+using Weight = std::tuple<int64_t, torch::Tensor, torch::Tensor, torch::Tensor>;
+
+torch::Tensor weight_linear(const Weight& w, const torch::Tensor& x) {
+  const auto& [fmt, a, b, c] = w;
+  if (fmt == 4) return quant_linear<true>(x, a, b, c);
+  if (fmt == 8) return quant_linear<false>(x, a, b, b);
+  return at::matmul(x, a.t());
+}
+
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t rows, int64_t n,
+                   float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / n + eps);
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] = w[i] * (xr[i] * inv);
+  }
+}
+
+// rotate-half RoPE in place on `heads` heads of row r: x*cos + rotate_half(x)*sin
+void rope_row(float* x, const float* cos, const float* sin, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+template <typename T>
+void store_kv(const float* k, const float* v, T* kc, T* vc, int64_t slot, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    kc[slot * n + i] = static_cast<T>(k[i]);
+    vc[slot * n + i] = static_cast<T>(v[i]);
+  }
+}
+
+// x: [B, hidden], every row a decode row (one new token per sequence). Returns the new x.
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor input_norm, torch::Tensor post_norm,
+                           double eps, Weight qkv, c10::optional<torch::Tensor> qkv_bias,
+                           Weight o, Weight gate_up, Weight down, torch::Tensor cos,
+                           torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor slots, torch::Tensor tables, torch::Tensor lens,
+                           int64_t num_heads, int64_t num_kv_heads, double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be contiguous [B, hidden] float32");
+  const int64_t B = x.size(0), hidden = x.size(1);
+  const int64_t D = k_cache.size(3), q_dim = num_heads * D, kv_dim = num_kv_heads * D;
+  auto h = torch::empty_like(x);
+  rms_norm_rows(x.data_ptr<float>(), input_norm.data_ptr<float>(), eps, B, hidden,
+                h.data_ptr<float>());
+  auto qkv_out = weight_linear(qkv, h).contiguous();  // [B, q + 2 kv]
+  if (qkv_bias) qkv_out.add_(*qkv_bias);
+  const int64_t width = qkv_out.size(1);
+  auto q = torch::empty({B, num_heads, D}, x.options());
+  float* qkvp = qkv_out.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = qkvp + b * width;
+    rope_row(row, cp + b * D, sp + b * D, num_heads, D);
+    rope_row(row + q_dim, cp + b * D, sp + b * D, num_kv_heads, D);
+    std::memcpy(q.data_ptr<float>() + b * q_dim, row, q_dim * sizeof(float));
+    if (k_cache.scalar_type() == torch::kFloat) {
+      store_kv(row + q_dim, row + q_dim + kv_dim, k_cache.data_ptr<float>(),
+               v_cache.data_ptr<float>(), slot[b], kv_dim);
+    } else {
+      store_kv(row + q_dim, row + q_dim + kv_dim, k_cache.data_ptr<c10::Half>(),
+               v_cache.data_ptr<c10::Half>(), slot[b], kv_dim);
+    }
+  }
+  auto attn = paged_decode(q, k_cache, v_cache, tables, lens, scale).view({B, q_dim});
+  auto x1 = x + weight_linear(o, attn);
+  rms_norm_rows(x1.data_ptr<float>(), post_norm.data_ptr<float>(), eps, B, hidden,
+                h.data_ptr<float>());
+  auto gu = weight_linear(gate_up, h).contiguous();  // [B, 2I]
+  const int64_t inter = gu.size(1) / 2;
+  auto act = torch::empty({B, inter}, x.options());
+  const float* g = gu.data_ptr<float>();
+  float* a = act.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < inter; ++i) {
+      const float gv = g[b * 2 * inter + i];
+      a[b * inter + i] = gv / (1.f + std::exp(-gv)) * g[b * 2 * inter + inter + i];
+    }
+  }
+  x1.add_(weight_linear(down, act));
+  return x1;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "x @ W.T, W 4-bit in groups of 32 with scales and mins");
   m.def("q8_linear", &q8_linear, "x @ W.T, W 8-bit in groups of 32 with scales");
   m.def("paged_decode", &paged_decode, "one query per sequence over its paged K/V");
+  m.def("decode_layer", &decode_layer, "a decoder layer for rows that each decode one token");
 }
