@@ -185,5 +185,23 @@ def quantize(model: LlamaModel, mode: str = "auto",
         layer.linear = hook
         model.layers[i] = FusedDecodeLayer(layer, table, max_rows, native)
     model.linear = hook
+    model.quantized = table  # (read by weight_bytes)
     log.info("weights: %s", counts)
     return counts
+
+
+def weight_bytes(model: LlamaModel, decode: bool = True) -> int:
+    """Bytes of linear weights one decode step reads (its quantized copies where it has them)."""
+    table: dict[int, QuantWeight] = getattr(model, "quantized", {}) if decode else {}
+    layers = [getattr(m, "inner", m) for m in model.layers]
+    weights = [w for lay in layers for w in (lay.qkv, lay.o, lay.gate_up, lay.down)]
+    weights.append(model.embed if model.lm_head is None else model.lm_head)
+    total = 0
+    for w in weights:
+        qw = table.get(w.data_ptr())
+        if qw is None:
+            total += w.numel() * w.element_size()
+        else:
+            parts = (qw.packed, qw.scales) + ((qw.mins,) if qw.mins is not None else ())
+            total += sum(t.numel() * t.element_size() for t in parts)
+    return total

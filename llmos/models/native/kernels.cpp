@@ -108,32 +108,44 @@ inline void dequant_q8(const int8_t* q, float d, V16& lo, V16& hi) {
 }
 #endif
 
-// out[m0:m0+R, n] for weight rows [n0, n1): each group is dequantized once for R rows of x.
-template <bool Q4, int R>
+// out[m0:m0+R, n] for weight rows [n0, n1): each group is dequantized once for R rows of x,
+// and NR weight rows go side by side so that few rows of x still give independent FMA chains.
+// Every output is the same sum in the same order whatever R and NR are.
+template <bool Q4, int R, int NR>
 void linear_rows(const float* x, int64_t K, int64_t m0, const uint8_t* qw, const float* scales,
                  const float* mins, int64_t n0, int64_t n1, float* out, int64_t N) {
   const int64_t groups = K / GROUP;
   const int64_t row_bytes = Q4 ? K / 2 : K;
   const float* xr[R];
   for (int i = 0; i < R; ++i) xr[i] = x + (m0 + i) * K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = qw + n * row_bytes;
-    const float* d = scales + n * groups;
-    V16 acc[R][2];
-    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = V16::zero();
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    V16 acc[NR][R][2];
+    for (int j = 0; j < NR; ++j)
+      for (int i = 0; i < R; ++i) acc[j][i][0] = acc[j][i][1] = V16::zero();
     for (int64_t g = 0; g < groups; ++g) {
-      V16 lo, hi;
-      if constexpr (Q4) {
-        dequant_q4(w + g * 16, d[g], mins[n * groups + g], lo, hi);
-      } else {
-        dequant_q8(reinterpret_cast<const int8_t*>(w) + g * GROUP, d[g], lo, hi);
-      }
-      for (int i = 0; i < R; ++i) {
-        acc[i][0] = V16::fma(lo, V16::load(xr[i] + g * GROUP), acc[i][0]);
-        acc[i][1] = V16::fma(hi, V16::load(xr[i] + g * GROUP + 16), acc[i][1]);
+      for (int j = 0; j < NR; ++j) {
+        const int64_t row = n + j;
+        V16 lo, hi;
+        if constexpr (Q4) {
+          dequant_q4(qw + row * row_bytes + g * 16, scales[row * groups + g],
+                     mins[row * groups + g], lo, hi);
+        } else {
+          dequant_q8(reinterpret_cast<const int8_t*>(qw + row * row_bytes) + g * GROUP,
+                     scales[row * groups + g], lo, hi);
+        }
+        for (int i = 0; i < R; ++i) {
+          acc[j][i][0] = V16::fma(lo, V16::load(xr[i] + g * GROUP), acc[j][i][0]);
+          acc[j][i][1] = V16::fma(hi, V16::load(xr[i] + g * GROUP + 16), acc[j][i][1]);
+        }
       }
     }
-    for (int i = 0; i < R; ++i) out[(m0 + i) * N + n] = acc[i][0].sum() + acc[i][1].sum();
+    for (int j = 0; j < NR; ++j)
+      for (int i = 0; i < R; ++i)
+        out[(m0 + i) * N + n + j] = acc[j][i][0].sum() + acc[j][i][1].sum();
+  }
+  if constexpr (NR > 1) {
+    if (n < n1) linear_rows<Q4, R, 1>(x, K, m0, qw, scales, mins, n, n1, out, N);
   }
 }
 
@@ -142,10 +154,10 @@ void linear_tile(const float* x, int64_t K, int64_t m0, int64_t rows, const uint
                  const float* scales, const float* mins, int64_t n0, int64_t n1, float* out,
                  int64_t N) {
   switch (rows) {
-    case 1: return linear_rows<Q4, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    case 2: return linear_rows<Q4, 2>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    case 3: return linear_rows<Q4, 3>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    default: return linear_rows<Q4, 4>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    case 1: return linear_rows<Q4, 1, 4>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    case 2: return linear_rows<Q4, 2, 2>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    case 3: return linear_rows<Q4, 3, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    default: return linear_rows<Q4, 4, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
   }
 }
 
@@ -185,63 +197,54 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales)
 
 // -- paged decode attention ----------------------------------------------------------------
 template <typename T>
-inline void load_row(const T* src, float* dst, int64_t D) {
-  for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]);
+inline const float* as_floats(const T* src, float* buf, int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+#if defined(__AVX512F__)
+    for (int64_t i = 0; i + 16 <= D; i += 16) {
+      _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    }
+    for (int64_t i = D / 16 * 16; i < D; ++i) buf[i] = static_cast<float>(src[i]);
+#else
+    for (int64_t i = 0; i < D; ++i) buf[i] = static_cast<float>(src[i]);
+#endif
+    return buf;
+  }
 }
 
+// One query head of one sequence against its `len` cached keys and values (kv head g).
 template <typename T>
-void decode_one(const float* q, const T* kc, const T* vc, const int64_t* table, int64_t len,
-                int64_t bs, int64_t Hkv, int64_t D, int64_t g, int64_t G, float scale, float* out,
-                std::vector<float>& scores, std::vector<float>& row) {
-  // q: the G query heads of kv head g, [G, D] contiguous; out likewise.
-  scores.resize(G * len);
+void decode_head(const float* q, const T* kc, const T* vc, const int64_t* table, int64_t len,
+                 int64_t bs, int64_t Hkv, int64_t D, int64_t g, float scale, float* out,
+                 std::vector<float>& scores, std::vector<float>& row) {
+  scores.resize(len);
   row.resize(D);
+  float* s = scores.data();
   for (int64_t t = 0; t < len; ++t) {
     const int64_t slot = table[t / bs] * bs + t % bs;
-    const T* k = kc + (slot * Hkv + g) * D;
-    const float* kr;
-    if constexpr (std::is_same_v<T, float>) {
-      kr = k;
-    } else {
-      load_row(k, row.data(), D);
-      kr = row.data();
-    }
-    for (int64_t h = 0; h < G; ++h) {
-      const float* qh = q + h * D;
-      float s = 0.f;
-      for (int64_t i = 0; i < D; ++i) s += qh[i] * kr[i];
-      scores[h * len + t] = s * scale;
-    }
+    const float* k = as_floats(kc + (slot * Hkv + g) * D, row.data(), D);
+    float dot = 0.f;
+    for (int64_t i = 0; i < D; ++i) dot += q[i] * k[i];
+    s[t] = dot * scale;
   }
-  for (int64_t h = 0; h < G; ++h) {
-    float* s = scores.data() + h * len;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < len; ++t) mx = std::max(mx, s[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < len; ++t) {
-      s[t] = std::exp(s[t] - mx);
-      sum += s[t];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-    std::memset(out + h * D, 0, D * sizeof(float));
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < len; ++t) mx = std::max(mx, s[t]);
+  float sum = 0.f;
+  for (int64_t t = 0; t < len; ++t) {
+    s[t] = expf(s[t] - mx);
+    sum += s[t];
   }
+  std::memset(out, 0, D * sizeof(float));
   for (int64_t t = 0; t < len; ++t) {
     const int64_t slot = table[t / bs] * bs + t % bs;
-    const T* v = vc + (slot * Hkv + g) * D;
-    const float* vr;
-    if constexpr (std::is_same_v<T, float>) {
-      vr = v;
-    } else {
-      load_row(v, row.data(), D);
-      vr = row.data();
-    }
-    for (int64_t h = 0; h < G; ++h) {
-      const float p = scores[h * len + t];
-      float* o = out + h * D;
-      for (int64_t i = 0; i < D; ++i) o[i] += p * vr[i];
-    }
+    const float* v = as_floats(vc + (slot * Hkv + g) * D, row.data(), D);
+    const float p = s[t];
+    for (int64_t i = 0; i < D; ++i) out[i] += p * v[i];
   }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < D; ++i) out[i] *= inv;
 }
 
 template <typename T>
@@ -257,14 +260,16 @@ void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * bs, "context length ", lp[b],
+                " out of range for ", max_blocks, " blocks");
+  }
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, row;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, g = task % Hkv;
-      const int64_t len = lp[b];
-      TORCH_CHECK(len >= 1 && len <= max_blocks * bs, "context length out of range");
-      decode_one<T>(qp + (b * H + g * G) * D, kp, vp, tp + b * max_blocks, len, bs, Hkv, D, g,
-                    G, scale, op + (b * H + g * G) * D, scores, row);
+      const int64_t b = task / H, h = task % H;
+      decode_head<T>(qp + task * D, kp, vp, tp + b * max_blocks, lp[b], bs, Hkv, D, h / G,
+                     scale, op + task * D, scores, row);
     }
   });
 }
