@@ -285,7 +285,8 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
             "KV KiB/token"]
     m = machine()
     notes = [
-        f"`.venv/bin/python benchmarks/speed.py --record BENCHMARKS.md`, {time.strftime('%Y-%m-%d')}"
+        f"`.venv/bin/python benchmarks/speed.py --record BENCHMARKS.md`, "
+        f"{time.strftime('%Y-%m-%d')}"
         f", {m['cpu']}, {m['cores']} cores, {threads} threads for every engine, load average "
         f"{loadavg():.1f} at the end.",
         f"Machine limits measured in the same run: memory read {limits['bandwidth_gbs']:.1f} "

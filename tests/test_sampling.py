@@ -10,8 +10,8 @@ from llmos.engine.sampling import (
     SamplingParams,
     apply_penalties,
     apply_top_k_top_p_min_p,
-    exponential_noise,
     sample,
+    uniform_draws,
 )
 from llmos.errors import RequestError
 
@@ -72,8 +72,8 @@ def test_seeded_row_ignores_other_rows() -> None:
     def gen(seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
 
-    alone = exponential_noise((1, 100), [gen(7)], torch.device("cpu"))
-    mixed = exponential_noise((3, 100), [None, gen(7), None], torch.device("cpu"))
+    alone = uniform_draws(1, [gen(7)], torch.device("cpu"))
+    mixed = uniform_draws(3, [None, gen(7), None], torch.device("cpu"))
     assert torch.equal(alone[0], mixed[1])
 
 

@@ -1,0 +1,82 @@
+"""Every precision mode against the fp32 reference: max logit difference and greedy agreement
+on the parity prompts. "auto" must be exact (it only re-stores what the GGUF already holds);
+the lossy modes must stay within measured bounds, and report their figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmos import LLM, SamplingParams
+from llmos.models.attention import AttentionMetadata, PrefillChunk
+from llmos.models.llama import LlamaModel
+from llmos.models.loader import load_checkpoint
+from llmos.models.native import kernels
+from llmos.models.quant import quantize, weight_bytes
+from llmos.models.registry import resolve
+from tests.test_parity import GREEDY_CHAT, GREEDY_TEXT, SHORT_PROMPTS
+
+pytestmark = pytest.mark.skipif(kernels() is None, reason="no native kernels on this machine")
+# mode: (max |logit - fp32 logit| allowed, least share of greedy tokens equal to fp32's)
+BOUNDS = {"auto": (1e-3, 1.0), "q8": (0.5, 0.6), "q4": (4.0, 0.1)}
+TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def ckpt():  # noqa: ANN201
+    return load_checkpoint(resolve("smollm2-135m"))
+
+
+def logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    n, cfg, bs = len(ids), model.cfg, 16
+    blocks = n // bs + 1
+    caches = [(torch.zeros(blocks, bs, cfg.num_kv_heads, cfg.head_dim),
+               torch.zeros(blocks, bs, cfg.num_kv_heads, cfg.head_dim))
+              for _ in range(cfg.num_layers)]
+    meta = AttentionMetadata(torch.arange(n), [PrefillChunk(0, n, n, torch.arange(blocks), None)],
+                             bs)
+    with torch.inference_mode():
+        return model(torch.tensor(ids), torch.arange(n), caches, meta, torch.arange(n))
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt) -> tuple[list[torch.Tensor], list[list[int]]]:  # noqa: ANN001
+    model = LlamaModel.from_weights(ckpt.config, ckpt.weights).eval()
+    tok = ckpt.tokenizer
+    ref_logits = [logits(model, tok.encode(p)) for p in SHORT_PROMPTS]
+    llm = LLM(quantization="fp32", kv_cache_memory="64MiB")
+    greedy = [o.token_ids for o in llm.generate(prompts(llm), params())]
+    return ref_logits, greedy
+
+
+def prompts(llm: LLM) -> list[list[int]]:
+    return [llm.tokenizer.encode(t) for t in GREEDY_TEXT] + [
+        llm.tokenizer.encode_chat(GREEDY_CHAT)]
+
+
+def params() -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
+
+
+@pytest.mark.parametrize("mode", list(BOUNDS))
+def test_mode_against_fp32(mode: str, ckpt, reference) -> None:  # noqa: ANN001
+    ref_logits, ref_greedy = reference
+    model = LlamaModel.from_weights(ckpt.config, ckpt.weights).eval()
+    counts = quantize(model, mode, max_rows=1 << 30)  # the mode's kernels on every row
+    assert "q4" in counts or "q8" in counts
+    diff = max((logits(model, ckpt.tokenizer.encode(p)) - ref).abs().max().item()
+               for p, ref in zip(SHORT_PROMPTS, ref_logits, strict=True))
+    # the engine's own paths: fused decode layers and quantized small steps
+    llm = LLM(quantization=mode, kv_cache_memory="64MiB")
+    outs = [o.token_ids for o in llm.generate(prompts(llm), params())]
+    same = sum(a == b for o, r in zip(outs, ref_greedy, strict=True)
+               for a, b in zip(o, r, strict=True))
+    agreement = same / (len(ref_greedy) * TOKENS)
+    print(f"\n{mode}: max logit diff {diff:.2e}, greedy agreement {agreement:.1%}, "
+          f"{weight_bytes(llm.engine.model) / 2**20:.0f} MiB of weights per decode step")
+    max_diff, min_agreement = BOUNDS[mode]
+    assert diff <= max_diff, f"{mode}: logits differ from fp32 by {diff}"
+    assert agreement >= min_agreement, f"{mode}: greedy agreement {agreement:.1%}"
+    if mode == "auto":  # lossless re-storage of a Q4_1/Q8_0 GGUF: the decode path reads less
+        fp32 = LLM(quantization="fp32", kv_cache_memory="64MiB").engine.model
+        assert weight_bytes(llm.engine.model) < weight_bytes(fp32) / 4
