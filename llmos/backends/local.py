@@ -29,9 +29,10 @@ class LocalBackend:
 
     def __init__(self, engine: LLMEngine | AsyncEngine | None = None, **engine_options: Any):
         owns = not isinstance(engine, AsyncEngine)
-        if engine is None:
-            engine = LLMEngine(**engine_options)
-        self.engine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
+        if engine is None:  # built on the engine thread (see AsyncEngine)
+            self.engine = AsyncEngine(lambda: LLMEngine(**engine_options))
+        else:
+            self.engine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
         self._owns = owns
         self.engine.start()
         llm = self.engine.engine

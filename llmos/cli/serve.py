@@ -59,16 +59,16 @@ def serve(
         import torch
 
         torch.set_num_threads(max(1, threads))
-    try:
-        engine = load_engine(model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                             device=device, max_num_seqs=max_num_seqs,
-                             deterministic=deterministic,
-                             enable_prefix_caching=not no_prefix_caching)
+    try:  # built on the engine's own thread (see AsyncEngine)
+        engine = AsyncEngine(lambda: load_engine(
+            model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, device=device,
+            max_num_seqs=max_num_seqs, deterministic=deterministic,
+            enable_prefix_caching=not no_prefix_caching))
     except ValueError as exc:  # RequestError, ModelNotFoundError, a bad engine setting
         sock.close()
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    app = create_app(AsyncEngine(engine), config)
+    app = create_app(engine, config)
     verbose = verbose or logging.getLogger().isEnabledFor(logging.INFO)
     server = make_server(app, grace=grace, verbose=verbose)
     typer.echo(banner(url_of(sock), server_state(app).model_name, api_key is not None))

@@ -3,6 +3,11 @@
 The engine is not thread-safe, so every change to it (add, abort) is a command that the engine
 thread applies between steps. A caller that stops listening (a dropped HTTP stream) aborts its
 request, which frees its KV blocks before the next step.
+
+Give it a factory (`AsyncEngine(lambda: LLMEngine(...))`) rather than a built engine where you
+can: the engine is then built on its own thread, so that thread owns the only OpenMP thread
+pool. A second pool (the one the loading thread made) oversubscribes two cores, and OpenMP then
+parks its workers between parallel regions: each step ran 2-3x slower on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.sampling import SamplingParams
@@ -39,14 +46,40 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._go = threading.Event()
         self._thread: threading.Thread | None = None
         self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
+        if isinstance(engine, LLMEngine):
+            self.engine = engine
+            return
+        # Build on the engine thread (which then waits for start()); errors reach the caller.
+        built: Future[LLMEngine] = Future()
+        threads = torch.get_num_threads()  # OpenMP's thread count is per thread: carry it over
+
+        def build() -> None:
+            torch.set_num_threads(threads)
+            try:
+                built.set_result(engine())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                built.set_exception(exc)
+                return
+            self._go.wait()
+            if not self._stop.is_set():
+                self._run()
+
+        self._thread = threading.Thread(target=build, name="llmos-engine", daemon=True)
+        self._thread.start()
+        try:
+            self.engine = built.result()
+        except BaseException:
+            self._thread.join()
+            self._thread = None
+            raise
 
     @property
     def tokenizer(self):  # noqa: ANN201 - the engine's Tokenizer
@@ -57,6 +90,7 @@ class AsyncEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="llmos-engine", daemon=True)
             self._thread.start()
+        self._go.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is in flight and stop the engine thread."""
@@ -64,6 +98,7 @@ class AsyncEngine:
             self.abort(rid)
         self._stop.set()
         self._wake.set()
+        self._go.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
