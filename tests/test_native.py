@@ -43,10 +43,11 @@ def test_auto_keeps_exact_formats_and_leaves_others() -> None:
     assert choose(torch.randn(8, 40), "q8") is None  # K not a multiple of 32
 
 
+@pytest.mark.parametrize("d", [16, 64, 128])  # 64 and 128 take the blocked fast path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_paged_decode_matches_sdpa(dtype: torch.dtype) -> None:
+def test_paged_decode_matches_sdpa(dtype: torch.dtype, d: int) -> None:
     g = torch.Generator().manual_seed(1)
-    blocks, bs, hkv, heads, d = 12, 4, 2, 6, 16
+    blocks, bs, hkv, heads = 12, 4, 2, 6
     k_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
     v_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
     lens = [1, 7, 13]

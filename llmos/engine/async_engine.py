@@ -45,6 +45,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _deliver(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -204,12 +209,17 @@ class AsyncEngine:
                 for rid in [r for r in self._streams if r not in engine.requests]:
                     self._streams.pop(rid).put(exc)
                 continue
+            # One wake-up per event loop per step, not one per stream: at 64 streams the
+            # loop's self-pipe writes and wake-ups were a visible share of a step.
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     if out.finished:
                         del self._streams[out.request_id]
-                    stream.put(out)
+                    batches.setdefault(stream.loop, []).append((stream, out))
+            for loop, items in batches.items():
+                loop.call_soon_threadsafe(_deliver, items)
             for listener in self.step_listeners:
                 listener(outputs)
         self._drain()

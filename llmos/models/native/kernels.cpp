@@ -36,6 +36,10 @@ struct V16 {
   static V16 from_u8(__m128i b) { return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b))}; }
   static V16 from_i8(__m128i b) { return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))}; }
   static V16 fma(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static V16 load_half(const c10::Half* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
   float sum() const { return _mm512_reduce_add_ps(v); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -55,6 +59,14 @@ struct V16 {
   }
   static V16 fma(V16 x, V16 y, V16 z) {
     return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)};
+  }
+  static V16 load_half(const c10::Half* p) {
+    const __m128i* h = reinterpret_cast<const __m128i*>(p);
+    return {_mm256_cvtph_ps(_mm_loadu_si128(h)), _mm256_cvtph_ps(_mm_loadu_si128(h + 1))};
+  }
+  void store(float* p) const {
+    _mm256_storeu_ps(p, a);
+    _mm256_storeu_ps(p + 8, b);
   }
   float sum() const {
     __m256 s = _mm256_add_ps(a, b);
@@ -78,6 +90,12 @@ struct V16 {
     for (int i = 0; i < 16; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;
   }
+  static V16 load_half(const c10::Half* p) {
+    V16 r;
+    for (int i = 0; i < 16; ++i) r.v[i] = static_cast<float>(p[i]);
+    return r;
+  }
+  void store(float* p) const { std::memcpy(p, v, sizeof v); }
   float sum() const { float s = 0.f; for (float x : v) s += x; return s; }
 };
 inline void dequant_q4(const uint8_t* q, float d, float m, V16& lo, V16& hi) {
@@ -229,7 +247,7 @@ void decode_head(const float* q, const T* kc, const T* vc, const int64_t* table,
     for (int64_t i = 0; i < D; ++i) dot += q[i] * k[i];
     s[t] = dot * scale;
   }
-  float mx = -INFINITY;
+  float mx = s[0];  // (-ffast-math: no infinities)
   for (int64_t t = 0; t < len; ++t) mx = std::max(mx, s[t]);
   float sum = 0.f;
   for (int64_t t = 0; t < len; ++t) {
@@ -248,6 +266,68 @@ void decode_head(const float* q, const T* kc, const T* vc, const int64_t* table,
 }
 
 template <typename T>
+inline V16 load_v16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return V16::load(p);
+  } else {
+    return V16::load_half(p);
+  }
+}
+
+// All G query heads of kv head g for one sequence, head_dim D a multiple of 16: each key and
+// value row is loaded once for the G heads, and the cache is walked block by block.
+template <typename T, int D>
+void decode_group(const float* q, int64_t G, const T* kc, const T* vc, const int64_t* table,
+                  int64_t len, int64_t bs, int64_t Hkv, int64_t g, float scale, float* out,
+                  std::vector<float>& scores) {
+  constexpr int C = D / 16;
+  const int64_t stride = Hkv * D;
+  scores.resize(G * len);
+  float* s = scores.data();
+  for (int64_t t0 = 0; t0 < len; t0 += bs) {
+    const int64_t n = std::min(bs, len - t0);
+    const T* krow = kc + (table[t0 / bs] * bs * Hkv + g) * D;
+    for (int64_t j = 0; j < n; ++j, krow += stride) {
+      V16 k[C];
+      for (int c = 0; c < C; ++c) k[c] = load_v16(krow + 16 * c);
+      for (int64_t h = 0; h < G; ++h) {
+        V16 acc = V16::zero();
+        for (int c = 0; c < C; ++c) acc = V16::fma(V16::load(q + h * D + 16 * c), k[c], acc);
+        s[h * len + t0 + j] = acc.sum() * scale;
+      }
+    }
+  }
+  std::vector<float> inv(G);
+  for (int64_t h = 0; h < G; ++h) {
+    float* sh = s + h * len;
+    float mx = sh[0];
+    for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sh[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < len; ++t) {
+      sh[t] = expf(sh[t] - mx);
+      sum += sh[t];
+    }
+    inv[h] = 1.f / sum;
+  }
+  for (int64_t h = 0; h < G; ++h) {
+    V16 o[C];
+    for (int c = 0; c < C; ++c) o[c] = V16::zero();
+    const float* sh = s + h * len;
+    for (int64_t t0 = 0; t0 < len; t0 += bs) {
+      const int64_t n = std::min(bs, len - t0);
+      const T* vrow = vc + (table[t0 / bs] * bs * Hkv + g) * D;
+      for (int64_t j = 0; j < n; ++j, vrow += stride) {
+        const V16 p = V16::splat(sh[t0 + j]);
+        for (int c = 0; c < C; ++c) o[c] = V16::fma(p, load_v16(vrow + 16 * c), o[c]);
+      }
+    }
+    const V16 r = V16::splat(inv[h]);
+    for (int c = 0; c < C; ++c) V16::fma(o[c], r, V16::zero()).store(out + h * D + 16 * c);
+  }
+}
+
+template <typename T>
 void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
                        const torch::Tensor& v_cache, const torch::Tensor& tables,
                        const torch::Tensor& lens, float scale, torch::Tensor& out) {
@@ -263,6 +343,24 @@ void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * bs, "context length ", lp[b],
                 " out of range for ", max_blocks, " blocks");
+  }
+  if (D == 64 || D == 128) {  // the fast path: G heads per task, rows loaded once
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / Hkv, g = task % Hkv;
+        const float* qg = qp + (b * H + g * G) * D;
+        float* og = op + (b * H + g * G) * D;
+        if (D == 64) {
+          decode_group<T, 64>(qg, G, kp, vp, tp + b * max_blocks, lp[b], bs, Hkv, g, scale, og,
+                              scores);
+        } else {
+          decode_group<T, 128>(qg, G, kp, vp, tp + b * max_blocks, lp[b], bs, Hkv, g, scale,
+                               og, scores);
+        }
+      }
+    });
+    return;
   }
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, row;
@@ -307,6 +405,10 @@ torch::Tensor weight_linear(const Weight& w, const torch::Tensor& x) {
   if (fmt == 4) return quant_linear<true>(x, a, b, c);
   if (fmt == 8) return quant_linear<false>(x, a, b, b);
   return at::matmul(x, a.t());
+}
+
+inline void add_into(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
 void rms_norm_rows(const float* x, const float* w, float eps, int64_t rows, int64_t n,
@@ -377,7 +479,8 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor input_norm, torch::Ten
     }
   }
   auto attn = paged_decode(q, k_cache, v_cache, tables, lens, scale).view({B, q_dim});
-  auto x1 = x + weight_linear(o, attn);
+  auto x1 = weight_linear(o, attn);  // + the residual, below (no ATen op per add)
+  add_into(x1.data_ptr<float>(), x.data_ptr<float>(), B * hidden);
   rms_norm_rows(x1.data_ptr<float>(), post_norm.data_ptr<float>(), eps, B, hidden,
                 h.data_ptr<float>());
   auto gu = weight_linear(gate_up, h).contiguous();  // [B, 2I]
@@ -391,7 +494,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor input_norm, torch::Ten
       a[b * inter + i] = gv / (1.f + std::exp(-gv)) * g[b * 2 * inter + inter + i];
     }
   }
-  x1.add_(weight_linear(down, act));
+  add_into(x1.data_ptr<float>(), weight_linear(down, act).data_ptr<float>(), B * hidden);
   return x1;
 }
 
