@@ -192,19 +192,20 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     if b.banned is not None:
         logits = logits.masked_fill(b.banned, _MASK)
     logits = apply_penalties(logits, b)
-    greedy_ids = logits.argmax(-1)
-    if bool(b.greedy.all()):
-        return greedy_ids
+    any_greedy = bool(b.greedy.any())
+    if any_greedy and bool(b.greedy.all()):
+        return logits.argmax(-1)
     logits = apply_top_k_top_p_min_p(logits / b.temperature.unsqueeze(1), b)
-    probs = logits.softmax(-1)
     # Inverse CDF: one uniform draw per row (drawing noise for every token of a 49k vocabulary
-    # cost more than the forward pass at batch 64). `right=True` never lands on a masked token.
-    cdf = probs.cumsum(-1)
-    u = uniform_draws(probs.shape[0], b.generators, probs.device)
+    # cost more than the forward pass at batch 64). The weights need no normalizing: the draw
+    # is scaled by each row's total. `right=True` never lands on a zero-weight (masked) token.
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()
+    cdf = weights.cumsum_(-1)
+    u = uniform_draws(cdf.shape[0], b.generators, cdf.device)
     target = (u * cdf[:, -1]).unsqueeze(1)
     sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    sampled = sampled.clamp_max(probs.shape[-1] - 1)
-    return torch.where(b.greedy, greedy_ids, sampled)
+    sampled = sampled.clamp_max(cdf.shape[-1] - 1)
+    return torch.where(b.greedy, logits.argmax(-1), sampled) if any_greedy else sampled
 
 
 def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor,

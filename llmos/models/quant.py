@@ -39,7 +39,7 @@ from llmos.models.native import kernels
 log = logging.getLogger(__name__)
 GROUP = 32
 MODES = ("auto", "fp32", "q8", "q4")
-DEFAULT_MAX_ROWS = 24
+DEFAULT_MAX_ROWS = 48
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@
 namespace {
 
 constexpr int64_t GROUP = 32;  // weights per scale (and per min, for q4)
-constexpr int64_t MT = 4;      // rows of x per pass over a weight row
+constexpr int64_t MT = 8;      // rows of x per pass over a weight row
 
 // Sixteen floats: one AVX-512 register, two AVX2 registers, or a generic vector elsewhere.
 #if defined(__AVX512F__)
@@ -175,7 +175,11 @@ void linear_tile(const float* x, int64_t K, int64_t m0, int64_t rows, const uint
     case 1: return linear_rows<Q4, 1, 4>(x, K, m0, qw, scales, mins, n0, n1, out, N);
     case 2: return linear_rows<Q4, 2, 2>(x, K, m0, qw, scales, mins, n0, n1, out, N);
     case 3: return linear_rows<Q4, 3, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    default: return linear_rows<Q4, 4, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    case 4: return linear_rows<Q4, 4, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    case 5: return linear_rows<Q4, 5, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    case 6: return linear_rows<Q4, 6, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    case 7: return linear_rows<Q4, 7, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    default: return linear_rows<Q4, 8, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
   }
 }
 
@@ -197,8 +201,12 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& qw,
   float* op = out.data_ptr<float>();
   // Split the weight rows among threads: each weight byte is read once per MT rows of x.
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      linear_tile<Q4>(xp, K, m0, std::min(MT, M - m0), wp, sp, mp, n0, n1, op, N);
+    // 16 weight rows at a time stay in L1 while every tile of x passes over them
+    for (int64_t nb = n0; nb < n1; nb += 16) {
+      const int64_t ne = std::min(nb + 16, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        linear_tile<Q4>(xp, K, m0, std::min(MT, M - m0), wp, sp, mp, nb, ne, op, N);
+      }
     }
   });
   return out;
