@@ -16,9 +16,9 @@ Modes:
 
 The quantized kernels (models/native) serve steps of up to `max_rows` tokens, where streaming
 the weights is the cost; bigger steps (prefill) use fp32 matmul on the weights, kept beside.
-Pure decode steps of up to `max_rows` sequences run each layer as one native call
-(`FusedDecodeLayer`): at batch 1 the per-op dispatch of an eager layer costs as much as its
-math. Without the native kernels, or off the CPU, the transform does nothing.
+Pure decode steps run each layer as one native call (`FusedDecodeLayer`; up to `max_rows`
+sequences on the quantized weights, beyond that on fp32 matmul): at batch 1 the per-op
+dispatch of an eager layer costs as much as its math, and at batch 64 it is still a tenth. Without the native kernels, or off the CPU, the transform does nothing.
 """
 
 from __future__ import annotations
@@ -128,16 +128,17 @@ class FusedDecodeLayer(nn.Module):
         self.inner = layer
         self.max_rows = max_rows
         self.native = native
-        self.weights = [_spec(table, w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        mats = (layer.qkv, layer.o, layer.gate_up, layer.down)
+        self.weights = [_spec(table, w) for w in mats]
+        self.dense = [_spec({}, w) for w in mats]  # bigger steps: fp32 matmul, still fused
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        if (meta.prefills or meta.decode_lens is None or x.shape[0] > self.max_rows
-                or x.dtype != torch.float32):
+        if meta.prefills or meta.decode_lens is None or x.dtype != torch.float32:
             return self.inner(x, cos, sin, k_cache, v_cache, meta)
         layer, cfg = self.inner, self.inner.cfg
-        qkv, o, gate_up, down = self.weights
+        qkv, o, gate_up, down = self.weights if x.shape[0] <= self.max_rows else self.dense
         return self.native.decode_layer(
             x.contiguous(), layer.input_norm, layer.post_norm, cfg.rms_norm_eps, qkv,
             layer.qkv_bias, o, gate_up, down, cos.contiguous(), sin.contiguous(), k_cache,
