@@ -14,6 +14,10 @@ from llmos.engine.structured import MaskBuilder
 from llmos.models.attention import AttentionMetadata, PrefillChunk
 from llmos.models.llama import LlamaModel
 
+# Steps with at most this many prefill rows (short prompts arriving beside a decode batch) also
+# get per-row attention metadata; longer prefills are left to the chunked SDPA path.
+ROW_ATTENTION_PREFILL_ROWS = 64
+
 
 @dataclass(slots=True)
 class StepResult:
@@ -104,6 +108,17 @@ class ModelRunner:
             meta.decode_block_tables = tables.to(self.device)
             meta.decode_context_lens = lens
             meta.decode_lens = torch.tensor(lens)
+        if not prefills:
+            meta.row_block_tables, meta.row_lens = meta.decode_block_tables, meta.decode_lens
+        elif len(ids) - len(decodes) <= ROW_ATTENTION_PREFILL_ROWS:
+            # every row as a query over its own context (what a fused native layer takes)
+            max_blocks = max(-(-(s.start + s.num_new_tokens) // self.block_size)
+                             for s in plan.scheduled)
+            per_seq = torch.tensor([(s.seq.block_table + [0] * max_blocks)[:max_blocks]
+                                    for s in plan.scheduled], dtype=torch.int64)
+            counts = torch.tensor([s.num_new_tokens for s in plan.scheduled])
+            meta.row_block_tables = per_seq.repeat_interleave(counts, dim=0)
+            meta.row_lens = torch.tensor(positions, dtype=torch.int64) + 1
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
             positions=torch.tensor(positions, dtype=torch.int64, device=self.device),

@@ -41,6 +41,10 @@ class AttentionMetadata:
     decode_context_lens: list[int] = field(default_factory=list)  # [Bd]
     decode_lens: torch.Tensor | None = None  # [Bd] int64 (on the CPU)
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size] bool
+    # Every row of the step as one query over its own first `row_lens[i]` tokens (prefill rows
+    # included), when the engine provides it: [T, max_blocks] int64 and [T] int64, CPU.
+    row_block_tables: torch.Tensor | None = None
+    row_lens: torch.Tensor | None = None
     derived: dict[str, Any] = field(default_factory=dict)  # per-step data other kernels build
 
 

@@ -18,7 +18,8 @@ The quantized kernels (models/native) serve steps of up to `max_rows` tokens, wh
 the weights is the cost; bigger steps (prefill) use fp32 matmul on the weights, kept beside.
 Pure decode steps run each layer as one native call (`FusedDecodeLayer`; up to `max_rows`
 sequences on the quantized weights, beyond that on fp32 matmul): at batch 1 the per-op
-dispatch of an eager layer costs as much as its math, and at batch 64 it is still a tenth. Without the native kernels, or off the CPU, the transform does nothing.
+dispatch of an eager layer costs as much as its math, and at batch 64 it is still a tenth.
+Without the native kernels, or off the CPU, the transform does nothing.
 """
 
 from __future__ import annotations
@@ -118,9 +119,11 @@ def quant_linear(table: dict[int, QuantWeight], max_rows: int, native) -> Linear
 
 
 class FusedDecodeLayer(nn.Module):
-    """A layer whose pure-decode steps (every row one sequence's next token, at most
-    `max_rows`) run as one native call: norms, RoPE, the KV write, attention and the MLP
-    without a Python op between them. Other steps go to the wrapped layer unchanged."""
+    """A layer whose steps run as one native call (norms, RoPE, the KV write, attention and the
+    MLP without a Python op between them) when the engine gives every row its own attention
+    context (decode steps, and steps with a few short prefill rows beside them); the weights
+    are the quantized ones up to `max_rows` rows, fp32 beyond. Other steps (long prefills) go
+    to the wrapped layer unchanged."""
 
     def __init__(self, layer: Layer, table: dict[int, QuantWeight], max_rows: int,
                  native: Any) -> None:  # noqa: ANN401 - the compiled module
@@ -135,14 +138,14 @@ class FusedDecodeLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        if meta.prefills or meta.decode_lens is None or x.dtype != torch.float32:
+        if meta.row_lens is None or x.dtype != torch.float32:
             return self.inner(x, cos, sin, k_cache, v_cache, meta)
         layer, cfg = self.inner, self.inner.cfg
         qkv, o, gate_up, down = self.weights if x.shape[0] <= self.max_rows else self.dense
         return self.native.decode_layer(
             x.contiguous(), layer.input_norm, layer.post_norm, cfg.rms_norm_eps, qkv,
             layer.qkv_bias, o, gate_up, down, cos.contiguous(), sin.contiguous(), k_cache,
-            v_cache, meta.slot_mapping, meta.decode_block_tables, meta.decode_lens,
+            v_cache, meta.slot_mapping, meta.row_block_tables, meta.row_lens,
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim**-0.5)
 
 

@@ -451,7 +451,8 @@ void store_kv(const float* k, const float* v, T* kc, T* vc, int64_t slot, int64_
   }
 }
 
-// x: [B, hidden], every row a decode row (one new token per sequence). Returns the new x.
+// x: [T, hidden]; row i attends to the first lens[i] tokens of its own block table (a decode
+// row, or one row of a short prefill chunk, whose keys this call writes first). Returns new x.
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor input_norm, torch::Tensor post_norm,
                            double eps, Weight qkv, c10::optional<torch::Tensor> qkv_bias,
                            Weight o, Weight gate_up, Weight down, torch::Tensor cos,
@@ -512,5 +513,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "x @ W.T, W 4-bit in groups of 32 with scales and mins");
   m.def("q8_linear", &q8_linear, "x @ W.T, W 8-bit in groups of 32 with scales");
   m.def("paged_decode", &paged_decode, "one query per sequence over its paged K/V");
-  m.def("decode_layer", &decode_layer, "a decoder layer for rows that each decode one token");
+  m.def("decode_layer", &decode_layer, "a decoder layer, each row over its own paged context");
 }
