@@ -40,7 +40,7 @@ import httpx
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import wait_until_serving  # noqa: E402
+from common import replace_section, wait_until_serving  # noqa: E402
 
 MODEL = "smollm2-135m"
 TOPICS = ["a lighthouse", "the moon", "a lost key", "rain in Paris", "a robot cook", "old maps",
@@ -278,7 +278,8 @@ def main(
     skip_llamacpp: Annotated[bool, typer.Option()] = False,
     llmos_threads: Annotated[str, typer.Option(
         help="Comma-separated torch thread counts to run llmos with; 0: torch's default.")] = "0",
-    record: Annotated[Path | None, typer.Option(help="Append the results section here.")] = None,
+    record: Annotated[Path | None, typer.Option(
+        help="Write the results section here (replacing it).")] = None,
 ) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     modes = {"keep-alive": [False], "fresh": [True]}.get(connections, [False, True])
@@ -317,9 +318,9 @@ def main(
     if len(ratio_lines) > 2:
         print("\n".join(ratio_lines))
     if record is not None:
-        section = ["", "## Serving (benchmarks/serve.py)", "",
-                   f"`benchmarks/serve.py --duration {duration:g} --concurrency "
-                   f"{','.join(map(str, levels))}` on {machine_line()}. {MODEL} (Q4_1 GGUF); "
+        section = [f"`benchmarks/serve.py --duration {duration:g} --concurrency "
+                   f"{','.join(map(str, levels))} --connections {connections}` on "
+                   f"{machine_line()}. {MODEL} (Q4_1 GGUF); "
                    "streaming /v1/completions, 64–128 output tokens per request (EOS "
                    "suppressed), temperature 1, loopback. `>`: a lower bound (some requests got "
                    "no token inside the window). CPU stall: the share of the window in which "
@@ -329,8 +330,7 @@ def main(
             section += ["The better llmos setting against the better llama.cpp one:", "",
                         *ratio_lines, ""]
         section += notes
-        with record.open("a") as f:
-            f.write("\n".join(section) + "\n")
+        replace_section(record, "## Serving (benchmarks/serve.py)", "\n".join(section))
 
 
 def importlib_available(name: str) -> bool:
