@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmos.models.attention import AttentionMetadata, paged_attention
+from llmos.models.attention import AttentionMetadata, decode_attention_torch, paged_attention
 from llmos.models.native import kernels
 from llmos.models.quant import choose, quantize_q4, quantize_q8
 
@@ -22,12 +22,10 @@ def test_quantized_linear_matches_dequantized_matmul(rows: int, fmt: str) -> Non
     x = torch.randn(rows, 160, generator=g)
     qw = quantize_q4(w) if fmt == "q4" else quantize_q8(w)
     ref = x @ qw.dequantize().T
-    out = (native.q4_linear(x, qw.packed, qw.scales, qw.mins) if fmt == "q4"
-           else native.q8_linear(x, qw.packed, qw.scales))
+    out = native.linear(qw.spec, x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     # a row's result does not depend on the rows beside it
-    alone = (native.q4_linear(x[-1:], qw.packed, qw.scales, qw.mins) if fmt == "q4"
-             else native.q8_linear(x[-1:], qw.packed, qw.scales))
+    alone = native.linear(qw.spec, x[-1:])
     assert torch.equal(alone[0], out[-1])
 
 
@@ -69,8 +67,7 @@ def test_paged_attention_native_and_torch_paths_agree() -> None:
     meta = AttentionMetadata(slot_mapping=torch.tensor([0, 1]), prefills=[], block_size=4,
                              decode_rows=torch.tensor([0, 1]),
                              decode_block_tables=torch.tensor([[7, 2, 0], [4, 0, 0]]),
-                             decode_context_lens=[10, 3], decode_lens=torch.tensor([10, 3]))
+                             decode_lens=torch.tensor([10, 3]))
     fast = paged_attention(q, q[:, :3], q[:, :3], k_cache, v_cache, meta, 0.3)
-    meta.decode_lens = None  # the torch path, as on CUDA
-    slow = paged_attention(q, q[:, :3], q[:, :3], k_cache, v_cache, meta, 0.3)
+    slow = decode_attention_torch(q, k_cache, v_cache, meta, 0.3)  # the path CUDA takes
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

@@ -96,7 +96,7 @@ class PagedSequence:
         if n == 1 and start > 0:  # a decode step reads whole blocks, masked past `end`
             meta.decode_rows = torch.tensor([0])
             meta.decode_block_tables = table.unsqueeze(0)
-            meta.decode_context_lens = [end]
+            meta.decode_lens = torch.tensor([end])
             meta.decode_mask = (torch.arange(len(table) * bs) < end)[None, None, None, :]
         else:  # a prefill chunk: fresh, or over the tokens cached before it
             mask = torch.arange(end).unsqueeze(0) <= pos.unsqueeze(1) if start else None

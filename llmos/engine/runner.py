@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,12 @@ class ModelRunner:
         table = torch.tensor(seq.block_table, dtype=torch.int64)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def _tables(self, scheduled: Seq[ScheduledSeq]) -> torch.Tensor:
+        """The block tables the scheduled chunks read, zero-padded to one width: [S, blocks]."""
+        width = max(-(-(s.start + s.num_new_tokens) // self.block_size) for s in scheduled)
+        return torch.tensor([(s.seq.block_table + [0] * width)[:width] for s in scheduled],
+                            dtype=torch.int64)
+
     def prepare(self, plan: SchedulerPlan) -> StepInputs:
         ids: list[int] = []
         positions: list[int] = []
@@ -100,24 +107,15 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(self.device), prefills=prefills,
                                  block_size=self.block_size)
         if decodes:
-            max_blocks = max(-(-(d.start + 1) // self.block_size) for d in decodes)
-            padded = [(d.seq.block_table + [0] * max_blocks)[:max_blocks] for d in decodes]
-            tables = torch.tensor(padded, dtype=torch.int64)
-            lens = [d.start + 1 for d in decodes]
             meta.decode_rows = torch.tensor(decode_rows, device=self.device)
-            meta.decode_block_tables = tables.to(self.device)
-            meta.decode_context_lens = lens
-            meta.decode_lens = torch.tensor(lens)
+            meta.decode_block_tables = self._tables(decodes).to(self.device)
+            meta.decode_lens = torch.tensor([d.start + 1 for d in decodes])
         if not prefills:
             meta.row_block_tables, meta.row_lens = meta.decode_block_tables, meta.decode_lens
         elif len(ids) - len(decodes) <= ROW_ATTENTION_PREFILL_ROWS:
             # every row as a query over its own context (what a fused native layer takes)
-            max_blocks = max(-(-(s.start + s.num_new_tokens) // self.block_size)
-                             for s in plan.scheduled)
-            per_seq = torch.tensor([(s.seq.block_table + [0] * max_blocks)[:max_blocks]
-                                    for s in plan.scheduled], dtype=torch.int64)
             counts = torch.tensor([s.num_new_tokens for s in plan.scheduled])
-            meta.row_block_tables = per_seq.repeat_interleave(counts, dim=0)
+            meta.row_block_tables = self._tables(plan.scheduled).repeat_interleave(counts, dim=0)
             meta.row_lens = torch.tensor(positions, dtype=torch.int64) + 1
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),

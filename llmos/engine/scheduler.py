@@ -6,10 +6,10 @@ computed tokens (its blocks stay findable in the prefix cache, so the recompute 
 
 Order: higher `priority` first; between users, weighted fair queuing on tokens computed (each
 user's virtual time grows by tokens / weight, and the least-served user goes next); then
-arrival. Pinned blocks (a finished conversation kept for its next turn) give way first: the oldest
-pin is released before anything would wait for blocks or be preempted. A waiting sequence may
-preempt a running one of lower priority, or of a user holding
-more than its fair share of the batch. The plan is a frozen object the runner executes.
+arrival. Pinned blocks (a finished conversation kept for its next turn) give way first: the
+oldest pin is released before anything would wait for blocks or be preempted. A waiting
+sequence may preempt a running one of lower priority, or of a user holding more than its fair
+share of the batch. The plan is a frozen object the runner executes.
 """
 
 from __future__ import annotations

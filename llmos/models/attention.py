@@ -38,8 +38,7 @@ class AttentionMetadata:
     block_size: int
     decode_rows: torch.Tensor | None = None  # [Bd] rows of the flat batch with one new token
     decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] int64
-    decode_context_lens: list[int] = field(default_factory=list)  # [Bd]
-    decode_lens: torch.Tensor | None = None  # [Bd] int64 (on the CPU)
+    decode_lens: torch.Tensor | None = None  # [Bd] int64 context lengths (on the CPU)
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size] bool
     # Every row of the step as one query over its own first `row_lens[i]` tokens (prefill rows
     # included), when the engine provides it: [T, max_blocks] int64 and [T] int64, CPU.
@@ -84,24 +83,30 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out[rows] = o.squeeze(0).transpose(0, 1)
     if meta.decode_rows is None:
         return out
-    assert meta.decode_block_tables is not None
+    assert meta.decode_block_tables is not None and meta.decode_lens is not None
     native = kernels() if q.device.type == "cpu" and q.dtype == torch.float32 else None
-    if native is not None and meta.decode_lens is not None:
-        # straight from the blocks: no padded copy of every sequence's keys and values
+    if native is not None:  # straight from the blocks: no padded copy of the keys and values
         out[meta.decode_rows] = native.paged_decode(q[meta.decode_rows], k_cache, v_cache,
                                                     meta.decode_block_tables, meta.decode_lens,
                                                     scale)
     else:
-        if meta.decode_mask is None:
-            n = meta.decode_block_tables.shape[1] * meta.block_size
-            lens = torch.tensor(meta.decode_context_lens, device=q.device)
-            mask = torch.arange(n, device=q.device).unsqueeze(0) < lens.unsqueeze(1)
-            meta.decode_mask = mask[:, None, None, :]
-        qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
-        kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, S, D]
-        vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype),
-                                           attn_mask=meta.decode_mask, scale=scale,
-                                           enable_gqa=True)
-        out[meta.decode_rows] = o.squeeze(2)
+        out[meta.decode_rows] = decode_attention_torch(q[meta.decode_rows], k_cache, v_cache,
+                                                       meta, scale)
     return out
+
+
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The decode rows' attention in plain torch (CUDA, or without the native kernels): each
+    sequence's blocks gathered and padded, masked past its length. q: [Bd, H, D]."""
+    assert meta.decode_block_tables is not None and meta.decode_lens is not None
+    if meta.decode_mask is None:  # built once per step, shared by every layer
+        n = meta.decode_block_tables.shape[1] * meta.block_size
+        lens = meta.decode_lens.to(q.device)
+        mask = torch.arange(n, device=q.device).unsqueeze(0) < lens.unsqueeze(1)
+        meta.decode_mask = mask[:, None, None, :]
+    kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, S, D]
+    vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),
+                                       attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)

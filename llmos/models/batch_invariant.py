@@ -50,9 +50,9 @@ def _query_tiles(meta: AttentionMetadata, device: torch.device) -> dict[str, tor
             tiles.append((list(range(chunk.start + off, chunk.start + off + n)),
                           list(range(first + off, first + off + n)), table))
     if meta.decode_rows is not None:
-        assert meta.decode_block_tables is not None
+        assert meta.decode_block_tables is not None and meta.decode_lens is not None
         for row, table, ctx in zip(meta.decode_rows.tolist(), meta.decode_block_tables.tolist(),
-                                   meta.decode_context_lens, strict=True):
+                                   meta.decode_lens.tolist(), strict=True):
             tiles.append(([row], [ctx - 1], table))
     bs = meta.block_size
     n_chunks = max(-(-(max(pos) + 1) // KV_CHUNK) for _, pos, _ in tiles)

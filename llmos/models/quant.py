@@ -60,6 +60,19 @@ class QuantWeight:
         q = self.packed.view(n, -1, GROUP).float()
         return (q * self.scales[..., None]).view(n, -1)
 
+    @property
+    def spec(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As the native kernels take a weight: (format, packed, scales, mins or scales)."""
+        if self.fmt == "q4":
+            assert self.mins is not None
+            return (4, self.packed, self.scales, self.mins)
+        return (8, self.packed, self.scales, self.scales)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.packed, self.scales) + ((self.mins,) if self.mins is not None else ())
+        return sum(t.numel() * t.element_size() for t in parts)
+
 
 def quantize_q4(w: torch.Tensor) -> QuantWeight:
     n, k = w.shape
@@ -109,13 +122,22 @@ def quant_linear(table: dict[int, QuantWeight], max_rows: int, native) -> Linear
         qw = table.get(weight.data_ptr())
         if qw is None or x.shape[0] > max_rows or x.dtype != torch.float32:
             return F.linear(x, weight, bias)
-        if qw.fmt == "q4":
-            out = native.q4_linear(x, qw.packed, qw.scales, qw.mins)
-        else:
-            out = native.q8_linear(x, qw.packed, qw.scales)
+        out = native.linear(qw.spec, x)
         return out + bias if bias is not None else out
 
     return linear
+
+
+def layer_weights(layer: Layer) -> tuple[torch.Tensor, ...]:
+    """A layer's linear weights, in the order the native decode layer takes them."""
+    return (layer.qkv, layer.o, layer.gate_up, layer.down)
+
+
+def linear_weights(model: LlamaModel) -> list[torch.Tensor]:
+    """Every linear weight a decode step reads: each layer's, then the LM head."""
+    layers = [getattr(m, "inner", m) for m in model.layers]  # (under a FusedDecodeLayer)
+    head = model.embed if model.lm_head is None else model.lm_head
+    return [w for layer in layers for w in layer_weights(layer)] + [head]
 
 
 class FusedDecodeLayer(nn.Module):
@@ -131,9 +153,9 @@ class FusedDecodeLayer(nn.Module):
         self.inner = layer
         self.max_rows = max_rows
         self.native = native
-        mats = (layer.qkv, layer.o, layer.gate_up, layer.down)
-        self.weights = [_spec(table, w) for w in mats]
-        self.dense = [_spec({}, w) for w in mats]  # bigger steps: fp32 matmul, still fused
+        mats = layer_weights(layer)
+        self.weights = [_spec(table.get(w.data_ptr()), w) for w in mats]
+        self.dense = [_spec(None, w) for w in mats]  # bigger steps: fp32 matmul, still fused
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -149,15 +171,9 @@ class FusedDecodeLayer(nn.Module):
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim**-0.5)
 
 
-def _spec(table: dict[int, QuantWeight], w: torch.Tensor) -> tuple[int, torch.Tensor, ...]:
-    """A weight as the native decode_layer takes it: (format, tensors...)."""
-    qw = table.get(w.data_ptr())
-    if qw is None:
-        return (0, w, w, w)
-    if qw.fmt == "q4":
-        assert qw.mins is not None
-        return (4, qw.packed, qw.scales, qw.mins)
-    return (8, qw.packed, qw.scales, qw.scales)
+def _spec(qw: QuantWeight | None, w: torch.Tensor) -> tuple[int, torch.Tensor, ...]:
+    """A weight as the native decode layer takes it: its quantized form, or (0, fp32 weight)."""
+    return qw.spec if qw is not None else (0, w, w, w)
 
 
 def quantize(model: LlamaModel, mode: str = "auto",
@@ -180,10 +196,8 @@ def quantize(model: LlamaModel, mode: str = "auto",
         else:
             counts["fp32"] = counts.get("fp32", 0) + 1
 
-    for layer in model.layers:
-        for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            add(w)
-    add(model.embed if model.lm_head is None else model.lm_head)
+    for w in linear_weights(model):
+        add(w)
     hook: Callable[..., torch.Tensor] = quant_linear(table, max_rows, native)
     for i, layer in enumerate(model.layers):
         layer.linear = hook
@@ -194,18 +208,11 @@ def quantize(model: LlamaModel, mode: str = "auto",
     return counts
 
 
-def weight_bytes(model: LlamaModel, decode: bool = True) -> int:
+def weight_bytes(model: LlamaModel) -> int:
     """Bytes of linear weights one decode step reads (its quantized copies where it has them)."""
-    table: dict[int, QuantWeight] = getattr(model, "quantized", {}) if decode else {}
-    layers = [getattr(m, "inner", m) for m in model.layers]
-    weights = [w for lay in layers for w in (lay.qkv, lay.o, lay.gate_up, lay.down)]
-    weights.append(model.embed if model.lm_head is None else model.lm_head)
+    table: dict[int, QuantWeight] = getattr(model, "quantized", {})
     total = 0
-    for w in weights:
+    for w in linear_weights(model):
         qw = table.get(w.data_ptr())
-        if qw is None:
-            total += w.numel() * w.element_size()
-        else:
-            parts = (qw.packed, qw.scales) + ((qw.mins,) if qw.mins is not None else ())
-            total += sum(t.numel() * t.element_size() for t in parts)
+        total += qw.nbytes if qw is not None else w.numel() * w.element_size()
     return total

@@ -1,15 +1,16 @@
 // CPU kernels for the decode hot path, built on first use by llmos/models/native/__init__.py.
 //
-// - q4_linear / q8_linear: y = x @ W.T with W stored 4-bit (asymmetric, groups of 32 along K,
-//   as GGUF's Q4_1) or 8-bit (symmetric, groups of 32, as Q8_0), dequantized in registers.
-//   At small batch a linear layer is bound by streaming its weights, and these read 5-6x fewer
-//   bytes than fp32.
-// - paged_decode: one new query per sequence against its paged K/V, without gathering the
-//   blocks into a padded copy first.
+// - linear: y = x @ W.T with W stored 4-bit (asymmetric, groups of 32 along K, as GGUF's Q4_1)
+//   or 8-bit (symmetric, groups of 32, as Q8_0), dequantized in registers. At small batch a
+//   linear layer is bound by streaming its weights, and these read 4-5x fewer bytes than fp32.
+// - paged_decode: one query per row against its paged K/V, without gathering the blocks into
+//   a padded copy first.
+// - decode_layer: a whole decoder layer in one call for rows that each attend over their own
+//   paged context (decode rows, and short prefill chunks).
 //
-// Vectors use GCC's vector extensions, so the same source compiles to AVX-512, AVX2 or NEON
-// with -march=native. Threads come from ATen (at::parallel_for), so torch.set_num_threads
-// applies. Every output element is reduced in a fixed order that does not depend on the batch.
+// Vectors are AVX-512 or AVX2 intrinsics (chosen by -march=native), with a generic fallback
+// for other CPUs. Threads come from ATen (at::parallel_for), so torch.set_num_threads applies.
+// Every output element is reduced in a fixed order that does not depend on the batch.
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -210,15 +211,6 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& qw,
     }
   });
   return out;
-}
-
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales,
-                        torch::Tensor mins) {
-  return quant_linear<true>(x, qw, scales, mins);
-}
-
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales) {
-  return quant_linear<false>(x, qw, scales, scales);
 }
 
 // -- paged decode attention ----------------------------------------------------------------
@@ -510,8 +502,8 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor input_norm, torch::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_linear", &q4_linear, "x @ W.T, W 4-bit in groups of 32 with scales and mins");
-  m.def("q8_linear", &q8_linear, "x @ W.T, W 8-bit in groups of 32 with scales");
+  m.def("linear", &weight_linear, "x @ W.T for a weight given as (format, tensors...)",
+        py::arg("weight"), py::arg("x"));
   m.def("paged_decode", &paged_decode, "one query per sequence over its paged K/V");
   m.def("decode_layer", &decode_layer, "a decoder layer, each row over its own paged context");
 }
