@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,13 +52,33 @@ SECTION = "## Speed (benchmarks/speed.py)"
 console = Console(stderr=True)
 
 
-def prompts(encode: Any) -> tuple[list[int], list[int], list[list[int]]]:  # noqa: ANN401
-    """(the chat prompt, a 500-token prompt, 32 batch prompts) as token ids."""
+def prompts(encode: Any) -> tuple[list[int], list[list[int]]]:  # noqa: ANN401
+    """(a 500-token prompt, 32 batch prompts) as token ids."""
     text = " ".join(CORPUS * 4)
     ids = encode(text)
     long = ids[:PREFILL_TOKENS]
     batch = [ids[i * 37:i * 37 + 40 + (i % 5) * 20] for i in range(BATCH)]
-    return [], long, batch
+    return long, batch
+
+
+Stream = Callable[[list[int], int], tuple[list[int], list[float]]]
+
+
+def decode_and_prefill(stream: Stream, chat: list[int],
+                       long: list[int]) -> tuple[float, float, list[int]]:
+    """Median decode tok/s over tokens 2..128, median prefill tok/s of the long prompt, and the
+    decoded tokens; `stream(ids, n)` returns the n tokens and the time each came out."""
+    stream(chat, 8)  # warm up
+    decode, tokens = [], []
+    for _ in range(REPS):
+        tokens, times = stream(chat, DECODE_TOKENS)
+        decode.append((len(times) - 1) / (times[-1] - times[0]))
+    prefill = []
+    for _ in range(REPS):
+        t = time.perf_counter()
+        stream(long, 1)
+        prefill.append(PREFILL_TOKENS / (time.perf_counter() - t))
+    return statistics.median(decode), statistics.median(prefill), tokens
 
 
 # -- the machine -------------------------------------------------------------------------------
@@ -92,7 +113,7 @@ def llmos_worker(mode: str, threads: int) -> dict[str, Any]:
     llm = LLM(model=MODEL, quantization=mode, kv_cache_memory="1GiB")
     engine = llm.engine
     chat = llm.tokenizer.encode_chat(CHAT)
-    _, long, batch = prompts(llm.tokenizer.encode)
+    long, batch = prompts(llm.tokenizer.encode)
     greedy = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
 
     def stream(ids: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -107,22 +128,13 @@ def llmos_worker(mode: str, threads: int) -> dict[str, Any]:
                 tokens = out.outputs[0].token_ids
         return tokens, times
 
-    stream(chat, 8)  # warm up
-    decode, tokens = [], []
-    for _ in range(REPS):
-        tokens, times = stream(chat, DECODE_TOKENS)
-        decode.append((len(times) - 1) / (times[-1] - times[0]))
-    prefill = []
-    for _ in range(REPS):
-        t = time.perf_counter()
-        stream(long, 1)
-        prefill.append(PREFILL_TOKENS / (time.perf_counter() - t))
+    decode, prefill, tokens = decode_and_prefill(stream, chat, long)
     t = time.perf_counter()
     outs = llm.generate(batch, greedy, use_progress=False)
     batch_tps = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
-    return {"decode_tps": statistics.median(decode), "prefill_tps": statistics.median(prefill),
-            "batch_tps": batch_tps, "tokens": tokens, "perplexity": perplexity(mode),
-            "weight_bytes": weight_bytes(engine.model, decode=True),
+    return {"decode_tps": decode, "prefill_tps": prefill, "batch_tps": batch_tps,
+            "tokens": tokens, "perplexity": perplexity(mode),
+            "weight_bytes": weight_bytes(engine.model),
             "kv_bytes_per_token": ModelRunner.kv_bytes_per_token(engine.model, torch.float32),
             "formats": engine.weight_formats, "peak_rss": peak_rss_bytes()}
 
@@ -168,7 +180,7 @@ def llamacpp_worker(threads: int) -> dict[str, Any]:
 
     tok: Tokenizer = load_checkpoint(path).tokenizer
     chat = tok.encode_chat(CHAT)
-    _, long, _ = prompts(tok.encode)
+    long, _ = prompts(tok.encode)
 
     def stream(ids: list[int], n: int) -> tuple[list[int], list[float]]:
         llm.reset()
@@ -181,21 +193,12 @@ def llamacpp_worker(threads: int) -> dict[str, Any]:
                 break
         return tokens, times
 
-    stream(chat, 8)
-    decode = []
-    for _ in range(REPS):
-        tokens, times = stream(chat, DECODE_TOKENS)
-        decode.append((len(times) - 1) / (times[-1] - times[0]))
-    prefill = []
-    for _ in range(REPS):
-        t = time.perf_counter()
-        stream(long, 1)
-        prefill.append(PREFILL_TOKENS / (time.perf_counter() - t))
+    decode, prefill, tokens = decode_and_prefill(stream, chat, long)
     reader = gguf.GGUFReader(path)
     cfg = load_checkpoint(path).config
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # its default f16 cache
-    return {"decode_tps": statistics.median(decode), "prefill_tps": statistics.median(prefill),
-            "batch_tps": None, "tokens": tokens, "perplexity": None,
+    return {"decode_tps": decode, "prefill_tps": prefill, "batch_tps": None, "tokens": tokens,
+            "perplexity": None,
             "weight_bytes": sum(int(t.n_bytes) for t in reader.tensors),
             "kv_bytes_per_token": kv, "peak_rss": peak_rss_bytes()}
 
@@ -213,7 +216,7 @@ def hf_worker(threads: int) -> dict[str, Any]:
                                                  dtype=torch.float32).eval()
     tok = load_checkpoint(path).tokenizer
     chat = tok.encode_chat(CHAT)
-    _, long, batch = prompts(tok.encode)
+    long, batch = prompts(tok.encode)
     pad = tok.eos_token_ids[0]
 
     def generate(rows: list[list[int]], n: int) -> float:
