@@ -111,6 +111,22 @@ inline void dequant_q8(const int8_t* q, float d, V16& lo, V16& hi) {
     hi.v[i] = q[i + 16] * d;
   }
 }
+#elif defined(__AVX512F__)
+// The two halves (k..k+15, k+16..k+31) of one 4-bit group as floats, dequantized: the 16
+// possible values d*q + m form one register, and each nibble picks its value with a permute
+// (which reads only the low 4 bits of each lane), so no lane is converted from integer.
+inline void dequant_q4(const uint8_t* q, float d, float m, V16& lo, V16& hi) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  lo = {_mm512_permutexvar_ps(b, table)};
+  hi = {_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table)};
+}
+inline void dequant_q8(const int8_t* q, float d, V16& lo, V16& hi) {
+  const V16 vd = V16::splat(d), z = V16::zero();
+  lo = V16::fma(V16::from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), vd, z);
+  hi = V16::fma(V16::from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))), vd, z);
+}
 #else
 // The two halves (k..k+15, k+16..k+31) of one 4-bit group as floats, dequantized.
 inline void dequant_q4(const uint8_t* q, float d, float m, V16& lo, V16& hi) {
