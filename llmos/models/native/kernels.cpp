@@ -37,6 +37,7 @@ struct V16 {
   static V16 from_u8(__m128i b) { return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b))}; }
   static V16 from_i8(__m128i b) { return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))}; }
   static V16 fma(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static V16 add(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
   static V16 load_half(const c10::Half* p) {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
@@ -61,6 +62,7 @@ struct V16 {
   static V16 fma(V16 x, V16 y, V16 z) {
     return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)};
   }
+  static V16 add(V16 x, V16 y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
   static V16 load_half(const c10::Half* p) {
     const __m128i* h = reinterpret_cast<const __m128i*>(p);
     return {_mm256_cvtph_ps(_mm_loadu_si128(h)), _mm256_cvtph_ps(_mm_loadu_si128(h + 1))};
@@ -90,6 +92,10 @@ struct V16 {
   static V16 fma(V16 a, V16 b, V16 c) {
     for (int i = 0; i < 16; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;
+  }
+  static V16 add(V16 a, V16 b) {
+    for (int i = 0; i < 16; ++i) a.v[i] += b.v[i];
+    return a;
   }
   static V16 load_half(const c10::Half* p) {
     V16 r;
@@ -177,7 +183,7 @@ void linear_rows(const float* x, int64_t K, int64_t m0, const uint8_t* qw, const
     }
     for (int j = 0; j < NR; ++j)
       for (int i = 0; i < R; ++i)
-        out[(m0 + i) * N + n + j] = acc[j][i][0].sum() + acc[j][i][1].sum();
+        out[(m0 + i) * N + n + j] = V16::add(acc[j][i][0], acc[j][i][1]).sum();
   }
   if constexpr (NR > 1) {
     if (n < n1) linear_rows<Q4, R, 1>(x, K, m0, qw, scales, mins, n, n1, out, N);
