@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from llmos.models.attention import AttentionMetadata, decode_attention_torch, paged_attention
 from llmos.models.native import kernels
-from llmos.models.quant import choose, quantize_q4, quantize_q8
+from llmos.models.quant import choose, pack_dense, quantize_q4, quantize_q8
 
 native = kernels()
 pytestmark = pytest.mark.skipif(native is None, reason="no C++ compiler for the native kernels")
@@ -29,6 +29,20 @@ def test_quantized_linear_matches_dequantized_matmul(rows: int, fmt: str) -> Non
     assert torch.equal(alone[0], out[-1])
 
 
+@pytest.mark.skipif(native is None or not native.packs_dense(), reason="no packed fp32 kernel")
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 64, 200])
+def test_packed_dense_linear_matches_matmul(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 160, generator=g)
+    x = torch.randn(rows, 160, generator=g)
+    packed = pack_dense(w)
+    assert packed is not None and pack_dense(torch.randn(40, 160)) is None  # N % 32 != 0
+    out = native.linear((1, packed, w, w), x)
+    torch.testing.assert_close(out, x @ w.T, rtol=1e-4, atol=1e-4)
+    for i in (0, rows - 1):  # a row's result does not depend on the rows beside it
+        assert torch.equal(native.linear((1, packed, w, w), x[i:i + 1])[0], out[i])
+
+
 def test_auto_keeps_exact_formats_and_leaves_others() -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 128, generator=g)
@@ -45,12 +59,13 @@ def test_auto_keeps_exact_formats_and_leaves_others() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_paged_decode_matches_sdpa(dtype: torch.dtype, d: int) -> None:
     g = torch.Generator().manual_seed(1)
-    blocks, bs, hkv, heads = 12, 4, 2, 6
+    blocks, bs, hkv, heads = 24, 4, 2, 6
     k_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
     v_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
-    lens = [1, 7, 13]
-    tables = torch.tensor([[5, 0, 0, 0], [3, 9, 0, 0], [11, 2, 8, 1]])
-    q = torch.randn(3, heads, d, generator=g)
+    lens = [1, 7, 13, 16, 37]  # keys are scored 16 at a time: within, at and across groups
+    tables = torch.tensor([[5] + [0] * 9, [3, 9] + [0] * 8, [11, 2, 8, 1] + [0] * 6,
+                           [0, 4, 6, 7] + [0] * 6, [23, 10, 12, 13, 14, 15, 16, 17, 18, 19]])
+    q = torch.randn(5, heads, d, generator=g)
     out = native.paged_decode(q, k_cache, v_cache, tables, torch.tensor(lens), 0.25)
     for b, n in enumerate(lens):
         k = k_cache[tables[b]].flatten(0, 1)[:n].float().transpose(0, 1)  # [Hkv, n, D]

@@ -15,7 +15,10 @@ Modes:
 - "fp32": every weight stays fp32 (decode steps still take the fused native layer).
 
 The quantized kernels (models/native) serve steps of up to `max_rows` tokens, where streaming
-the weights is the cost; bigger steps (prefill) use fp32 matmul on the weights, kept beside.
+the weights is the cost; bigger steps (prefill, big batches) compute on the fp32 weights, kept
+beside: where the CPU has the kernel, a copy packed once into panels (`pack_dense`) serves steps
+of up to PACKED_MAX_ROWS tokens (a library GEMM re-packs the weight on every call, which costs
+it a fifth of its time at 64 rows), and torch's matmul serves the rest.
 Pure decode steps run each layer as one native call (`FusedDecodeLayer`; up to `max_rows`
 sequences on the quantized weights, beyond that on fp32 matmul): at batch 1 the per-op
 dispatch of an eager layer costs as much as its math, and at batch 64 it is still a tenth.
@@ -40,7 +43,9 @@ from llmos.models.native import kernels
 log = logging.getLogger(__name__)
 GROUP = 32
 MODES = ("auto", "fp32", "q8", "q4")
-DEFAULT_MAX_ROWS = 48
+DEFAULT_MAX_ROWS = 20  # measured: 4-bit kernels win up to 16 rows, packed fp32 from 24
+PACKED_MAX_ROWS = 256  # beyond, a chunk of x no longer stays in cache; torch's matmul is faster
+PANEL = 32  # output columns per packed panel (kernels.cpp: PW)
 
 
 @dataclass(slots=True)
@@ -116,13 +121,28 @@ def choose(w: torch.Tensor, mode: str) -> QuantWeight | None:
     return None
 
 
-def quant_linear(table: dict[int, QuantWeight], max_rows: int, native) -> LinearFn:  # noqa: ANN001
+def pack_dense(w: torch.Tensor) -> torch.Tensor | None:
+    """`w` [N, K] as the native dense kernel reads it, [N/32, K, 32] (None: it cannot)."""
+    n, k = w.shape
+    if n % PANEL or w.dtype != torch.float32:
+        return None
+    return w.view(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
+
+
+def quant_linear(table: dict[int, QuantWeight], packed: dict[int, torch.Tensor], max_rows: int,
+                 native) -> LinearFn:  # noqa: ANN001
     def linear(x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-        qw = table.get(weight.data_ptr())
-        if qw is None or x.shape[0] > max_rows or x.dtype != torch.float32:
+        rows, key = x.shape[0], weight.data_ptr()
+        if x.dtype != torch.float32 or rows > PACKED_MAX_ROWS:
             return F.linear(x, weight, bias)
-        out = native.linear(qw.spec, x)
+        qw = table.get(key)
+        if qw is not None and rows <= max_rows:
+            out = native.linear(qw.spec, x)
+        elif key in packed:
+            out = native.linear((1, packed[key], weight, weight), x)
+        else:
+            return F.linear(x, weight, bias)
         return out + bias if bias is not None else out
 
     return linear
@@ -147,15 +167,17 @@ class FusedDecodeLayer(nn.Module):
     are the quantized ones up to `max_rows` rows, fp32 beyond. Other steps (long prefills) go
     to the wrapped layer unchanged."""
 
-    def __init__(self, layer: Layer, table: dict[int, QuantWeight], max_rows: int,
+    def __init__(self, layer: Layer, table: dict[int, QuantWeight],
+                 packed: dict[int, torch.Tensor], max_rows: int,
                  native: Any) -> None:  # noqa: ANN401 - the compiled module
         super().__init__()
         self.inner = layer
         self.max_rows = max_rows
         self.native = native
         mats = layer_weights(layer)
-        self.weights = [_spec(table.get(w.data_ptr()), w) for w in mats]
-        self.dense = [_spec(None, w) for w in mats]  # bigger steps: fp32 matmul, still fused
+        self.weights = [_spec(table.get(w.data_ptr()), w, packed.get(w.data_ptr())) for w in mats]
+        # bigger steps: fp32 weights (packed where they could be), still one fused call
+        self.dense = [_spec(None, w, packed.get(w.data_ptr())) for w in mats]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -171,9 +193,13 @@ class FusedDecodeLayer(nn.Module):
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim**-0.5)
 
 
-def _spec(qw: QuantWeight | None, w: torch.Tensor) -> tuple[int, torch.Tensor, ...]:
-    """A weight as the native decode layer takes it: its quantized form, or (0, fp32 weight)."""
-    return qw.spec if qw is not None else (0, w, w, w)
+def _spec(qw: QuantWeight | None, w: torch.Tensor,
+          packed: torch.Tensor | None = None) -> tuple[int, torch.Tensor, ...]:
+    """A weight as the native decode layer takes it: its quantized form, (1, packed panels, W),
+    or (0, W)."""
+    if qw is not None:
+        return qw.spec
+    return (1, packed, w, w) if packed is not None else (0, w, w, w)
 
 
 def quantize(model: LlamaModel, mode: str = "auto",
@@ -186,6 +212,7 @@ def quantize(model: LlamaModel, mode: str = "auto",
         return {}
     max_rows = DEFAULT_MAX_ROWS if max_rows is None else max_rows
     table: dict[int, QuantWeight] = {}
+    packed: dict[int, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def add(w: torch.Tensor) -> None:
@@ -195,13 +222,16 @@ def quantize(model: LlamaModel, mode: str = "auto",
             counts[qw.fmt] = counts.get(qw.fmt, 0) + 1
         else:
             counts["fp32"] = counts.get("fp32", 0) + 1
+        panels = pack_dense(w) if native.packs_dense() else None
+        if panels is not None:
+            packed[w.data_ptr()] = panels
 
     for w in linear_weights(model):
         add(w)
-    hook: Callable[..., torch.Tensor] = quant_linear(table, max_rows, native)
+    hook: Callable[..., torch.Tensor] = quant_linear(table, packed, max_rows, native)
     for i, layer in enumerate(model.layers):
         layer.linear = hook
-        model.layers[i] = FusedDecodeLayer(layer, table, max_rows, native)
+        model.layers[i] = FusedDecodeLayer(layer, table, packed, max_rows, native)
     model.linear = hook
     model.quantized = table  # (read by weight_bytes)
     log.info("weights: %s", counts)

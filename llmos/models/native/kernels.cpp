@@ -235,6 +235,78 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& qw,
   return out;
 }
 
+// -- dense fp32 weights, packed -------------------------------------------------------------
+// For steps of many rows, where the math and not the weight bytes is the cost: W is stored as
+// panels of PW output columns, [N/PW][K][PW], so the kernel broadcasts one x value against a
+// row of the panel and no horizontal sums are needed. A library GEMM re-packs W on every call;
+// this packs once at load. Each output is summed over k in order, whatever the tile or batch.
+constexpr int64_t PW = 32;  // output columns per panel (two AVX-512 registers)
+constexpr int64_t PR = 12;  // rows of x per tile: 24 accumulators
+
+#if defined(__AVX512F__)
+template <int R>
+void dense_tile(const float* x, int64_t K, const float* panel, float* out, int64_t N,
+                const float* next) {
+  __m512 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if (next != nullptr) {  // the next panel, on its way from memory while this one computes
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * PW), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * PW + 16), _MM_HINT_T0);
+    }
+    const __m512 w0 = _mm512_loadu_ps(panel + k * PW);
+    const __m512 w1 = _mm512_loadu_ps(panel + k * PW + 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512 xv = _mm512_set1_ps(x[i * K + k]);
+      acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    _mm512_storeu_ps(out + i * N, acc[i][0]);
+    _mm512_storeu_ps(out + i * N + 16, acc[i][1]);
+  }
+}
+
+template <int R = PR>
+void dense_rows(const float* x, int64_t rows, int64_t K, const float* panel, float* out,
+                int64_t N, const float* next) {
+  if constexpr (R > 0) {
+    if (rows == R) return dense_tile<R>(x, K, panel, out, N, next);
+    return dense_rows<R - 1>(x, rows, K, panel, out, N, next);
+  }
+}
+
+torch::Tensor packed_linear(const torch::Tensor& x_in, const torch::Tensor& packed) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "x must be [M, K] float32");
+  auto x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(1) == K && packed.size(2) == PW,
+              "packed weight must be [N/32, K, 32]");
+  const int64_t N = panels * PW;
+  auto out = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // Threads split the panels; each panel stays in cache while every tile of a chunk of x (a
+  // chunk small enough to stay in cache too) passes over it.
+  constexpr int64_t CHUNK = 16 * PR;
+  for (int64_t c0 = 0; c0 < M; c0 += CHUNK) {
+    const int64_t c1 = std::min(M, c0 + CHUNK);
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t m0 = c0; m0 < c1; m0 += PR) {
+          const float* next = m0 == c0 && p + 1 < p1 ? wp + (p + 1) * K * PW : nullptr;
+          dense_rows(xp + m0 * K, std::min(PR, c1 - m0), K, wp + p * K * PW,
+                     op + m0 * N + p * PW, N, next);
+        }
+      }
+    });
+  }
+  return out;
+}
+#endif
+
 // -- paged decode attention ----------------------------------------------------------------
 template <typename T>
 inline const float* as_floats(const T* src, float* buf, int64_t D) {
@@ -419,6 +491,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 
 // -- one decoder layer for a batch of decode rows -----------------------------------------
 // A weight as Python hands it over: (format, a, b, c) with format 0 = dense fp32 (a = weight),
+// 1 = dense fp32 packed in panels (a = packed, b = W as it was),
 // 4 = q4 (a = packed, b = scales, c = mins), 8 = q8 (a = packed, b = scales).
 using Weight = std::tuple<int64_t, torch::Tensor, torch::Tensor, torch::Tensor>;
 
@@ -426,6 +499,10 @@ torch::Tensor weight_linear(const Weight& w, const torch::Tensor& x) {
   const auto& [fmt, a, b, c] = w;
   if (fmt == 4) return quant_linear<true>(x, a, b, c);
   if (fmt == 8) return quant_linear<false>(x, a, b, b);
+#if defined(__AVX512F__)
+  if (fmt == 1) return packed_linear(x, a);
+#endif
+  if (fmt == 1) return at::matmul(x, b.t());  // (no packed kernel on this CPU: b is W itself)
   return at::matmul(x, a.t());
 }
 
@@ -511,12 +588,14 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor input_norm, torch::Ten
   auto act = torch::empty({B, inter}, x.options());
   const float* g = gu.data_ptr<float>();
   float* a = act.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t i = 0; i < inter; ++i) {
-      const float gv = g[b * 2 * inter + i];
-      a[b * inter + i] = gv / (1.f + std::exp(-gv)) * g[b * 2 * inter + inter + i];
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {  // (a few rows: one thread)
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t i = 0; i < inter; ++i) {
+        const float gv = g[b * 2 * inter + i];
+        a[b * inter + i] = gv / (1.f + std::exp(-gv)) * g[b * 2 * inter + inter + i];
+      }
     }
-  }
+  });
   add_into(x1.data_ptr<float>(), weight_linear(down, act).data_ptr<float>(), B * hidden);
   return x1;
 }
@@ -526,6 +605,13 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor input_norm, torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &weight_linear, "x @ W.T for a weight given as (format, tensors...)",
         py::arg("weight"), py::arg("x"));
+  m.def("packs_dense", []() {
+#if defined(__AVX512F__)
+    return true;
+#else
+    return false;
+#endif
+  }, "whether format 1 (packed dense weights) has a kernel here");
   m.def("paged_decode", &paged_decode, "one query per sequence over its paged K/V");
   m.def("decode_layer", &decode_layer, "a decoder layer, each row over its own paged context");
 }
