@@ -29,18 +29,25 @@ def test_quantized_linear_matches_dequantized_matmul(rows: int, fmt: str) -> Non
     assert torch.equal(alone[0], out[-1])
 
 
-@pytest.mark.skipif(native is None or not native.packs_dense(), reason="no packed fp32 kernel")
+@pytest.mark.skipif(native is None or not native.has_panels(), reason="no panel kernels")
 @pytest.mark.parametrize("rows", [1, 5, 12, 13, 64, 200])
-def test_packed_dense_linear_matches_matmul(rows: int) -> None:
+@pytest.mark.parametrize("fmt", ["fp32", "q4", "q8"])
+def test_panel_linear_matches_matmul(rows: int, fmt: str) -> None:
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 160, generator=g)
     x = torch.randn(rows, 160, generator=g)
-    packed = pack_dense(w)
-    assert packed is not None and pack_dense(torch.randn(40, 160)) is None  # N % 32 != 0
-    out = native.linear((1, packed, w, w), x)
+    if fmt == "fp32":
+        packed = pack_dense(w)
+        assert packed is not None and pack_dense(torch.randn(40, 160)) is None  # N % 32 != 0
+        spec = (1, packed, w, w)
+    else:
+        qw = quantize_q4(w) if fmt == "q4" else quantize_q8(w)
+        spec, w = qw.in_panels(), qw.dequantize()
+        assert spec is not None
+    out = native.linear(spec, x)
     torch.testing.assert_close(out, x @ w.T, rtol=1e-4, atol=1e-4)
     for i in (0, rows - 1):  # a row's result does not depend on the rows beside it
-        assert torch.equal(native.linear((1, packed, w, w), x[i:i + 1])[0], out[i])
+        assert torch.equal(native.linear(spec, x[i:i + 1])[0], out[i])
 
 
 def test_auto_keeps_exact_formats_and_leaves_others() -> None:

@@ -43,9 +43,11 @@ from llmos.models.native import kernels
 log = logging.getLogger(__name__)
 GROUP = 32
 MODES = ("auto", "fp32", "q8", "q4")
-DEFAULT_MAX_ROWS = 20  # measured: 4-bit kernels win up to 16 rows, packed fp32 from 24
+DEFAULT_MAX_ROWS = 10  # measured: row kernels win at 8 rows, panels from 12
 PACKED_MAX_ROWS = 256  # beyond, a chunk of x no longer stays in cache; torch's matmul is faster
 PANEL = 32  # output columns per packed panel (kernels.cpp: PW)
+# A weight as the native kernels take it: (format, tensors...); see kernels.cpp, weight_linear
+Spec = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -55,18 +57,42 @@ class QuantWeight:
     scales: torch.Tensor  # [N, K/32] fp32
     mins: torch.Tensor | None  # q4 only: [N, K/32] fp32
 
+    def levels(self) -> torch.Tensor:
+        """The stored integers, [N, K]: q4 0..15 (uint8), q8 -127..127 (int8)."""
+        if self.fmt == "q4":
+            n = self.scales.shape[0]
+            lo, hi = self.packed & 15, self.packed >> 4
+            return torch.cat([lo.view(n, -1, 16), hi.view(n, -1, 16)], dim=-1).view(n, -1)
+        return self.packed
+
     def dequantize(self) -> torch.Tensor:
         n = self.scales.shape[0]
+        w = self.levels().view(n, -1, GROUP).float() * self.scales[..., None]
+        if self.mins is not None:
+            w = w + self.mins[..., None]
+        return w.view(n, -1)
+
+    def in_panels(self) -> Spec | None:
+        """The same weight stored as the native panel kernel reads it (formats 5 and 9): levels
+        [N/32, K, 32] (q4: two per byte, rows j and j + 16), scales and mins [N/32, K/32, 32].
+        None when N is not a multiple of 32."""
+        n, k = self.scales.shape[0], self.scales.shape[1] * GROUP
+        if n % PANEL:
+            return None
+        q = self.levels().view(n // PANEL, PANEL, k).transpose(1, 2)
+
+        def per_panel(t: torch.Tensor) -> torch.Tensor:
+            return t.view(n // PANEL, PANEL, -1).transpose(1, 2).contiguous()
+
+        scales = per_panel(self.scales)
         if self.fmt == "q4":
             assert self.mins is not None
-            lo, hi = self.packed & 15, self.packed >> 4
-            q = torch.cat([lo.view(n, -1, 16), hi.view(n, -1, 16)], dim=-1).float()
-            return (q * self.scales[..., None] + self.mins[..., None]).view(n, -1)
-        q = self.packed.view(n, -1, GROUP).float()
-        return (q * self.scales[..., None]).view(n, -1)
+            return (5, (q[..., :16] | (q[..., 16:] << 4)).contiguous(), scales,
+                    per_panel(self.mins))
+        return (9, q.contiguous(), scales, scales)
 
     @property
-    def spec(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def spec(self) -> Spec:
         """As the native kernels take a weight: (format, packed, scales, mins or scales)."""
         if self.fmt == "q4":
             assert self.mins is not None
@@ -129,20 +155,28 @@ def pack_dense(w: torch.Tensor) -> torch.Tensor | None:
     return w.view(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
 
 
-def quant_linear(table: dict[int, QuantWeight], packed: dict[int, torch.Tensor], max_rows: int,
-                 native) -> LinearFn:  # noqa: ANN001
+@dataclass(slots=True)
+class Kernels:
+    """Which native form of each weight (by data_ptr) serves a step: `small` up to `max_rows`
+    rows (the quantized rows, read once per step), `big` up to PACKED_MAX_ROWS (panels)."""
+
+    small: dict[int, Spec]
+    big: dict[int, Spec]
+    max_rows: int
+
+    def spec(self, w: torch.Tensor, rows: int) -> Spec | None:
+        if rows > PACKED_MAX_ROWS:
+            return None
+        return (self.small if rows <= self.max_rows else self.big).get(w.data_ptr())
+
+
+def quant_linear(chosen: Kernels, native) -> LinearFn:  # noqa: ANN001
     def linear(x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows, key = x.shape[0], weight.data_ptr()
-        if x.dtype != torch.float32 or rows > PACKED_MAX_ROWS:
+        spec = chosen.spec(weight, x.shape[0]) if x.dtype == torch.float32 else None
+        if spec is None:
             return F.linear(x, weight, bias)
-        qw = table.get(key)
-        if qw is not None and rows <= max_rows:
-            out = native.linear(qw.spec, x)
-        elif key in packed:
-            out = native.linear((1, packed[key], weight, weight), x)
-        else:
-            return F.linear(x, weight, bias)
+        out = native.linear(spec, x)
         return out + bias if bias is not None else out
 
     return linear
@@ -164,20 +198,18 @@ class FusedDecodeLayer(nn.Module):
     """A layer whose steps run as one native call (norms, RoPE, the KV write, attention and the
     MLP without a Python op between them) when the engine gives every row its own attention
     context (decode steps, and steps with a few short prefill rows beside them); the weights
-    are the quantized ones up to `max_rows` rows, fp32 beyond. Other steps (long prefills) go
-    to the wrapped layer unchanged."""
+    are read in the form `Kernels` picks for the step's size (fp32 matmul where there is none).
+    Other steps (long prefills) go to the wrapped layer unchanged."""
 
-    def __init__(self, layer: Layer, table: dict[int, QuantWeight],
-                 packed: dict[int, torch.Tensor], max_rows: int,
+    def __init__(self, layer: Layer, chosen: Kernels,
                  native: Any) -> None:  # noqa: ANN401 - the compiled module
         super().__init__()
         self.inner = layer
-        self.max_rows = max_rows
+        self.max_rows = chosen.max_rows
         self.native = native
         mats = layer_weights(layer)
-        self.weights = [_spec(table.get(w.data_ptr()), w, packed.get(w.data_ptr())) for w in mats]
-        # bigger steps: fp32 weights (packed where they could be), still one fused call
-        self.dense = [_spec(None, w, packed.get(w.data_ptr())) for w in mats]
+        self.weights = [chosen.small.get(w.data_ptr(), (0, w, w, w)) for w in mats]
+        self.dense = [chosen.big.get(w.data_ptr(), (0, w, w, w)) for w in mats]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -193,15 +225,6 @@ class FusedDecodeLayer(nn.Module):
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim**-0.5)
 
 
-def _spec(qw: QuantWeight | None, w: torch.Tensor,
-          packed: torch.Tensor | None = None) -> tuple[int, torch.Tensor, ...]:
-    """A weight as the native decode layer takes it: its quantized form, (1, packed panels, W),
-    or (0, W)."""
-    if qw is not None:
-        return qw.spec
-    return (1, packed, w, w) if packed is not None else (0, w, w, w)
-
-
 def quantize(model: LlamaModel, mode: str = "auto",
              max_rows: int | None = None) -> dict[str, int]:
     """Swap `model`'s linear hooks for quantized kernels. Returns {format: weights} counts."""
@@ -212,26 +235,29 @@ def quantize(model: LlamaModel, mode: str = "auto",
         return {}
     max_rows = DEFAULT_MAX_ROWS if max_rows is None else max_rows
     table: dict[int, QuantWeight] = {}
-    packed: dict[int, torch.Tensor] = {}
+    chosen = Kernels({}, {}, max_rows)
     counts: dict[str, int] = {}
 
     def add(w: torch.Tensor) -> None:
-        qw = choose(w, mode)
+        key, qw = w.data_ptr(), choose(w, mode)
+        fmt = qw.fmt if qw is not None else "fp32"
+        counts[fmt] = counts.get(fmt, 0) + 1
         if qw is not None:
-            table[w.data_ptr()] = qw
-            counts[qw.fmt] = counts.get(qw.fmt, 0) + 1
-        else:
-            counts["fp32"] = counts.get("fp32", 0) + 1
-        panels = pack_dense(w) if native.packs_dense() else None
-        if panels is not None:
-            packed[w.data_ptr()] = panels
+            table[key], chosen.small[key] = qw, qw.spec
+        if native.has_panels():
+            big = qw.in_panels() if qw is not None else None
+            if big is None and (dense := pack_dense(w)) is not None:
+                big = (1, dense, w, w)
+            if big is not None:
+                chosen.big[key] = big
+                chosen.small.setdefault(key, big)
 
     for w in linear_weights(model):
         add(w)
-    hook: Callable[..., torch.Tensor] = quant_linear(table, packed, max_rows, native)
+    hook: Callable[..., torch.Tensor] = quant_linear(chosen, native)
     for i, layer in enumerate(model.layers):
         layer.linear = hook
-        model.layers[i] = FusedDecodeLayer(layer, table, packed, max_rows, native)
+        model.layers[i] = FusedDecodeLayer(layer, chosen, native)
     model.linear = hook
     model.quantized = table  # (read by weight_bytes)
     log.info("weights: %s", counts)

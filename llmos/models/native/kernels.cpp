@@ -24,6 +24,7 @@
 namespace {
 
 constexpr int64_t GROUP = 32;  // weights per scale (and per min, for q4)
+
 constexpr int64_t MT = 8;      // rows of x per pass over a weight row
 
 // Sixteen floats: one AVX-512 register, two AVX2 registers, or a generic vector elsewhere.
@@ -235,11 +236,12 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& qw,
   return out;
 }
 
-// -- dense fp32 weights, packed -------------------------------------------------------------
-// For steps of many rows, where the math and not the weight bytes is the cost: W is stored as
+// -- weights in panels, for big steps ------------------------------------------------------
+// For steps of many rows, where the math and not the weight bytes is the cost: W is read as
 // panels of PW output columns, [N/PW][K][PW], so the kernel broadcasts one x value against a
 // row of the panel and no horizontal sums are needed. A library GEMM re-packs W on every call;
-// this packs once at load. Each output is summed over k in order, whatever the tile or batch.
+// these are packed once at load (fp32, or 4/8-bit unpacked per panel into a buffer). Each
+// output is summed over k in order, whatever the tile or batch.
 constexpr int64_t PW = 32;  // output columns per panel (two AVX-512 registers)
 constexpr int64_t PR = 12;  // rows of x per tile: 24 accumulators
 
@@ -277,16 +279,64 @@ void dense_rows(const float* x, int64_t rows, int64_t K, const float* panel, flo
   }
 }
 
-torch::Tensor packed_linear(const torch::Tensor& x_in, const torch::Tensor& packed) {
+// Panel p of a 4-bit weight stored in panels ([N/32, K, 16] bytes: byte j of row k holds
+// weight rows j (low nibble) and j + 16 (high); scales and mins [N/32, K/32, 32]) as fp32.
+void unpack_q4_panel(const uint8_t* pq, const float* pd, const float* pm, int64_t p, int64_t K,
+                     float* buf) {
+  const int64_t groups = K / GROUP;
+  const uint8_t* q = pq + p * K * 16;
+  const float* d = pd + p * groups * PW;
+  const float* m = pm + p * groups * PW;
+  const __m128i mask = _mm_set1_epi8(15);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 d0 = _mm512_loadu_ps(d + g * PW), d1 = _mm512_loadu_ps(d + g * PW + 16);
+    const __m512 m0 = _mm512_loadu_ps(m + g * PW), m1 = _mm512_loadu_ps(m + g * PW + 16);
+    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; ++k) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k * 16));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
+      const __m512 hi =
+          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+      _mm512_storeu_ps(buf + k * PW, _mm512_fmadd_ps(lo, d0, m0));
+      _mm512_storeu_ps(buf + k * PW + 16, _mm512_fmadd_ps(hi, d1, m1));
+    }
+  }
+}
+
+// Panel p of an 8-bit weight stored in panels ([N/32, K, 32] int8, scales [N/32, K/32, 32]).
+void unpack_q8_panel(const int8_t* pq, const float* pd, int64_t p, int64_t K, float* buf) {
+  const int64_t groups = K / GROUP;
+  const int8_t* q = pq + p * K * PW;
+  const float* d = pd + p * groups * PW;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 d0 = _mm512_loadu_ps(d + g * PW), d1 = _mm512_loadu_ps(d + g * PW + 16);
+    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; ++k) {
+      const __m128i* row = reinterpret_cast<const __m128i*>(q + k * PW);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(row)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(row + 1)));
+      _mm512_storeu_ps(buf + k * PW, _mm512_mul_ps(lo, d0));
+      _mm512_storeu_ps(buf + k * PW + 16, _mm512_mul_ps(hi, d1));
+    }
+  }
+}
+
+// x @ W.T for W in panels of 32 output columns. `fmt` 1: fp32 panels [N/32, K, 32] in `a`;
+// 5: 4-bit panels (a, b, c = bytes, scales, mins); 9: 8-bit panels (a, b = int8, scales). A
+// quantized panel is unpacked to fp32 once per chunk of x, so it reads 4-8x fewer bytes than
+// fp32 panels and then runs the same tiles: the result is what fp32 panels would give.
+torch::Tensor panel_linear(int64_t fmt, const torch::Tensor& x_in, const torch::Tensor& a,
+                           const torch::Tensor& b, const torch::Tensor& c) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "x must be [M, K] float32");
   auto x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0);
-  TORCH_CHECK(packed.dim() == 3 && packed.size(1) == K && packed.size(2) == PW,
-              "packed weight must be [N/32, K, 32]");
+  const int64_t M = x.size(0), K = x.size(1), panels = a.size(0);
+  TORCH_CHECK(a.dim() == 3 && a.is_contiguous() && a.size(1) == K &&
+                  a.size(2) == (fmt == 5 ? PW / 2 : PW),
+              "panels must be [N/32, K, 32] (4-bit: [N/32, K, 16])");
+  TORCH_CHECK(fmt == 1 || (K % GROUP == 0 && b.is_contiguous() && b.size(0) == panels &&
+                           b.size(1) == K / GROUP),
+              "panel scales must be [N/32, K/32, 32]");
   const int64_t N = panels * PW;
   auto out = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
   float* op = out.data_ptr<float>();
   // Threads split the panels; each panel stays in cache while every tile of a chunk of x (a
   // chunk small enough to stay in cache too) passes over it.
@@ -294,11 +344,22 @@ torch::Tensor packed_linear(const torch::Tensor& x_in, const torch::Tensor& pack
   for (int64_t c0 = 0; c0 < M; c0 += CHUNK) {
     const int64_t c1 = std::min(M, c0 + CHUNK);
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> buf(fmt == 1 ? 0 : K * PW);
       for (int64_t p = p0; p < p1; ++p) {
+        const float* panel = buf.data();
+        const float* next = nullptr;  // (fp32 panels: the next one, to prefetch)
+        if (fmt == 1) {
+          panel = a.data_ptr<float>() + p * K * PW;
+          if (p + 1 < p1) next = panel + K * PW;
+        } else if (fmt == 5) {
+          unpack_q4_panel(a.data_ptr<uint8_t>(), b.data_ptr<float>(), c.data_ptr<float>(), p, K,
+                          buf.data());
+        } else {
+          unpack_q8_panel(a.data_ptr<int8_t>(), b.data_ptr<float>(), p, K, buf.data());
+        }
         for (int64_t m0 = c0; m0 < c1; m0 += PR) {
-          const float* next = m0 == c0 && p + 1 < p1 ? wp + (p + 1) * K * PW : nullptr;
-          dense_rows(xp + m0 * K, std::min(PR, c1 - m0), K, wp + p * K * PW,
-                     op + m0 * N + p * PW, N, next);
+          dense_rows(xp + m0 * K, std::min(PR, c1 - m0), K, panel, op + m0 * N + p * PW, N,
+                     m0 == c0 ? next : nullptr);
         }
       }
     });
@@ -492,7 +553,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // -- one decoder layer for a batch of decode rows -----------------------------------------
 // A weight as Python hands it over: (format, a, b, c) with format 0 = dense fp32 (a = weight),
 // 1 = dense fp32 packed in panels (a = packed, b = W as it was),
-// 4 = q4 (a = packed, b = scales, c = mins), 8 = q8 (a = packed, b = scales).
+// 4 = q4 (a = packed, b = scales, c = mins), 8 = q8 (a = packed, b = scales),
+// 5 and 9 = q4 and q8 stored in panels (see panel_linear).
 using Weight = std::tuple<int64_t, torch::Tensor, torch::Tensor, torch::Tensor>;
 
 torch::Tensor weight_linear(const Weight& w, const torch::Tensor& x) {
@@ -500,9 +562,10 @@ torch::Tensor weight_linear(const Weight& w, const torch::Tensor& x) {
   if (fmt == 4) return quant_linear<true>(x, a, b, c);
   if (fmt == 8) return quant_linear<false>(x, a, b, b);
 #if defined(__AVX512F__)
-  if (fmt == 1) return packed_linear(x, a);
+  if (fmt == 1 || fmt == 5 || fmt == 9) return panel_linear(fmt, x, a, b, c);
 #endif
-  if (fmt == 1) return at::matmul(x, b.t());  // (no packed kernel on this CPU: b is W itself)
+  TORCH_CHECK(fmt != 5 && fmt != 9, "no kernel for weights in panels on this CPU");
+  if (fmt == 1) return at::matmul(x, b.t());  // (no panel kernel on this CPU: b is W itself)
   return at::matmul(x, a.t());
 }
 
@@ -605,13 +668,13 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor input_norm, torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &weight_linear, "x @ W.T for a weight given as (format, tensors...)",
         py::arg("weight"), py::arg("x"));
-  m.def("packs_dense", []() {
+  m.def("has_panels", []() {
 #if defined(__AVX512F__)
     return true;
 #else
     return false;
 #endif
-  }, "whether format 1 (packed dense weights) has a kernel here");
+  }, "whether the panel formats (1, 5, 9) have kernels here");
   m.def("paged_decode", &paged_decode, "one query per sequence over its paged K/V");
   m.def("decode_layer", &decode_layer, "a decoder layer, each row over its own paged context");
 }
