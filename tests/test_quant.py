@@ -80,3 +80,16 @@ def test_mode_against_fp32(mode: str, ckpt, reference) -> None:  # noqa: ANN001
     if mode == "auto":  # lossless re-storage of a Q4_1/Q8_0 GGUF: the decode path reads less
         fp32 = LLM(quantization="fp32", kv_cache_memory="64MiB").engine.model
         assert weight_bytes(llm.engine.model) < weight_bytes(fp32) / 4
+
+
+@pytest.mark.skipif(kernels() is None or not kernels().has_panels(), reason="no panel kernels")
+def test_each_step_size_reads_the_modes_own_weights(ckpt) -> None:  # noqa: ANN001
+    """Small steps read quantized rows, bigger ones panels of the same values, at any size (a
+    lossy mode is one model in decode and in a long prefill); fp32 panels stop where torch's
+    matmul is as fast."""
+    for mode, small, big, huge in (("q4", 4, 5, 5), ("auto", 4, 5, 5), ("fp32", 1, 1, None)):
+        model = LlamaModel.from_weights(ckpt.config, ckpt.weights).eval()
+        quantize(model, mode)
+        w = model.layers[0].inner.gate_up
+        formats = [model.kernels.spec(w, rows) for rows in (1, 64, 4096)]
+        assert [f[0] if f else None for f in formats] == [small, big, huge], mode

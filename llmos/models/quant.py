@@ -14,14 +14,19 @@ Modes:
 - "q8", "q4": every linear weight in that format (lossy for weights that were not already).
 - "fp32": every weight stays fp32 (decode steps still take the fused native layer).
 
-The quantized kernels (models/native) serve steps of up to `max_rows` tokens, where streaming
-the weights is the cost; bigger steps (prefill, big batches) compute on the fp32 weights, kept
-beside: where the CPU has the kernel, a copy packed once into panels (`pack_dense`) serves steps
-of up to PACKED_MAX_ROWS tokens (a library GEMM re-packs the weight on every call, which costs
-it a fifth of its time at 64 rows), and torch's matmul serves the rest.
-Pure decode steps run each layer as one native call (`FusedDecodeLayer`; up to `max_rows`
-sequences on the quantized weights, beyond that on fp32 matmul): at batch 1 the per-op
-dispatch of an eager layer costs as much as its math, and at batch 64 it is still a tenth.
+The native kernels (models/native) read each weight one of two ways, by the size of the step
+(`Kernels`):
+- up to `max_rows` tokens, row by row in the formats above: the weight bytes are the cost, and
+  each is read once per step;
+- beyond, in panels of 32 output columns (`QuantWeight.in_panels`, or `pack_dense` for fp32
+  weights), unpacked to fp32 one panel at a time and run through register tiles: the math is
+  the cost. A library GEMM re-packs its weight on every call (a fifth of its time at 64 rows);
+  panels are packed once, here. fp32 panels stop at PACKED_MAX_ROWS, where torch's matmul is
+  as fast; quantized weights stay in their format at every size, so a lossy mode is the same
+  model in prefill and decode.
+Steps whose rows each attend over their own paged context (decode, and short prompts beside
+it) run each layer as one native call (`FusedDecodeLayer`): at batch 1 the per-op dispatch of
+an eager layer costs as much as its math, and at batch 64 it is still a tenth.
 Without the native kernels, or off the CPU, the transform does nothing.
 """
 
@@ -44,7 +49,7 @@ log = logging.getLogger(__name__)
 GROUP = 32
 MODES = ("auto", "fp32", "q8", "q4")
 DEFAULT_MAX_ROWS = 10  # measured: row kernels win at 8 rows, panels from 12
-PACKED_MAX_ROWS = 256  # beyond, a chunk of x no longer stays in cache; torch's matmul is faster
+PACKED_MAX_ROWS = 512  # fp32 panels beyond this many rows: torch's matmul is as fast (measured)
 PANEL = 32  # output columns per packed panel (kernels.cpp: PW)
 # A weight as the native kernels take it: (format, tensors...); see kernels.cpp, weight_linear
 Spec = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -158,16 +163,21 @@ def pack_dense(w: torch.Tensor) -> torch.Tensor | None:
 @dataclass(slots=True)
 class Kernels:
     """Which native form of each weight (by data_ptr) serves a step: `small` up to `max_rows`
-    rows (the quantized rows, read once per step), `big` up to PACKED_MAX_ROWS (panels)."""
+    rows (the quantized rows, read once per step), `big` beyond (panels; fp32 panels only up
+    to PACKED_MAX_ROWS). A quantized weight is read in its own format at every step size, so
+    a lossy mode is the same model in prefill and decode."""
 
     small: dict[int, Spec]
     big: dict[int, Spec]
     max_rows: int
 
     def spec(self, w: torch.Tensor, rows: int) -> Spec | None:
-        if rows > PACKED_MAX_ROWS:
-            return None
-        return (self.small if rows <= self.max_rows else self.big).get(w.data_ptr())
+        if rows <= self.max_rows:
+            return self.small.get(w.data_ptr())
+        spec = self.big.get(w.data_ptr())
+        if spec is not None and spec[0] == 1 and rows > PACKED_MAX_ROWS:
+            return None  # fp32 weights: torch's matmul is as fast beyond
+        return spec
 
 
 def quant_linear(chosen: Kernels, native) -> LinearFn:  # noqa: ANN001
@@ -260,6 +270,7 @@ def quantize(model: LlamaModel, mode: str = "auto",
         model.layers[i] = FusedDecodeLayer(layer, chosen, native)
     model.linear = hook
     model.quantized = table  # (read by weight_bytes)
+    model.kernels = chosen
     log.info("weights: %s", counts)
     return counts
 
