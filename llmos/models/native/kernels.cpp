@@ -26,6 +26,7 @@ namespace {
 constexpr int64_t GROUP = 32;  // weights per scale (and per min, for q4)
 
 constexpr int64_t MT = 8;      // rows of x per pass over a weight row
+constexpr int64_t PF_AHEAD = 2;  // blocks of weight rows to prefetch ahead (linear_rows)
 
 // Sixteen floats: one AVX-512 register, two AVX2 registers, or a generic vector elsewhere.
 #if defined(__AVX512F__)
@@ -160,12 +161,23 @@ void linear_rows(const float* x, int64_t K, int64_t m0, const uint8_t* qw, const
   const int64_t row_bytes = Q4 ? K / 2 : K;
   const float* xr[R];
   for (int i = 0; i < R; ++i) xr[i] = x + (m0 + i) * K;
+  // The weight rows PF_AHEAD blocks on are prefetched a slice per group: the hardware
+  // prefetcher alone kept a core's 8-bit stream at about 7 GB/s
+  const int64_t pf_slice = (NR * row_bytes + groups * 64 - 1) / (groups * 64) * 64;
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) {
     V16 acc[NR][R][2];
     for (int j = 0; j < NR; ++j)
       for (int i = 0; i < R; ++i) acc[j][i][0] = acc[j][i][1] = V16::zero();
+    const char* pf = n + (PF_AHEAD + 1) * NR <= N
+                         ? reinterpret_cast<const char*>(qw + (n + PF_AHEAD * NR) * row_bytes)
+                         : nullptr;
     for (int64_t g = 0; g < groups; ++g) {
+      if (pf != nullptr) {
+        for (int64_t off = g * pf_slice; off < (g + 1) * pf_slice; off += 64) {
+          __builtin_prefetch(pf + off, 0, 3);
+        }
+      }
       for (int j = 0; j < NR; ++j) {
         const int64_t row = n + j;
         V16 lo, hi;
