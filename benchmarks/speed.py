@@ -132,11 +132,12 @@ def llmos_worker(mode: str, threads: int) -> dict[str, Any]:
     t = time.perf_counter()
     outs = llm.generate(batch, greedy, use_progress=False)
     batch_tps = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+    rss = peak_rss_bytes()  # (before perplexity() loads a second model)
     return {"decode_tps": decode, "prefill_tps": prefill, "batch_tps": batch_tps,
             "tokens": tokens, "perplexity": perplexity(mode),
             "weight_bytes": weight_bytes(engine.model),
             "kv_bytes_per_token": ModelRunner.kv_bytes_per_token(engine.model, torch.float32),
-            "formats": engine.weight_formats, "peak_rss": peak_rss_bytes()}
+            "formats": engine.weight_formats, "peak_rss": rss}
 
 
 def perplexity(mode: str) -> float:
@@ -300,6 +301,8 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
         f"{PREFILL_TOKENS} tokens to the first output token. Medians of {REPS}.",
         "Perplexity: 511 next tokens of a fixed text, each mode's kernels on every row. "
         "greedy = fp32: share of the 128 decode tokens equal to llmos fp32's.",
+        "Peak RSS: the worker's high-water mark after decode, prefill and batch (llmos: before "
+        "the perplexity pass loads a second copy of the model).",
     ]
     return md_table(head, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
