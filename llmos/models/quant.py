@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 GROUP = 32
 MODES = ("auto", "fp32", "q8", "q4")
 DEFAULT_MAX_ROWS = 10  # measured: row kernels win at 8 rows, panels from 12
+ROWS_ONLY_MAX_ROWS = 48  # a CPU without the panel kernels: rows, then torch's fp32 matmul
 PACKED_MAX_ROWS = 512  # fp32 panels beyond this many rows: torch's matmul is as fast (measured)
 PANEL = 32  # output columns per packed panel (kernels.cpp: PW)
 # A weight as the native kernels take it: (format, tensors...); see kernels.cpp, weight_linear
@@ -164,8 +165,9 @@ def pack_dense(w: torch.Tensor) -> torch.Tensor | None:
 class Kernels:
     """Which native form of each weight (by data_ptr) serves a step: `small` up to `max_rows`
     rows (the quantized rows, read once per step), `big` beyond (panels; fp32 panels only up
-    to PACKED_MAX_ROWS). A quantized weight is read in its own format at every step size, so
-    a lossy mode is the same model in prefill and decode."""
+    to PACKED_MAX_ROWS). Where the CPU has the panel kernels, a quantized weight is read in its
+    own format at every step size, so a lossy mode is the same model in prefill and decode;
+    elsewhere `big` is empty and bigger steps use torch's matmul on the fp32 weights."""
 
     small: dict[int, Spec]
     big: dict[int, Spec]
@@ -243,7 +245,8 @@ def quantize(model: LlamaModel, mode: str = "auto",
     native = kernels()
     if native is None or model.embed.device.type != "cpu":
         return {}
-    max_rows = DEFAULT_MAX_ROWS if max_rows is None else max_rows
+    if max_rows is None:
+        max_rows = DEFAULT_MAX_ROWS if native.has_panels() else ROWS_ONLY_MAX_ROWS
     table: dict[int, QuantWeight] = {}
     chosen = Kernels({}, {}, max_rows)
     counts: dict[str, int] = {}
