@@ -84,10 +84,10 @@ def test_mode_against_fp32(mode: str, ckpt, reference) -> None:  # noqa: ANN001
 
 @pytest.mark.skipif(kernels() is None or not kernels().has_panels(), reason="no panel kernels")
 def test_each_step_size_reads_the_modes_own_weights(ckpt) -> None:  # noqa: ANN001
-    """Small steps read quantized rows, bigger ones panels of the same values, at any size (a
-    lossy mode is one model in decode and in a long prefill); fp32 panels stop where torch's
-    matmul is as fast."""
-    for mode, small, big, huge in (("q4", 4, 5, 5), ("auto", 4, 5, 5), ("fp32", 1, 1, None)):
+    """Small steps read quantized rows, bigger ones panels of the same values; a lossy mode
+    keeps them at any size (one model in decode and in a long prefill), while weights whose
+    fp32 form is the same model go to torch's matmul where it is faster."""
+    for mode, small, big, huge in (("q4", 4, 5, 5), ("auto", 4, 5, None), ("fp32", 1, 1, None)):
         model = LlamaModel.from_weights(ckpt.config, ckpt.weights).eval()
         quantize(model, mode)
         w = model.layers[0].inner.gate_up

@@ -21,9 +21,9 @@ The native kernels (models/native) read each weight one of two ways, by the size
 - beyond, in panels of 32 output columns (`QuantWeight.in_panels`, or `pack_dense` for fp32
   weights), unpacked to fp32 one panel at a time and run through register tiles: the math is
   the cost. A library GEMM re-packs its weight on every call (a fifth of its time at 64 rows);
-  panels are packed once, here. fp32 panels stop at PACKED_MAX_ROWS, where torch's matmul is
-  as fast; quantized weights stay in their format at every size, so a lossy mode is the same
-  model in prefill and decode.
+  panels are packed once, here. Past PACKED_MAX_ROWS (long prefills) torch's matmul is
+  faster, and takes every weight whose fp32 form is the same model; a lossy mode's weights
+  stay in their format at every size, so it is the same model in prefill and decode.
 Steps whose rows each attend over their own paged context (decode, and short prompts beside
 it) run each layer as one native call (`FusedDecodeLayer`): at batch 1 the per-op dispatch of
 an eager layer costs as much as its math, and at batch 64 it is still a tenth.
@@ -50,7 +50,9 @@ GROUP = 32
 MODES = ("auto", "fp32", "q8", "q4")
 DEFAULT_MAX_ROWS = 10  # measured: row kernels win at 8 rows, panels from 12
 ROWS_ONLY_MAX_ROWS = 48  # a CPU without the panel kernels: rows, then torch's fp32 matmul
-PACKED_MAX_ROWS = 512  # fp32 panels beyond this many rows: torch's matmul is as fast (measured)
+# Beyond this many rows, torch's fp32 matmul is as fast as panels (500-row prefill: 7% faster);
+# weights whose fp32 form is the same model (fp32, or quantized exactly) go to it there
+PACKED_MAX_ROWS = 256
 PANEL = 32  # output columns per packed panel (kernels.cpp: PW)
 # A weight as the native kernels take it: (format, tensors...); see kernels.cpp, weight_linear
 Spec = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -164,21 +166,22 @@ def pack_dense(w: torch.Tensor) -> torch.Tensor | None:
 @dataclass(slots=True)
 class Kernels:
     """Which native form of each weight (by data_ptr) serves a step: `small` up to `max_rows`
-    rows (the quantized rows, read once per step), `big` beyond (panels; fp32 panels only up
-    to PACKED_MAX_ROWS). Where the CPU has the panel kernels, a quantized weight is read in its
-    own format at every step size, so a lossy mode is the same model in prefill and decode;
-    elsewhere `big` is empty and bigger steps use torch's matmul on the fp32 weights."""
+    rows (the quantized rows, read once per step), `big` beyond (panels), up to PACKED_MAX_ROWS
+    where the fp32 weights are the same model. A lossy mode's weights stay in their format at
+    every step size where the CPU has the panel kernels, so it is the same model in prefill and
+    decode; elsewhere `big` is empty and bigger steps use torch's matmul on the fp32 weights."""
 
     small: dict[int, Spec]
     big: dict[int, Spec]
     max_rows: int
+    exact: bool = True  # the quantized weights hold the fp32 values exactly ("auto")
 
     def spec(self, w: torch.Tensor, rows: int) -> Spec | None:
         if rows <= self.max_rows:
             return self.small.get(w.data_ptr())
         spec = self.big.get(w.data_ptr())
-        if spec is not None and spec[0] == 1 and rows > PACKED_MAX_ROWS:
-            return None  # fp32 weights: torch's matmul is as fast beyond
+        if spec is not None and rows > PACKED_MAX_ROWS and (spec[0] == 1 or self.exact):
+            return None  # the same values, and torch's matmul is faster here
         return spec
 
 
@@ -248,7 +251,7 @@ def quantize(model: LlamaModel, mode: str = "auto",
     if max_rows is None:
         max_rows = DEFAULT_MAX_ROWS if native.has_panels() else ROWS_ONLY_MAX_ROWS
     table: dict[int, QuantWeight] = {}
-    chosen = Kernels({}, {}, max_rows)
+    chosen = Kernels({}, {}, max_rows, exact=mode in ("auto", "fp32"))
     counts: dict[str, int] = {}
 
     def add(w: torch.Tensor) -> None:
