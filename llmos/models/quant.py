@@ -84,20 +84,14 @@ class QuantWeight:
         """The same weight stored as the native panel kernel reads it (formats 5 and 9): levels
         [N/32, K, 32] (q4: two per byte, rows j and j + 16), scales and mins [N/32, K/32, 32].
         None when N is not a multiple of 32."""
-        n, k = self.scales.shape[0], self.scales.shape[1] * GROUP
-        if n % PANEL:
+        if self.scales.shape[0] % PANEL:
             return None
-        q = self.levels().view(n // PANEL, PANEL, k).transpose(1, 2)
-
-        def per_panel(t: torch.Tensor) -> torch.Tensor:
-            return t.view(n // PANEL, PANEL, -1).transpose(1, 2).contiguous()
-
-        scales = per_panel(self.scales)
+        q, scales = panels_of(self.levels()), panels_of(self.scales)
         if self.fmt == "q4":
             assert self.mins is not None
             return (5, (q[..., :16] | (q[..., 16:] << 4)).contiguous(), scales,
-                    per_panel(self.mins))
-        return (9, q.contiguous(), scales, scales)
+                    panels_of(self.mins))
+        return (9, q, scales, scales)
 
     @property
     def spec(self) -> Spec:
@@ -155,12 +149,17 @@ def choose(w: torch.Tensor, mode: str) -> QuantWeight | None:
     return None
 
 
+def panels_of(t: torch.Tensor) -> torch.Tensor:
+    """A per-row tensor [N, C] (N a multiple of 32) as panels: [N/32, C, 32]."""
+    n = t.shape[0]
+    return t.view(n // PANEL, PANEL, -1).transpose(1, 2).contiguous()
+
+
 def pack_dense(w: torch.Tensor) -> torch.Tensor | None:
     """`w` [N, K] as the native dense kernel reads it, [N/32, K, 32] (None: it cannot)."""
-    n, k = w.shape
-    if n % PANEL or w.dtype != torch.float32:
+    if w.shape[0] % PANEL or w.dtype != torch.float32:
         return None
-    return w.view(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
+    return panels_of(w)
 
 
 @dataclass(slots=True)

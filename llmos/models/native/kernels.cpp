@@ -3,6 +3,7 @@
 // - linear: y = x @ W.T with W stored 4-bit (asymmetric, groups of 32 along K, as GGUF's Q4_1)
 //   or 8-bit (symmetric, groups of 32, as Q8_0), dequantized in registers. At small batch a
 //   linear layer is bound by streaming its weights, and these read 4-5x fewer bytes than fp32.
+//   Steps of many rows read W in panels of 32 output columns instead (panel_linear).
 // - paged_decode: one query per row against its paged K/V, without gathering the blocks into
 //   a padded copy first.
 // - decode_layer: a whole decoder layer in one call for rows that each attend over their own
@@ -24,7 +25,6 @@
 namespace {
 
 constexpr int64_t GROUP = 32;  // weights per scale (and per min, for q4)
-
 constexpr int64_t MT = 8;      // rows of x per pass over a weight row
 constexpr int64_t PF_AHEAD = 2;  // blocks of weight rows to prefetch ahead (linear_rows)
 
@@ -130,11 +130,6 @@ inline void dequant_q4(const uint8_t* q, float d, float m, V16& lo, V16& hi) {
   lo = {_mm512_permutexvar_ps(b, table)};
   hi = {_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table)};
 }
-inline void dequant_q8(const int8_t* q, float d, V16& lo, V16& hi) {
-  const V16 vd = V16::splat(d), z = V16::zero();
-  lo = V16::fma(V16::from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), vd, z);
-  hi = V16::fma(V16::from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))), vd, z);
-}
 #else
 // The two halves (k..k+15, k+16..k+31) of one 4-bit group as floats, dequantized.
 inline void dequant_q4(const uint8_t* q, float d, float m, V16& lo, V16& hi) {
@@ -144,6 +139,8 @@ inline void dequant_q4(const uint8_t* q, float d, float m, V16& lo, V16& hi) {
   lo = V16::fma(V16::from_u8(_mm_and_si128(b, mask)), vd, vm);
   hi = V16::fma(V16::from_u8(_mm_and_si128(_mm_srli_epi16(b, 4), mask)), vd, vm);
 }
+#endif
+#ifndef LLMOS_GENERIC  // (AVX-512 and AVX2 alike)
 inline void dequant_q8(const int8_t* q, float d, V16& lo, V16& hi) {
   const V16 vd = V16::splat(d), z = V16::zero();
   lo = V16::fma(V16::from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), vd, z);
