@@ -31,6 +31,7 @@ run: $(STAMP)
 # machine whose two cores are shared with anything else.
 test: $(STAMP)
 	$(BIN)/ruff check llmos tests benchmarks
+	$(BIN)/ruff format --check llmos tests benchmarks
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest tests
 
 lint: $(STAMP)

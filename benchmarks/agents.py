@@ -50,9 +50,11 @@ from llmos.kernel import Kernel, Program, Status, tool  # noqa: E402
 
 SECTION = "## Agents (benchmarks/agents.py)"
 TOOL_SECONDS = [0.2]
-SYSTEM = ("You are a research agent. The user gives you keys. Look up each key with the lookup "
-          "tool, one call per key, in the order given. After the last lookup, answer with one "
-          "sentence that says what the passages were about.")
+SYSTEM = (
+    "You are a research agent. The user gives you keys. Look up each key with the lookup "
+    "tool, one call per key, in the order given. After the last lookup, answer with one "
+    "sentence that says what the passages were about."
+)
 
 
 @tool(read_only=True)
@@ -71,11 +73,19 @@ def lookup(key: str) -> str:
 
 
 def program(steps: int) -> Program:
-    return Program(name="researcher", version="1", system_prompt=SYSTEM, tools=["lookup"],
-                   tool_choice=["lookup"] * steps + ["none"],
-                   limits={"max_steps": steps + 1, "max_seconds": 3600,
-                           "stuck_after": steps + 1},  # measure the cache, not the model
-                   sampling={"temperature": 0.0, "max_tokens": 40})
+    return Program(
+        name="researcher",
+        version="1",
+        system_prompt=SYSTEM,
+        tools=["lookup"],
+        tool_choice=["lookup"] * steps + ["none"],
+        limits={
+            "max_steps": steps + 1,
+            "max_seconds": 3600,
+            "stuck_after": steps + 1,
+        },  # measure the cache, not the model
+        sampling={"temperature": 0.0, "max_tokens": 40},
+    )
 
 
 def task(i: int, steps: int) -> str:
@@ -85,19 +95,27 @@ def task(i: int, steps: int) -> str:
 
 def run_agents(kernel: Kernel, agents: int, steps: int) -> dict[str, Any]:
     t0 = time.monotonic()
-    pids = [kernel.spawn(program(steps), task(i, steps), user=f"user{i % 4}")
-            for i in range(agents)]
+    pids = [
+        kernel.spawn(program(steps), task(i, steps), user=f"user{i % 4}") for i in range(agents)
+    ]
     procs = [kernel.wait(pid) for pid in pids]
     makespan = time.monotonic() - t0
     u = [p.usage for p in procs]
     prompt = sum(x.prompt_tokens for x in u)
     cached = sum(x.cached_tokens for x in u)
     tool_steps = sum(sum(1 for s in p.steps if s.kind == "tool_result") for p in procs)
-    return {"agents": agents, "done": sum(p.status is Status.DONE for p in procs),
-            "turns": sum(p.num_turns for p in procs), "tool_steps": tool_steps,
-            "prompt": prompt, "cached": cached, "prefilled": prompt - cached,
-            "completion": sum(x.completion_tokens for x in u), "makespan": makespan,
-            "engine_seconds": sum(x.engine_seconds for x in u)}
+    return {
+        "agents": agents,
+        "done": sum(p.status is Status.DONE for p in procs),
+        "turns": sum(p.num_turns for p in procs),
+        "tool_steps": tool_steps,
+        "prompt": prompt,
+        "cached": cached,
+        "prefilled": prompt - cached,
+        "completion": sum(x.completion_tokens for x in u),
+        "makespan": makespan,
+        "engine_seconds": sum(x.engine_seconds for x in u),
+    }
 
 
 def run_local(agents: int, steps: int, caching: bool) -> dict[str, Any]:
@@ -132,19 +150,35 @@ def run_llamacpp(agents: int, steps: int, threads: int) -> dict[str, Any]:
 
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    args = [sys.executable, "-m", "llama_cpp.server", "--model", str(resolve("smollm2-135m")),
-            "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
-            "--n_threads_batch", str(threads), "--n_ctx", "4096", "--interrupt_requests", "False",
-            "--verbose", "True"]
+    args = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(resolve("smollm2-135m")),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--n_ctx",
+        "4096",
+        "--interrupt_requests",
+        "False",
+        "--verbose",
+        "True",
+    ]
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        wait_until_serving(f"{url}/models", proc, 300,
-                           lambda: Path(log.name).read_text()[-800:])
-        backend = OpenAIHTTPBackend(url, "smollm2-135m", native_tools=False,
-                                    extra_body=grammar_for, context_window=4096)
-        with tempfile.TemporaryDirectory() as d, Kernel(backend=backend,
-                                                        db=Path(d) / "k.db") as k:
+        wait_until_serving(f"{url}/models", proc, 300, lambda: Path(log.name).read_text()[-800:])
+        backend = OpenAIHTTPBackend(
+            url, "smollm2-135m", native_tools=False, extra_body=grammar_for, context_window=4096
+        )
+        with tempfile.TemporaryDirectory() as d, Kernel(backend=backend, db=Path(d) / "k.db") as k:
             run_agents(k, 1, 1)
             start = len(Path(log.name).read_text())
             result = run_agents(k, agents, steps)
@@ -163,28 +197,56 @@ def run_llamacpp(agents: int, steps: int, threads: int) -> dict[str, Any]:
 def table(results: dict[str, dict[str, Any]]) -> str:
     rows = []
     for name, r in results.items():
-        rows.append([name, f"{r['done']}/{r['agents']}", str(r["turns"]), str(r["tool_steps"]),
-                     f"{r['prompt']:,}", f"{r['cached']:,} ({r['cached'] / r['prompt']:.0%})",
-                     f"{r['prefilled']:,}", f"{r['completion']:,}", f"{r['makespan']:.1f}"])
-    return md_table(["configuration", "done", "model turns", "tool steps", "prompt tokens",
-                     "cached", "prefilled", "completion", "makespan s"], rows)
+        rows.append(
+            [
+                name,
+                f"{r['done']}/{r['agents']}",
+                str(r["turns"]),
+                str(r["tool_steps"]),
+                f"{r['prompt']:,}",
+                f"{r['cached']:,} ({r['cached'] / r['prompt']:.0%})",
+                f"{r['prefilled']:,}",
+                f"{r['completion']:,}",
+                f"{r['makespan']:.1f}",
+            ]
+        )
+    return md_table(
+        [
+            "configuration",
+            "done",
+            "model turns",
+            "tool steps",
+            "prompt tokens",
+            "cached",
+            "prefilled",
+            "completion",
+            "makespan s",
+        ],
+        rows,
+    )
 
 
-def main(agents: Annotated[int, typer.Option("--agents")] = 16,
-         steps: Annotated[int, typer.Option("--steps")] = 6,
-         tool_seconds: Annotated[float, typer.Option("--tool-seconds")] = 0.2,
-         threads: Annotated[int, typer.Option("--llamacpp-threads")] = 2,
-         skip_llamacpp: Annotated[bool, typer.Option("--skip-llamacpp")] = False,
-         quiet_wait: Annotated[float, typer.Option("--quiet-wait", help="Seconds to wait for "
-                                                   "other work on the machine to end.")] = 0,
-         record: Annotated[Path | None, typer.Option("--record")] = None) -> None:
+def main(
+    agents: Annotated[int, typer.Option("--agents")] = 16,
+    steps: Annotated[int, typer.Option("--steps")] = 6,
+    tool_seconds: Annotated[float, typer.Option("--tool-seconds")] = 0.2,
+    threads: Annotated[int, typer.Option("--llamacpp-threads")] = 2,
+    skip_llamacpp: Annotated[bool, typer.Option("--skip-llamacpp")] = False,
+    quiet_wait: Annotated[
+        float,
+        typer.Option("--quiet-wait", help="Seconds to wait for other work on the machine to end."),
+    ] = 0,
+    record: Annotated[Path | None, typer.Option("--record")] = None,
+) -> None:
     TOOL_SECONDS[0] = tool_seconds
     if quiet_wait:
         wait_quiet(quiet_wait)
     load_start = loadavg()
     results: dict[str, dict[str, Any]] = {}
-    for name, caching in (("llmos local, retention on", True),
-                          ("llmos local, retention off", False)):
+    for name, caching in (
+        ("llmos local, retention on", True),
+        ("llmos local, retention off", False),
+    ):
         results[name] = run_local(agents, steps, caching)
         print(name, results[name], flush=True)
     have_llamacpp = not skip_llamacpp and _importable("llama_cpp.server")
@@ -194,27 +256,33 @@ def main(agents: Annotated[int, typer.Option("--agents")] = 16,
         print(name, results[name], flush=True)
     body = table(results)
     on, off = results["llmos local, retention on"], results["llmos local, retention off"]
-    notes = [f"{agents} agents × {steps} forced tool steps + 1 answer turn, greedy, "
-             f"tool latency {tool_seconds:g} s; machine: {machine().get('cpu', '?')}, "
-             f"{os.cpu_count()} cores, load average {load_start:.1f} at the start and "
-             f"{loadavg():.1f} at the end, {time.strftime('%Y-%m-%d')}. The answer turn has "
-             "no tools, so its system prompt differs from the tool turns' and it prefills from "
-             "there on (in every configuration).",
-             f"Retention cuts prefilled tokens {off['prefilled'] / max(1, on['prefilled']):.1f}× "
-             f"and makespan {off['makespan'] / on['makespan']:.2f}×."]
+    notes = [
+        f"{agents} agents × {steps} forced tool steps + 1 answer turn, greedy, "
+        f"tool latency {tool_seconds:g} s; machine: {machine().get('cpu', '?')}, "
+        f"{os.cpu_count()} cores, load average {load_start:.1f} at the start and "
+        f"{loadavg():.1f} at the end, {time.strftime('%Y-%m-%d')}. The answer turn has "
+        "no tools, so its system prompt differs from the tool turns' and it prefills from "
+        "there on (in every configuration).",
+        f"Retention cuts prefilled tokens {off['prefilled'] / max(1, on['prefilled']):.1f}× "
+        f"and makespan {off['makespan'] / on['makespan']:.2f}×.",
+    ]
     if have_llamacpp:
         lc = results[next(k for k in results if k.startswith("llama"))]
-        notes.append(f"Against llama-cpp-python (one request at a time, prefix reuse only with "
-                     f"the request before): {lc['prefilled'] / max(1, on['prefilled']):.1f}× "
-                     f"the prefilled tokens and {lc['makespan'] / on['makespan']:.2f}× the "
-                     "makespan of llmos with retention. Its tools go in the prompt (llmos's "
-                     "documented JSON format) with a GBNF grammar forcing each call, so its "
-                     "prompts differ slightly in length from llmos's.")
+        notes.append(
+            f"Against llama-cpp-python (one request at a time, prefix reuse only with "
+            f"the request before): {lc['prefilled'] / max(1, on['prefilled']):.1f}× "
+            f"the prefilled tokens and {lc['makespan'] / on['makespan']:.2f}× the "
+            "makespan of llmos with retention. Its tools go in the prompt (llmos's "
+            "documented JSON format) with a GBNF grammar forcing each call, so its "
+            "prompts differ slightly in length from llmos's."
+        )
     else:
         notes.append("llama-cpp-python was not importable: its row is missing.")
-    notes.append("Retention pins each waiting process's blocks in the engine (released when the "
-                 "process ends, or oldest first under memory pressure), on top of the prefix "
-                 "cache's LRU.")
+    notes.append(
+        "Retention pins each waiting process's blocks in the engine (released when the "
+        "process ends, or oldest first under memory pressure), on top of the prefix "
+        "cache's LRU."
+    )
     markdown = body + "\n\n" + "\n".join(f"- {n}" for n in notes)
     print(markdown)
     if record is not None:

@@ -35,10 +35,10 @@ CORPUS: tuple[str, ...] = (
     "minutes until it is smooth and springs back when pressed. Cover it and let it rise in a "
     "warm place for about an hour. Shape the loaf, let it rise again, and bake it in a hot "
     "oven until the crust is golden and the bottom sounds hollow when tapped.",
-    "\"Are you sure this is the right road?\" Maya asked, squinting at the map. \"Absolutely,\" "
-    "said her brother, who was never absolutely sure of anything. \"The sign said the village "
-    "was twelve kilometres away.\" \"That sign was pointing the other way.\" He slowed the car, "
-    "looked in the mirror, and sighed. \"Fine. We will turn around at the next farm.\"",
+    '"Are you sure this is the right road?" Maya asked, squinting at the map. "Absolutely," '
+    'said her brother, who was never absolutely sure of anything. "The sign said the village '
+    'was twelve kilometres away." "That sign was pointing the other way." He slowed the car, '
+    'looked in the mirror, and sighed. "Fine. We will turn around at the next farm."',
     "Photosynthesis converts light energy into chemical energy. In the chloroplasts of plant "
     "cells, chlorophyll absorbs light, mostly in the blue and red parts of the spectrum. "
     "That energy splits water molecules, releasing oxygen as a by-product, and drives the "
@@ -133,9 +133,13 @@ class Workload:
         return asdict(self)
 
 
-def build_workload(encoder: Encoder, num_prompts: int, seed: int = 0,
-                   prompt_len: tuple[int, int] = (20, 600),
-                   max_tokens: tuple[int, int] = (16, 256)) -> Workload:
+def build_workload(
+    encoder: Encoder,
+    num_prompts: int,
+    seed: int = 0,
+    prompt_len: tuple[int, int] = (20, 600),
+    max_tokens: tuple[int, int] = (16, 256),
+) -> Workload:
     """Deterministic prompts: each starts at a random sentence of a random passage and reads on
     through passages in a shuffled order, cut to a length drawn uniformly (in llmos tokens)."""
     rng = random.Random(seed)
@@ -146,7 +150,7 @@ def build_workload(encoder: Encoder, num_prompts: int, seed: int = 0,
         target = rng.randint(*prompt_len)
         order = rng.sample(range(len(passages)), len(passages))
         first = passages[order[0]]
-        parts = [" ".join(first[rng.randrange(len(first)):])]
+        parts = [" ".join(first[rng.randrange(len(first)) :])]
         parts += [" ".join(passages[i]) for i in order[1:]]
         ids: list[int] = []
         for k in range(1, len(parts) + 1):  # the whole corpus is far longer than 600 tokens
@@ -171,8 +175,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def ttft_summary(ttfts: Sequence[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(ttfts), "p50": percentile(ttfts, 50),
-            "p90": percentile(ttfts, 90)}
+    return {
+        "mean": statistics.fmean(ttfts),
+        "p50": percentile(ttfts, 50),
+        "p90": percentile(ttfts, 90),
+    }
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -249,8 +256,13 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
-            "python": platform.python_version(), "platform": platform.platform(terse=True)}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+    }
 
 
 # -- worker processes ------------------------------------------------------------------------
@@ -258,15 +270,20 @@ class WorkerError(RuntimeError):
     """A benchmark worker process failed; the message carries the end of its stderr."""
 
 
-def run_worker(args: Sequence[str], on_line: Callable[[str], None] | None = None,
-               env: dict[str, str] | None = None, timeout: float = 1800.0) -> dict[str, Any]:
+def run_worker(
+    args: Sequence[str],
+    on_line: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 1800.0,
+) -> dict[str, Any]:
     """Run `python <args>` in a fresh process that writes one JSON line prefixed `result `.
 
     Other stdout lines go to `on_line` (progress). Returns the result with `spawn_to_exit` (s).
     """
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     result: dict[str, Any] | None = None
@@ -278,7 +295,7 @@ def run_worker(args: Sequence[str], on_line: Callable[[str], None] | None = None
         for line in proc.stdout:
             line = line.rstrip("\n")
             if line.startswith("result "):
-                result = json.loads(line[len("result "):])
+                result = json.loads(line[len("result ") :])
             elif on_line is not None:
                 on_line(line)
         code = proc.wait()
@@ -316,15 +333,17 @@ def replace_section(path: Path, heading: str, body: str, title: str = "# Benchma
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
     path.write_text(new)
 
 
-def wait_until_serving(probe_url: str, proc: subprocess.Popen, timeout: float,
-                       exit_detail: Callable[[], str]) -> None:
+def wait_until_serving(
+    probe_url: str, proc: subprocess.Popen, timeout: float, exit_detail: Callable[[], str]
+) -> None:
     """Poll `probe_url` until it answers 200; fail early if the server process exits."""
     deadline = time.monotonic() + timeout
     while True:

@@ -43,9 +43,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import replace_section, wait_until_serving  # noqa: E402
 
 MODEL = "smollm2-135m"
-TOPICS = ["a lighthouse", "the moon", "a lost key", "rain in Paris", "a robot cook", "old maps",
-          "a quiet forest", "the first snow", "a chess game", "a paper boat", "a night train",
-          "an empty theatre", "a stubborn cat", "the last bus", "a broken clock", "a glass city"]
+TOPICS = [
+    "a lighthouse",
+    "the moon",
+    "a lost key",
+    "rain in Paris",
+    "a robot cook",
+    "old maps",
+    "a quiet forest",
+    "the first snow",
+    "a chess game",
+    "a paper boat",
+    "a night train",
+    "an empty theatre",
+    "a stubborn cat",
+    "the last bus",
+    "a broken clock",
+    "a glass city",
+]
 BOOT_TIMEOUT = 600.0
 LLAMACPP_MODULES = ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
 
@@ -82,13 +97,18 @@ class Level:
         end = self.start + self.duration
         seen = [r.first - r.sent for r in self.requests if r.first is not None]
         fastest = min(seen, default=0.0)
-        pairs = sorted([(t, False) for t in seen] + [
-            (end - r.sent, True) for r in self.requests
-            if r.first is None and end - r.sent >= fastest])
+        pairs = sorted(
+            [(t, False) for t in seen]
+            + [
+                (end - r.sent, True)
+                for r in self.requests
+                if r.first is None and end - r.sent >= fastest
+            ]
+        )
         if not pairs:
             return float("nan"), False
         i = round(q / 100 * (len(pairs) - 1))
-        return pairs[i][0], any(censored for _, censored in pairs[:i + 1])
+        return pairs[i][0], any(censored for _, censored in pairs[: i + 1])
 
     @property
     def itl_p50(self) -> float:
@@ -109,8 +129,9 @@ def server_process(args: list[str], port: int) -> Iterator[str]:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_serving(f"{url}/v1/models", proc, BOOT_TIMEOUT,
-                           lambda: proc.stderr.read()[-2000:])  # type: ignore[union-attr]
+        wait_until_serving(
+            f"{url}/v1/models", proc, BOOT_TIMEOUT, lambda: proc.stderr.read()[-2000:]
+        )  # type: ignore[union-attr]
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -122,20 +143,51 @@ def server_process(args: list[str], port: int) -> Iterator[str]:
 
 
 def llmos_args(port: int, threads: int | None) -> list[str]:
-    return [sys.executable, "-c", "from llmos.cli.main import app; app()", "serve",
-            "--port", str(port), "--max-num-seqs", "64", "--max-waiting", "4096", "--grace", "1",
-            *(["--threads", str(threads)] if threads else [])]
+    return [
+        sys.executable,
+        "-c",
+        "from llmos.cli.main import app; app()",
+        "serve",
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        "64",
+        "--max-waiting",
+        "4096",
+        "--grace",
+        "1",
+        *(["--threads", str(threads)] if threads else []),
+    ]
 
 
 def llamacpp_args(port: int, gguf: Path, threads: int) -> list[str]:
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-            "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--interrupt_requests", "False", "--n_ctx", "2048", "--verbose", "False"]
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--interrupt_requests",
+        "False",
+        "--n_ctx",
+        "2048",
+        "--verbose",
+        "False",
+    ]
 
 
 # -- load ------------------------------------------------------------------------------------
-async def one_request(client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str],
-                      req: Request) -> None:
+async def one_request(
+    client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str], req: Request
+) -> None:
     async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -149,14 +201,22 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any], headers: 
                 req.tokens += 1
 
 
-async def run_level(url: str, server: str, concurrency: int, duration: float, fresh: bool,
-                    extra: dict[str, Any], seed: int) -> Level:
+async def run_level(
+    url: str,
+    server: str,
+    concurrency: int,
+    duration: float,
+    fresh: bool,
+    extra: dict[str, Any],
+    seed: int,
+) -> Level:
     """One window of load. Prompts are numbered from `seed * 100_000`, so no two runs share one:
     a prefix cache must not make a later run look faster."""
     rng = random.Random(seed)
     headers = {"Connection": "close"} if fresh else {}
-    limits = httpx.Limits(max_connections=concurrency + 8,
-                          max_keepalive_connections=0 if fresh else concurrency + 8)
+    limits = httpx.Limits(
+        max_connections=concurrency + 8, max_keepalive_connections=0 if fresh else concurrency + 8
+    )
     requests: list[Request] = []
     errors: list[str] = []
     counter = iter(range(seed * 100_000, (seed + 1) * 100_000))
@@ -164,9 +224,15 @@ async def run_level(url: str, server: str, concurrency: int, duration: float, fr
     async def client_loop(client: httpx.AsyncClient, deadline: float) -> None:
         while time.perf_counter() < deadline:
             i = next(counter)
-            body = {"model": MODEL, "prompt": f"{i}. Write about {TOPICS[i % len(TOPICS)]} and "
-                    f"the number {rng.randint(0, 9999)}.", "stream": True,
-                    "max_tokens": rng.randint(64, 128), "temperature": 1.0, **extra}
+            body = {
+                "model": MODEL,
+                "prompt": f"{i}. Write about {TOPICS[i % len(TOPICS)]} and "
+                f"the number {rng.randint(0, 9999)}.",
+                "stream": True,
+                "max_tokens": rng.randint(64, 128),
+                "temperature": 1.0,
+                **extra,
+            }
             req = Request(time.perf_counter())
             requests.append(req)
             try:
@@ -189,8 +255,15 @@ async def run_level(url: str, server: str, concurrency: int, duration: float, fr
             r.first = None
     if errors:
         print(f"  {len(errors)} failed requests, e.g. {errors[0]}", file=sys.stderr)
-    return Level(server, concurrency, "fresh" if fresh else "keep-alive", start, duration,
-                 requests, len(errors))
+    return Level(
+        server,
+        concurrency,
+        "fresh" if fresh else "keep-alive",
+        start,
+        duration,
+        requests,
+        len(errors),
+    )
 
 
 def cpu_stall_seconds() -> float | None:
@@ -203,15 +276,22 @@ def cpu_stall_seconds() -> float | None:
     return int(line.rsplit("total=", 1)[1]) / 1e6
 
 
-def measure(url: str, server: str, levels: list[int], duration: float, modes: list[bool],
-            extra: dict[str, Any]) -> list[Level]:
+def measure(
+    url: str,
+    server: str,
+    levels: list[int],
+    duration: float,
+    modes: list[bool],
+    extra: dict[str, Any],
+) -> list[Level]:
     asyncio.run(run_level(url, server, 2, 3.0, False, extra, seed=999))  # warm up
     results = []
     for n, c in enumerate(levels):
         for fresh in modes if n % 2 == 0 else modes[::-1]:  # neither mode always goes first
             before = cpu_stall_seconds()
-            level = asyncio.run(run_level(url, server, c, duration, fresh, extra,
-                                          seed=2 * c + fresh))
+            level = asyncio.run(
+                run_level(url, server, c, duration, fresh, extra, seed=2 * c + fresh)
+            )
             after = cpu_stall_seconds()
             if before is not None and after is not None:
                 level.stall = (after - before) / duration
@@ -227,21 +307,28 @@ def fmt_ttft(level: Level, q: float) -> str:
 
 
 def row(level: Level) -> str:
-    return (f"| {level.server} | {level.concurrency} | {level.connections} | "
-            f"{level.tokens_per_s:.1f} | {fmt_ttft(level, 50)} | {fmt_ttft(level, 99)} | "
-            f"{level.itl_p50 * 1000:.0f} | {len(level.requests)} | {level.errors} | "
-            f"{level.stall:.2f} |")
+    return (
+        f"| {level.server} | {level.concurrency} | {level.connections} | "
+        f"{level.tokens_per_s:.1f} | {fmt_ttft(level, 50)} | {fmt_ttft(level, 99)} | "
+        f"{level.itl_p50 * 1000:.0f} | {len(level.requests)} | {level.errors} | "
+        f"{level.stall:.2f} |"
+    )
 
 
-HEADER = ("| server | concurrency | connections | output tok/s | TTFT p50 (s) | TTFT p99 (s) "
-          "| ITL p50 (ms) | requests | errors | CPU stall |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| server | concurrency | connections | output tok/s | TTFT p50 (s) | TTFT p99 (s) "
+    "| ITL p50 (ms) | requests | errors | CPU stall |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def ratios(results: list[Level]) -> list[str]:
     """The better llmos setting vs the better llama.cpp one, per concurrency and connections."""
-    lines = ["| concurrency | connections | tok/s llmos / llama.cpp | TTFT p50 llmos / llama.cpp "
-             "(s) | floor (≥3× tok/s and lower TTFT, at 16 and 64) |", "|---|---|---|---|---|"]
+    lines = [
+        "| concurrency | connections | tok/s llmos / llama.cpp | TTFT p50 llmos / llama.cpp "
+        "(s) | floor (≥3× tok/s and lower TTFT, at 16 and 64) |",
+        "|---|---|---|---|---|",
+    ]
     keys = dict.fromkeys((r.concurrency, r.connections) for r in results)
     for c, mode in keys:
         same = [r for r in results if (r.concurrency, r.connections) == (c, mode)]
@@ -253,8 +340,7 @@ def ratios(results: list[Level]) -> list[str]:
         best = max(theirs, key=lambda r: r.tokens_per_s)
         ratio = mine.tokens_per_s / max(best.tokens_per_s, 1e-9)
         t_mine, t_best = mine.ttft(50)[0], min(r.ttft(50)[0] for r in theirs)
-        floor = "—" if c not in (16, 64) else (
-            "pass" if ratio >= 3 and t_mine < t_best else "FAIL")
+        floor = "—" if c not in (16, 64) else ("pass" if ratio >= 3 and t_mine < t_best else "FAIL")
         lines.append(f"| {c} | {mode} | {ratio:.1f}× | {t_mine:.2f} / {t_best:.2f} | {floor} |")
     return lines
 
@@ -262,8 +348,11 @@ def ratios(results: list[Level]) -> list[str]:
 def machine_line() -> str:
     cpu = "?"
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in
-                   Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
@@ -272,14 +361,20 @@ def machine_line() -> str:
 def main(
     duration: Annotated[float, typer.Option(help="Seconds per concurrency level.")] = 20.0,
     concurrency: Annotated[str, typer.Option(help="Comma-separated levels.")] = "1,4,16,64",
-    connections: Annotated[str, typer.Option(
-        help="keep-alive, fresh, or both (each run once per level).")] = "both",
+    connections: Annotated[
+        str, typer.Option(help="keep-alive, fresh, or both (each run once per level).")
+    ] = "both",
     quick: Annotated[bool, typer.Option(help="Levels 1 and 16, 10 s, keep-alive only.")] = False,
     skip_llamacpp: Annotated[bool, typer.Option()] = False,
-    llmos_threads: Annotated[str, typer.Option(
-        help="Comma-separated torch thread counts to run llmos with; 0: torch's default.")] = "0",
-    record: Annotated[Path | None, typer.Option(
-        help="Write the results section here (replacing it).")] = None,
+    llmos_threads: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated torch thread counts to run llmos with; 0: torch's default."
+        ),
+    ] = "0",
+    record: Annotated[
+        Path | None, typer.Option(help="Write the results section here (replacing it).")
+    ] = None,
 ) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     modes = {"keep-alive": [False], "fresh": [True]}.get(connections, [False, True])
@@ -302,33 +397,50 @@ def main(
         from gguf import GGUFReader
 
         eos = int(GGUFReader(gguf).fields["tokenizer.ggml.eos_token_id"].parts[-1][0])
-        extra = {"logit_bias": {str(eos): -100.0}, "top_k": 0, "min_p": 0.0,
-                 "repeat_penalty": 1.0, "top_p": 1.0}
+        extra = {
+            "logit_bias": {str(eos): -100.0},
+            "top_k": 0,
+            "min_p": 0.0,
+            "repeat_penalty": 1.0,
+            "top_p": 1.0,
+        }
         for threads in (1, 2):
             port = free_port()
             with server_process(llamacpp_args(port, gguf, threads), port) as url:
                 results += measure(url, f"llama.cpp t{threads}", levels, duration, modes, extra)
     else:
-        notes.append(f"llama.cpp: skipped, not importable: {', '.join(missing)} "
-                     "(`make bench-setup` builds llama-cpp-python; its server also needs "
-                     "sse-starlette, starlette-context and pydantic-settings).")
+        notes.append(
+            f"llama.cpp: skipped, not importable: {', '.join(missing)} "
+            "(`make bench-setup` builds llama-cpp-python; its server also needs "
+            "sse-starlette, starlette-context and pydantic-settings)."
+        )
     for note in notes:
         print(note)
     ratio_lines = ratios(results)
     if len(ratio_lines) > 2:
         print("\n".join(ratio_lines))
     if record is not None:
-        section = [f"`benchmarks/serve.py --duration {duration:g} --concurrency "
-                   f"{','.join(map(str, levels))} --connections {connections}` on "
-                   f"{machine_line()}. {MODEL} (Q4_1 GGUF); "
-                   "streaming /v1/completions, 64–128 output tokens per request (EOS "
-                   "suppressed), temperature 1, loopback. `>`: a lower bound (some requests got "
-                   "no token inside the window). CPU stall: the share of the window in which "
-                   "some task waited for a core (Linux PSI), i.e. how busy the machine was with "
-                   "other work too.", "", HEADER, *map(row, results), ""]
+        section = [
+            f"`benchmarks/serve.py --duration {duration:g} --concurrency "
+            f"{','.join(map(str, levels))} --connections {connections}` on "
+            f"{machine_line()}. {MODEL} (Q4_1 GGUF); "
+            "streaming /v1/completions, 64–128 output tokens per request (EOS "
+            "suppressed), temperature 1, loopback. `>`: a lower bound (some requests got "
+            "no token inside the window). CPU stall: the share of the window in which "
+            "some task waited for a core (Linux PSI), i.e. how busy the machine was with "
+            "other work too.",
+            "",
+            HEADER,
+            *map(row, results),
+            "",
+        ]
         if len(ratio_lines) > 2:
-            section += ["The better llmos setting against the better llama.cpp one:", "",
-                        *ratio_lines, ""]
+            section += [
+                "The better llmos setting against the better llama.cpp one:",
+                "",
+                *ratio_lines,
+                "",
+            ]
         section += notes
         replace_section(record, "## Serving (benchmarks/serve.py)", "\n".join(section))
 

@@ -57,15 +57,16 @@ def prompts(encode: Any) -> tuple[list[int], list[list[int]]]:  # noqa: ANN401
     text = " ".join(CORPUS * 4)
     ids = encode(text)
     long = ids[:PREFILL_TOKENS]
-    batch = [ids[i * 37:i * 37 + 40 + (i % 5) * 20] for i in range(BATCH)]
+    batch = [ids[i * 37 : i * 37 + 40 + (i % 5) * 20] for i in range(BATCH)]
     return long, batch
 
 
 Stream = Callable[[list[int], int], tuple[list[int], list[float]]]
 
 
-def decode_and_prefill(stream: Stream, chat: list[int],
-                       long: list[int]) -> tuple[float, float, list[int]]:
+def decode_and_prefill(
+    stream: Stream, chat: list[int], long: list[int]
+) -> tuple[float, float, list[int]]:
     """Median decode tok/s over tokens 2..128, median prefill tok/s of the long prompt, and the
     decoded tokens; `stream(ids, n)` returns the n tokens and the time each came out."""
     stream(chat, 8)  # warm up
@@ -133,11 +134,17 @@ def llmos_worker(mode: str, threads: int) -> dict[str, Any]:
     outs = llm.generate(batch, greedy, use_progress=False)
     batch_tps = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
     rss = peak_rss_bytes()  # (before perplexity() loads a second model)
-    return {"decode_tps": decode, "prefill_tps": prefill, "batch_tps": batch_tps,
-            "tokens": tokens, "perplexity": perplexity(mode),
-            "weight_bytes": weight_bytes(engine.model),
-            "kv_bytes_per_token": ModelRunner.kv_bytes_per_token(engine.model, torch.float32),
-            "formats": engine.weight_formats, "peak_rss": rss}
+    return {
+        "decode_tps": decode,
+        "prefill_tps": prefill,
+        "batch_tps": batch_tps,
+        "tokens": tokens,
+        "perplexity": perplexity(mode),
+        "weight_bytes": weight_bytes(engine.model),
+        "kv_bytes_per_token": ModelRunner.kv_bytes_per_token(engine.model, torch.float32),
+        "formats": engine.weight_formats,
+        "peak_rss": rss,
+    }
 
 
 def perplexity(mode: str) -> float:
@@ -156,11 +163,16 @@ def perplexity(mode: str) -> float:
     quantize(model, mode, max_rows=1 << 30)
     ids = torch.tensor(ckpt.tokenizer.encode(" ".join(CORPUS))[:512])
     n, cfg, bs = len(ids), ckpt.config, 16
-    caches = [(torch.zeros(n // bs + 1, bs, cfg.num_kv_heads, cfg.head_dim),
-               torch.zeros(n // bs + 1, bs, cfg.num_kv_heads, cfg.head_dim))
-              for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata(torch.arange(n), [PrefillChunk(0, n, n, torch.arange(n // bs + 1),
-                                                            None)], bs)
+    caches = [
+        (
+            torch.zeros(n // bs + 1, bs, cfg.num_kv_heads, cfg.head_dim),
+            torch.zeros(n // bs + 1, bs, cfg.num_kv_heads, cfg.head_dim),
+        )
+        for _ in range(cfg.num_layers)
+    ]
+    meta = AttentionMetadata(
+        torch.arange(n), [PrefillChunk(0, n, n, torch.arange(n // bs + 1), None)], bs
+    )
     with torch.inference_mode():
         logits = model(ids, torch.arange(n), caches, meta, torch.arange(n - 1))
         nll = torch.nn.functional.cross_entropy(logits, ids[1:])
@@ -174,8 +186,14 @@ def llamacpp_worker(threads: int) -> dict[str, Any]:
     from llmos.models.registry import resolve
 
     path = resolve(MODEL)
-    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
-                n_batch=512, verbose=False)
+    llm = Llama(
+        model_path=str(path),
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_ctx=1024,
+        n_batch=512,
+        verbose=False,
+    )
     from llmos.models.loader import load_checkpoint
     from llmos.models.tokenizer import Tokenizer  # the same token ids as llmos
 
@@ -186,8 +204,9 @@ def llamacpp_worker(threads: int) -> dict[str, Any]:
     def stream(ids: list[int], n: int) -> tuple[list[int], list[float]]:
         llm.reset()
         tokens, times = [], []
-        for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
-                              reset=True):
+        for t in llm.generate(
+            ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True
+        ):
             tokens.append(t)
             times.append(time.perf_counter())
             if len(tokens) == n:
@@ -198,10 +217,16 @@ def llamacpp_worker(threads: int) -> dict[str, Any]:
     reader = gguf.GGUFReader(path)
     cfg = load_checkpoint(path).config
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # its default f16 cache
-    return {"decode_tps": decode, "prefill_tps": prefill, "batch_tps": None, "tokens": tokens,
-            "perplexity": None,
-            "weight_bytes": sum(int(t.n_bytes) for t in reader.tensors),
-            "kv_bytes_per_token": kv, "peak_rss": peak_rss_bytes()}
+    return {
+        "decode_tps": decode,
+        "prefill_tps": prefill,
+        "batch_tps": None,
+        "tokens": tokens,
+        "perplexity": None,
+        "weight_bytes": sum(int(t.n_bytes) for t in reader.tensors),
+        "kv_bytes_per_token": kv,
+        "peak_rss": peak_rss_bytes(),
+    }
 
 
 def hf_worker(threads: int) -> dict[str, Any]:
@@ -213,8 +238,9 @@ def hf_worker(threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     path = resolve(MODEL)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     tok = load_checkpoint(path).tokenizer
     chat = tok.encode_chat(CHAT)
     long, batch = prompts(tok.encode)
@@ -225,24 +251,40 @@ def hf_worker(threads: int) -> dict[str, Any]:
         ids = torch.full((len(rows), width), pad)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+            ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, temperature=None, top_p=None, top_k=None,
-                           pad_token_id=pad)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad,
+            )
         return time.perf_counter() - t
 
     generate([chat], 4)
     first = statistics.median(generate([chat], 1) for _ in range(REPS))
-    decode = statistics.median((DECODE_TOKENS - 1) / (generate([chat], DECODE_TOKENS) - first)
-                               for _ in range(REPS))
+    decode = statistics.median(
+        (DECODE_TOKENS - 1) / (generate([chat], DECODE_TOKENS) - first) for _ in range(REPS)
+    )
     prefill = statistics.median(PREFILL_TOKENS / generate([long], 1) for _ in range(REPS))
     batch_tps = BATCH * DECODE_TOKENS / generate(batch, DECODE_TOKENS)
     params = sum(p.numel() for p in model.parameters())
-    return {"decode_tps": decode, "prefill_tps": prefill, "batch_tps": batch_tps, "tokens": None,
-            "perplexity": None, "weight_bytes": params * 4, "kv_bytes_per_token": None,
-            "peak_rss": peak_rss_bytes()}
+    return {
+        "decode_tps": decode,
+        "prefill_tps": prefill,
+        "batch_tps": batch_tps,
+        "tokens": None,
+        "perplexity": None,
+        "weight_bytes": params * 4,
+        "kv_bytes_per_token": None,
+        "peak_rss": peak_rss_bytes(),
+    }
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -272,21 +314,38 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
         if ref and r.get("tokens"):
             same = sum(a == b for a, b in zip(r["tokens"], ref, strict=False))
             agree = f"{same / len(ref):.0%}"
-        rows.append([
-            name, f"{r['decode_tps']:.1f}",
-            f"{r['decode_tps'] / lc['decode_tps']:.2f}×" if lc else "—",
-            f"{r['decode_tps'] / decode_limit:.0%} of {decode_limit:.0f}",
-            f"{r['prefill_tps']:.0f}",
-            f"{r['prefill_tps'] / lc['prefill_tps']:.2f}×" if lc else "—",
-            f"{r['prefill_tps'] * flops / mm:.0%}",
-            f"{r['batch_tps']:.0f}" if r.get("batch_tps") else "—",
-            f"{r['perplexity']:.3f}" if r.get("perplexity") else "—", agree,
-            f"{r['weight_bytes'] / 2**20:.0f}", f"{r['peak_rss'] / 2**20:.0f}",
-            f"{r['kv_bytes_per_token'] / 1024:.0f}" if r.get("kv_bytes_per_token") else "—"])
-    head = ["engine", "decode tok/s", "÷ llama.cpp", "of bandwidth bound (tok/s)",
-            "prefill tok/s", "÷ llama.cpp", "of matmul peak", f"batch {BATCH} tok/s",
-            "perplexity", "greedy = fp32", "weights read/token (MiB)", "peak RSS (MiB)",
-            "KV KiB/token"]
+        rows.append(
+            [
+                name,
+                f"{r['decode_tps']:.1f}",
+                f"{r['decode_tps'] / lc['decode_tps']:.2f}×" if lc else "—",
+                f"{r['decode_tps'] / decode_limit:.0%} of {decode_limit:.0f}",
+                f"{r['prefill_tps']:.0f}",
+                f"{r['prefill_tps'] / lc['prefill_tps']:.2f}×" if lc else "—",
+                f"{r['prefill_tps'] * flops / mm:.0%}",
+                f"{r['batch_tps']:.0f}" if r.get("batch_tps") else "—",
+                f"{r['perplexity']:.3f}" if r.get("perplexity") else "—",
+                agree,
+                f"{r['weight_bytes'] / 2**20:.0f}",
+                f"{r['peak_rss'] / 2**20:.0f}",
+                f"{r['kv_bytes_per_token'] / 1024:.0f}" if r.get("kv_bytes_per_token") else "—",
+            ]
+        )
+    head = [
+        "engine",
+        "decode tok/s",
+        "÷ llama.cpp",
+        "of bandwidth bound (tok/s)",
+        "prefill tok/s",
+        "÷ llama.cpp",
+        "of matmul peak",
+        f"batch {BATCH} tok/s",
+        "perplexity",
+        "greedy = fp32",
+        "weights read/token (MiB)",
+        "peak RSS (MiB)",
+        "KV KiB/token",
+    ]
     m = machine()
     notes = [
         f"`.venv/bin/python benchmarks/speed.py --record BENCHMARKS.md`, "
@@ -307,9 +366,13 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
     return md_table(head, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
-def main(modes: Annotated[str, typer.Option(help="llmos precision modes")] = "auto,q8,q4,fp32",
-         threads: int = 2, skip_hf: bool = False, skip_llamacpp: bool = False,
-         record: Annotated[Path | None, typer.Option()] = None) -> None:
+def main(
+    modes: Annotated[str, typer.Option(help="llmos precision modes")] = "auto,q8,q4,fp32",
+    threads: int = 2,
+    skip_hf: bool = False,
+    skip_llamacpp: bool = False,
+    record: Annotated[Path | None, typer.Option()] = None,
+) -> None:
     me = str(Path(__file__).resolve())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     console.print("measuring the machine's limits…")
@@ -329,8 +392,10 @@ def main(modes: Annotated[str, typer.Option(help="llmos precision modes")] = "au
                 console.print(f"[red]{name} failed:[/] {exc}")
                 continue
         r = results[name]
-        console.print(f"{name}: decode {r['decode_tps']:.1f} tok/s, prefill "
-                      f"{r['prefill_tps']:.0f} tok/s, batch {r.get('batch_tps')}")
+        console.print(
+            f"{name}: decode {r['decode_tps']:.1f} tok/s, prefill "
+            f"{r['prefill_tps']:.0f} tok/s, batch {r.get('batch_tps')}"
+        )
     body = report(limits, results, threads)
     print(body)
     if record is not None:

@@ -29,14 +29,26 @@ from llmos import LLM, SamplingParams  # noqa: E402
 console = Console(stderr=True)
 SCHEMA = {
     "type": "object",
-    "properties": {"records": {"type": "array", "minItems": 64, "items": {
-        "type": "object",
-        "properties": {"id": {"type": "integer", "minimum": 0},
-                       "name": {"type": "string", "maxLength": 24},
-                       "score": {"type": "number", "minimum": 0, "maximum": 1},
-                       "tags": {"type": "array", "items": {"enum": ["new", "old", "hot"]},
-                                "maxItems": 3}},
-        "required": ["id", "name", "score", "tags"]}}},
+    "properties": {
+        "records": {
+            "type": "array",
+            "minItems": 64,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer", "minimum": 0},
+                    "name": {"type": "string", "maxLength": 24},
+                    "score": {"type": "number", "minimum": 0, "maximum": 1},
+                    "tags": {
+                        "type": "array",
+                        "items": {"enum": ["new", "old", "hot"]},
+                        "maxItems": 3,
+                    },
+                },
+                "required": ["id", "name", "score", "tags"],
+            },
+        }
+    },
     "required": ["records"],
 }
 
@@ -66,8 +78,12 @@ class MaskTimer:
         masks._fill, masks.banned = timed_fill, timed_fold  # type: ignore[method-assign]
 
 
-def run(llm: LLM, prompts: list[list[int]], constrained: int, max_tokens: int,
-        ) -> dict[str, float]:
+def run(
+    llm: LLM,
+    prompts: list[list[int]],
+    constrained: int,
+    max_tokens: int,
+) -> dict[str, float]:
     """One batch: the first `constrained` prompts follow SCHEMA. Wall time, tokens, steps."""
     free = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     json_params = SamplingParams(temperature=0, max_tokens=max_tokens, json_schema=SCHEMA)
@@ -82,11 +98,16 @@ def run(llm: LLM, prompts: list[list[int]], constrained: int, max_tokens: int,
     return {"wall": wall, "tokens": tokens, "steps": llm.engine.num_steps - steps0}
 
 
-def main(record: Annotated[Path | None, typer.Option(help="Write a section here.")] = None,
-         batch: int = 16, max_tokens: int = 128, repeats: int = 3) -> None:
+def main(
+    record: Annotated[Path | None, typer.Option(help="Write a section here.")] = None,
+    batch: int = 16,
+    max_tokens: int = 128,
+    repeats: int = 3,
+) -> None:
     llm = LLM()
-    prompts = build_workload(llm.tokenizer, batch, seed=5, prompt_len=(20, 200),
-                             max_tokens=(max_tokens, max_tokens)).prompts
+    prompts = build_workload(
+        llm.tokenizer, batch, seed=5, prompt_len=(20, 200), max_tokens=(max_tokens, max_tokens)
+    ).prompts
     run(llm, prompts[:4], 2, 8)  # warm up: kernels, the llguidance tokenizer, the grammar
     timer = MaskTimer(llm)
     plain, mixed = [], []
@@ -103,27 +124,41 @@ def main(record: Annotated[Path | None, typer.Option(help="Write a section here.
     step_mixed = med(mixed, "wall") / med(mixed, "steps") * 1e3
     per_tok = (1 / tok_mixed - 1 / tok_plain) * 1e3
     rows = [
-        [f"{batch} unconstrained × {max_tokens} tokens", f"{tok_plain:.1f}",
-         f"{step_plain:.1f}", f"{1e3 / tok_plain:.2f}"],
-        [f"{batch // 2} JSON-schema + {batch // 2} unconstrained", f"{tok_mixed:.1f}",
-         f"{step_mixed:.1f}", f"{1e3 / tok_mixed:.2f}"],
-        ["overhead", f"{tok_mixed / tok_plain - 1:+.1%}", f"{step_mixed - step_plain:+.2f}",
-         f"{per_tok:+.3f}"],
+        [
+            f"{batch} unconstrained × {max_tokens} tokens",
+            f"{tok_plain:.1f}",
+            f"{step_plain:.1f}",
+            f"{1e3 / tok_plain:.2f}",
+        ],
+        [
+            f"{batch // 2} JSON-schema + {batch // 2} unconstrained",
+            f"{tok_mixed:.1f}",
+            f"{step_mixed:.1f}",
+            f"{1e3 / tok_mixed:.2f}",
+        ],
+        [
+            "overhead",
+            f"{tok_mixed / tok_plain - 1:+.1%}",
+            f"{step_mixed - step_plain:+.2f}",
+            f"{per_tok:+.3f}",
+        ],
     ]
     fill, fold = statistics.median(timer.fill) * 1e3, statistics.median(timer.fold) * 1e3
     m = machine()
-    body = (f"Command: `.venv/bin/python benchmarks/structured.py --record BENCHMARKS.md`\n\n"
-            f"Machine: {m['cpu']}, {m['cores']} cores; load average at the end "
-            f"{loadavg():.1f}. Greedy, median of {repeats} alternating runs; the schema is a "
-            "list of ≥ 64 records (integer, bounded string, number range, enum array), so no "
-            "request ends early and the batch stays at 16.\n\n"
-            + md_table(["batch", "output tok/s", "ms / step", "ms / output token"], rows)
-            + f"\n\nThe grammar's own work per step, timed inside the engine (median): "
-            f"{fill:.2f} ms to compute the {batch // 2} masks, on a side thread while the model "
-            f"runs, and {fold:.2f} ms to fold them into the sampler's mask on the engine thread; "
-            f"against {step_mixed:.0f} ms for the whole step. A batch with no constrained "
-            "request does neither. On a shared machine the end-to-end rows move by a few "
-            "percent between runs, so these in-engine timings are the steadier measure.")
+    body = (
+        f"Command: `.venv/bin/python benchmarks/structured.py --record BENCHMARKS.md`\n\n"
+        f"Machine: {m['cpu']}, {m['cores']} cores; load average at the end "
+        f"{loadavg():.1f}. Greedy, median of {repeats} alternating runs; the schema is a "
+        "list of ≥ 64 records (integer, bounded string, number range, enum array), so no "
+        "request ends early and the batch stays at 16.\n\n"
+        + md_table(["batch", "output tok/s", "ms / step", "ms / output token"], rows)
+        + f"\n\nThe grammar's own work per step, timed inside the engine (median): "
+        f"{fill:.2f} ms to compute the {batch // 2} masks, on a side thread while the model "
+        f"runs, and {fold:.2f} ms to fold them into the sampler's mask on the engine thread; "
+        f"against {step_mixed:.0f} ms for the whole step. A batch with no constrained "
+        "request does neither. On a shared machine the end-to-end rows move by a few "
+        "percent between runs, so these in-engine timings are the steadier measure."
+    )
     console.print(body)
     if record is not None:
         replace_section(record, "## Structured output (benchmarks/structured.py)", body)

@@ -17,9 +17,13 @@ if TYPE_CHECKING:
     from llmos.kernel.program import Program
     from llmos.kernel.tools import tool
 
-_LAZY = {"LLM": "llmos.engine.llm", "SamplingParams": "llmos.engine.sampling",
-         "Kernel": "llmos.kernel.kernel", "Program": "llmos.kernel.program",
-         "tool": "llmos.kernel.tools"}
+_LAZY = {
+    "LLM": "llmos.engine.llm",
+    "SamplingParams": "llmos.engine.sampling",
+    "Kernel": "llmos.kernel.kernel",
+    "Program": "llmos.kernel.program",
+    "tool": "llmos.kernel.tools",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -33,7 +33,8 @@ def hf_model() -> Any:
     """The GGUF dequantized to fp32 by transformers (needs `accelerate`)."""
     path = gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     return model.eval()
 
 

@@ -25,9 +25,14 @@ from llmos.kernel.process import ModelTurn, ToolResultStep
 from llmos.kernel.tools import TOOLS
 
 CONSTRAINED = local_backend.prepare_chat is not None
-READER = Program(name="reader", system_prompt="You answer questions about files. Use read_file "
-                 "to read a file.", tools=["read_file"], tool_choice=["required", "auto"],
-                 limits={"max_steps": 4}, sampling={"temperature": 0, "max_tokens": 64})
+READER = Program(
+    name="reader",
+    system_prompt="You answer questions about files. Use read_file to read a file.",
+    tools=["read_file"],
+    tool_choice=["required", "auto"],
+    limits={"max_steps": 4},
+    sampling={"temperature": 0, "max_tokens": 64},
+)
 TASK = "Read the file code.txt and tell me the secret code."
 
 
@@ -50,12 +55,17 @@ def test_local_backend_chat_usage_priority_and_cache(llm: LLM) -> None:
             return real(prompt, params, **kw)
 
         backend.engine.generate = spy  # type: ignore[method-assign]
-        msgs = [{"role": "system", "content": "You are terse. " * 20},
-                {"role": "user", "content": "What is the capital of France?"}]
+        msgs = [
+            {"role": "system", "content": "You are terse. " * 20},
+            {"role": "user", "content": "What is the capital of France?"},
+        ]
         req = ChatRequest(msgs, sampling={"max_tokens": 8}, priority=3, user="ann")
         try:
-            return [await backend.chat(req), await backend.chat(req),
-                    backend.count_tokens(msgs, [])]
+            return [
+                await backend.chat(req),
+                await backend.chat(req),
+                backend.count_tokens(msgs, []),
+            ]
         finally:
             await backend.aclose()
 
@@ -72,9 +82,14 @@ def test_local_backend_constrained_tool_call(llm: LLM) -> None:
     async def go():  # noqa: ANN202
         backend = LocalBackend(llm.engine)
         try:
-            return await backend.chat(ChatRequest(
-                [{"role": "user", "content": TASK}], [TOOLS["read_file"].to_openai()],
-                "required", {"max_tokens": 64}))
+            return await backend.chat(
+                ChatRequest(
+                    [{"role": "user", "content": TASK}],
+                    [TOOLS["read_file"].to_openai()],
+                    "required",
+                    {"max_tokens": 64},
+                )
+            )
         finally:
             await backend.aclose()
 
@@ -86,10 +101,12 @@ def test_local_backend_constrained_tool_call(llm: LLM) -> None:
     assert result.raw.startswith("<tool_call>")
 
 
-@pytest.mark.xfail(not CONSTRAINED, strict=False,
-                   reason="SmolLM2-135M calls tools reliably only with constrained decoding")
-def test_end_to_end_smollm2_reads_a_file_and_answers(llm: LLM, ws: Path,
-                                                     tmp_path: Path) -> None:
+@pytest.mark.xfail(
+    not CONSTRAINED,
+    strict=False,
+    reason="SmolLM2-135M calls tools reliably only with constrained decoding",
+)
+def test_end_to_end_smollm2_reads_a_file_and_answers(llm: LLM, ws: Path, tmp_path: Path) -> None:
     with Kernel(backend=LocalBackend(llm.engine), db=tmp_path / "k.db") as kernel:
         p = kernel.wait(kernel.spawn(READER, TASK, user="e2e", workspace=ws), 300)
     assert p.status is Status.DONE, p.report
@@ -111,8 +128,13 @@ def served() -> Iterator[str]:
     """A real `llmos serve` on a free loopback port; yields its /v1 URL."""
     exe = str(Path(sys.executable).parent / "llmos")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([exe, "serve", "--port", "0", "--kv-cache-memory", "128MiB"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [exe, "serve", "--port", "0", "--kv-cache-memory", "128MiB"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     url = None
     deadline = time.monotonic() + 120
@@ -136,10 +158,14 @@ def test_openai_http_against_llmos_serve(served: str) -> None:
     async def go():  # noqa: ANN202
         backend = OpenAIHTTPBackend(served, "smollm2-135m", send_priority=True)
         try:
-            return await backend.chat(ChatRequest(
-                [{"role": "user", "content": "Say hello."}], sampling={"max_tokens": 8,
-                                                                       "temperature": 0},
-                user="ann", priority=1))
+            return await backend.chat(
+                ChatRequest(
+                    [{"role": "user", "content": "Say hello."}],
+                    sampling={"max_tokens": 8, "temperature": 0},
+                    user="ann",
+                    priority=1,
+                )
+            )
         finally:
             await backend.aclose()
 

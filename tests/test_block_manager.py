@@ -16,8 +16,13 @@ class _NoDetok:
 
 
 def make_seq(n_prompt: int, rid: str = "r", max_tokens: int = 16) -> Sequence:
-    return Sequence(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens),
-                    _NoDetok(), max_tokens=max_tokens)  # type: ignore[arg-type]
+    return Sequence(
+        rid,
+        list(range(1, n_prompt + 1)),
+        SamplingParams(max_tokens=max_tokens),
+        _NoDetok(),
+        max_tokens=max_tokens,
+    )  # type: ignore[arg-type]
 
 
 def test_allocate_grows_by_blocks_and_free_returns_them() -> None:
@@ -191,8 +196,13 @@ def test_a_different_prefix_misses_even_with_equal_later_blocks() -> None:
     bm = BlockManager(num_blocks=8, block_size=4)
     a = make_seq(9, "a")
     _computed(bm, a)
-    b = Sequence("b", [99, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams(), _NoDetok(),  # type: ignore[arg-type]
-                 max_tokens=4)
+    b = Sequence(
+        "b",
+        [99, 2, 3, 4, 5, 6, 7, 8, 9],
+        SamplingParams(),
+        _NoDetok(),  # type: ignore[arg-type]
+        max_tokens=4,
+    )
     assert bm.match_prefix(b) == []  # block 2 equals a's, but its chain differs
 
 
@@ -202,8 +212,13 @@ def test_cached_blocks_are_evicted_lru_when_needed() -> None:
     _computed(bm, a)  # 3 blocks, 2 named
     bm.free(a)
     assert bm.num_free == 4 and bm.num_cached == 2
-    big = Sequence("big", list(range(100, 116)), SamplingParams(), _NoDetok(),  # type: ignore[arg-type]
-                   max_tokens=4)
+    big = Sequence(
+        "big",
+        list(range(100, 116)),
+        SamplingParams(),
+        _NoDetok(),  # type: ignore[arg-type]
+        max_tokens=4,
+    )
     assert bm.allocate(big, 16)  # needs every block: the named ones are evicted
     assert bm.num_cached == 0 and bm.match_prefix(make_seq(9, "again")) == []
 

@@ -45,10 +45,12 @@ def env(tmp_path: Path) -> dict[str, str]:
     return e
 
 
-def llmos(*args: str, env: dict[str, str], cwd: Path,
-          check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([*LLMOS, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                       timeout=60)
+def llmos(
+    *args: str, env: dict[str, str], cwd: Path, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [*LLMOS, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -68,14 +70,23 @@ def write_program(tmp_path: Path, turns: list[dict[str, Any]]) -> Path:
 
 def test_run_ps_logs_usage(tmp_path: Path, env: dict[str, str]) -> None:
     prog = write_program(tmp_path, TURNS)
-    r = llmos("run", str(prog), "--input", "look up a and b", "--user", "ann",
-              env=env, cwd=tmp_path)
+    r = llmos(
+        "run", str(prog), "--input", "look up a and b", "--user", "ann", env=env, cwd=tmp_path
+    )
     assert r.stdout.strip() == "a and b are known"
-    assert db_rows(env, "SELECT pid, status, program_name, program_version, owner, input "
-                   "FROM processes") == [(1, "done", "crashy", "2", "ann", "look up a and b")]
+    assert db_rows(
+        env, "SELECT pid, status, program_name, program_version, owner, input FROM processes"
+    ) == [(1, "done", "crashy", "2", "ann", "look up a and b")]
     assert db_rows(env, "SELECT kind FROM steps ORDER BY seq") == [
-        ("model_turn",), ("tool_call",), ("tool_result",), ("model_turn",), ("tool_call",),
-        ("tool_result",), ("model_turn",), ("final_answer",)]
+        ("model_turn",),
+        ("tool_call",),
+        ("tool_result",),
+        ("model_turn",),
+        ("tool_call",),
+        ("tool_result",),
+        ("model_turn",),
+        ("final_answer",),
+    ]
     assert db_rows(env, "SELECT COUNT(*), MIN(user) FROM usage") == [(3, "ann")]
     assert "crashy@2" in llmos("ps", "--all", env=env, cwd=tmp_path).stdout
     assert "crashy" not in llmos("ps", env=env, cwd=tmp_path).stdout  # finished: hidden
@@ -86,13 +97,21 @@ def test_run_ps_logs_usage(tmp_path: Path, env: dict[str, str]) -> None:
 
 
 def test_default_program_and_give_up_report(tmp_path: Path, env: dict[str, str]) -> None:
-    (tmp_path / "turns.json").write_text(json.dumps(
-        [{"tool_calls": [{"name": "list_dir", "arguments": {}}]}] * 5))
-    r = llmos("run", "what is here?", "--model", f"scripted:{tmp_path / 'turns.json'}",
-              env=env, cwd=tmp_path, check=False)
+    (tmp_path / "turns.json").write_text(
+        json.dumps([{"tool_calls": [{"name": "list_dir", "arguments": {}}]}] * 5)
+    )
+    r = llmos(
+        "run",
+        "what is here?",
+        "--model",
+        f"scripted:{tmp_path / 'turns.json'}",
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
     assert r.returncode == 1
     assert "Give-up report (stuck)" in r.stderr and "left for a person" in r.stderr
-    (status, reason, report), = db_rows(env, "SELECT status, reason, report FROM processes")
+    ((status, reason, report),) = db_rows(env, "SELECT status, reason, report FROM processes")
     assert status == "failed" and reason.startswith("stuck")
     assert json.loads(report)["goal"] == "what is here?"
     program = json.loads(db_rows(env, "SELECT program FROM processes")[0][0])
@@ -112,12 +131,27 @@ def test_usage_budget_stops_a_run(tmp_path: Path, env: dict[str, str]) -> None:
 
 
 def test_approve_from_another_terminal(tmp_path: Path, env: dict[str, str]) -> None:
-    turns = [{"tool_calls": [{"id": "w1", "name": "write_file",
-                              "arguments": {"path": "out.txt", "content": "hi"}}]},
-             {"content": "written"}]
+    turns = [
+        {
+            "tool_calls": [
+                {
+                    "id": "w1",
+                    "name": "write_file",
+                    "arguments": {"path": "out.txt", "content": "hi"},
+                }
+            ]
+        },
+        {"content": "written"},
+    ]
     prog = write_program(tmp_path, turns)
-    runner = subprocess.Popen([*LLMOS, "run", str(prog)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        [*LLMOS, "run", str(prog)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(env, "SELECT 1 FROM processes WHERE status = 'waiting_approval'")
         assert not (tmp_path / "out.txt").exists()
@@ -134,8 +168,14 @@ def test_approve_from_another_terminal(tmp_path: Path, env: dict[str, str]) -> N
 def test_kill_from_another_terminal(tmp_path: Path, env: dict[str, str]) -> None:
     prog = write_program(tmp_path, TURNS)
     env = {**env, "SLOW_SECONDS": "1"}
-    runner = subprocess.Popen([*LLMOS, "run", str(prog)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        [*LLMOS, "run", str(prog)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(env, "SELECT 1 FROM steps WHERE kind = 'tool_call'")
         assert "killed" in llmos("kill", "1", env=env, cwd=tmp_path).stdout
@@ -162,8 +202,13 @@ def _wait_for(env: dict[str, str], sql: str, timeout: float = 30.0) -> None:
 def test_sigkill_mid_run_then_resume(tmp_path: Path, env: dict[str, str]) -> None:
     prog = write_program(tmp_path, TURNS)
     slow = {**env, "SLOW_SECONDS": "3"}
-    runner = subprocess.Popen([*LLMOS, "run", str(prog), "--input", "go"], env=slow,
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    runner = subprocess.Popen(
+        [*LLMOS, "run", str(prog), "--input", "go"],
+        env=slow,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:  # kill it while the second (slow) tool call runs
         _wait_for(env, "SELECT 1 FROM steps WHERE kind = 'tool_call' AND seq = 4")
         runner.send_signal(signal.SIGKILL)
@@ -171,8 +216,13 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, env: dict[str, str]) -> Non
     finally:
         runner.kill()
     before = db_rows(env, "SELECT seq, kind, data FROM steps ORDER BY seq")
-    assert [k for _, k, _ in before] == ["model_turn", "tool_call", "tool_result",
-                                         "model_turn", "tool_call"]
+    assert [k for _, k, _ in before] == [
+        "model_turn",
+        "tool_call",
+        "tool_result",
+        "model_turn",
+        "tool_call",
+    ]
     assert db_rows(env, "SELECT status FROM processes") == [("waiting_tool",)]
     ps = llmos("ps", env=env, cwd=tmp_path).stdout
     assert "stopped: llmos resume" in ps
@@ -181,14 +231,22 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, env: dict[str, str]) -> Non
     assert r.stdout.strip() == "a and b are known"
     after = db_rows(env, "SELECT seq, kind, data FROM steps ORDER BY seq")
     assert after[:5] == before  # nothing lost or rewritten
-    assert [k for _, k, _ in after] == ["model_turn", "tool_call", "tool_result", "model_turn",
-                                        "tool_call", "tool_result", "model_turn",
-                                        "final_answer"]
+    assert [k for _, k, _ in after] == [
+        "model_turn",
+        "tool_call",
+        "tool_result",
+        "model_turn",
+        "tool_call",
+        "tool_result",
+        "model_turn",
+        "final_answer",
+    ]
     results = [json.loads(d) for _, k, d in after if k == "tool_result"]
-    assert [(x["call_id"], x["output"]) for x in results] == [("k1", "value of a"),
-                                                              ("k2", "value of b")]
+    assert [(x["call_id"], x["output"]) for x in results] == [
+        ("k1", "value of a"),
+        ("k2", "value of b"),
+    ]
     usage = db_rows(env, "SELECT * FROM usage ORDER BY seq")
     assert usage[:2] == usage_before and len(usage) == 3  # counted once per model turn
     assert [row[2] for row in usage] == [0, 3, 6]
-    assert db_rows(env, "SELECT status, answer FROM processes") == [("done",
-                                                                     "a and b are known")]
+    assert db_rows(env, "SELECT status, answer FROM processes") == [("done", "a and b are known")]

@@ -24,8 +24,12 @@ def run_mixed(engine: LLMEngine, target: str, params: SamplingParams, seed: int)
     arrivals: dict[int, list[tuple[str, str, SamplingParams]]] = {}
     for i in range(15):
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 120)))
-        p = SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=rng.randint(0, 99),
-                           max_tokens=rng.randint(1, 24), ignore_eos=True)
+        p = SamplingParams(
+            temperature=rng.choice([0.0, 0.8]),
+            seed=rng.randint(0, 99),
+            max_tokens=rng.randint(1, 24),
+            ignore_eos=True,
+        )
         arrivals.setdefault(rng.randint(0, 6), []).append((f"o{seed}-{i}", text, p))
     arrivals.setdefault(rng.randint(0, 6), []).append((f"t{seed}", target, params))
     result = None
@@ -46,17 +50,24 @@ def test_bitwise_equal_alone_and_under_load(det_llm: LLM) -> None:
     for seed in range(20):
         rng = random.Random(1000 + seed)
         target = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
-        params = SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=seed, max_tokens=8,
-                                ignore_eos=True, logprobs=2)
+        params = SamplingParams(
+            temperature=rng.choice([0.0, 1.0]), seed=seed, max_tokens=8, ignore_eos=True, logprobs=2
+        )
         alone = det_llm.generate(target, params)[0]
         # a fresh engine per seed: random chunk size, a cache small enough to preempt
-        engine = LLMEngine(EngineConfig(deterministic=True, num_kv_blocks=rng.randint(14, 24),
-                                        max_num_batched_tokens=rng.choice([16, 40, 97, 256])))
+        engine = LLMEngine(
+            EngineConfig(
+                deterministic=True,
+                num_kv_blocks=rng.randint(14, 24),
+                max_num_batched_tokens=rng.choice([16, 40, 97, 256]),
+            )
+        )
         mixed = run_mixed(engine, target, params, seed)
         preemptions += engine.stats()["num_preemptions"]
         assert mixed.token_ids == alone.token_ids, seed
-        assert [(lp.logprob, lp.top) for lp in mixed.logprobs] == \
-            [(lp.logprob, lp.top) for lp in alone.logprobs], seed
+        assert [(lp.logprob, lp.top) for lp in mixed.logprobs] == [
+            (lp.logprob, lp.top) for lp in alone.logprobs
+        ], seed
         again = det_llm.generate(target, params)[0]  # now with prefix-cache hits
         assert [lp.logprob for lp in again.logprobs] == [lp.logprob for lp in alone.logprobs]
         assert engine.blocks.num_used == 0
@@ -68,5 +79,6 @@ def test_deterministic_agrees_with_default_mode(det_llm: LLM, llm: LLM) -> None:
     a = det_llm.generate("The capital of France is", params)[0]
     b = llm.generate("The capital of France is", params)[0]
     assert a.token_ids == b.token_ids
-    assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs,
-                                                          strict=True)) < 1e-3
+    assert (
+        max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-3
+    )

@@ -15,7 +15,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 # a batch changes float summation order, which may flip a token only where two are almost tied.
 PROMPTS = [
     "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "import numpy as np\n",
     "1, 2, 3, 4, 5,",
 ]
@@ -39,18 +39,26 @@ def test_same_greedy_tokens_alone_and_in_a_batch_of_32(llm: LLM) -> None:
     others: list[str | list[int]] = []
     params: list[SamplingParams] = []
     for i in range(32 - len(PROMPTS)):
-        words = " ".join(rng.choice(["cat", "river", "code", "tree", "moon", "x"])
-                         for _ in range(rng.randint(3, 200)))
+        words = " ".join(
+            rng.choice(["cat", "river", "code", "tree", "moon", "x"])
+            for _ in range(rng.randint(3, 200))
+        )
         others.append(chat_ids(llm, words) if i % 2 else words)
-        params.append(SamplingParams(temperature=rng.choice([0.0, 0.7, 1.0]), seed=i,
-                                     top_p=rng.choice([1.0, 0.9]),
-                                     max_tokens=rng.randint(1, 40)))
+        params.append(
+            SamplingParams(
+                temperature=rng.choice([0.0, 0.7, 1.0]),
+                seed=i,
+                top_p=rng.choice([1.0, 0.9]),
+                max_tokens=rng.randint(1, 40),
+            )
+        )
     mixed_prompts = others[:10] + PROMPTS[:1] + others[10:20] + PROMPTS[1:] + others[20:]
-    mixed_params = params[:10] + [GREEDY] + params[10:20] + [GREEDY] * (len(PROMPTS) - 1) \
-        + params[20:]
+    mixed_params = (
+        params[:10] + [GREEDY] + params[10:20] + [GREEDY] * (len(PROMPTS) - 1) + params[20:]
+    )
     outs = llm.generate(mixed_prompts, mixed_params)
     assert len(outs) == 32
-    got = [outs[10].token_ids] + [o.token_ids for o in outs[21:21 + len(PROMPTS) - 1]]
+    got = [outs[10].token_ids] + [o.token_ids for o in outs[21 : 21 + len(PROMPTS) - 1]]
     assert got == alone
 
 
@@ -78,8 +86,9 @@ def test_outputs_come_back_in_prompt_order(llm: LLM) -> None:
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(llm: LLM) -> None:
     def run(seed: int, batch_with_others: bool = False) -> list[int]:
-        params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=32, seed=seed,
-                                ignore_eos=True)
+        params = SamplingParams(
+            temperature=1.0, top_p=0.95, max_tokens=32, seed=seed, ignore_eos=True
+        )
         prompts: list[str] = ["Tell me about the sea."]
         plist = [params]
         if batch_with_others:
@@ -94,12 +103,16 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(llm: LLM) -> None:
 
 
 def test_n_greater_than_one(llm: LLM) -> None:
-    out = llm.generate("Name a color:", SamplingParams(n=3, temperature=1.0, seed=5,
-                                                        max_tokens=16, ignore_eos=True))[0]
+    out = llm.generate(
+        "Name a color:",
+        SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=16, ignore_eos=True),
+    )[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
-    again = llm.generate("Name a color:", SamplingParams(n=3, temperature=1.0, seed=5,
-                                                          max_tokens=16, ignore_eos=True))[0]
+    again = llm.generate(
+        "Name a color:",
+        SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=16, ignore_eos=True),
+    )[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
 
 
@@ -130,39 +143,54 @@ def test_stop_string_split_across_tokens_is_cut(llm: LLM) -> None:
     assert out.finish_reason == "stop"
     assert out.text == full.text[:cut]
     assert stop not in out.text
-    kept = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=24, stop=stop,
-                                                   include_stop_str_in_output=True))[0]
-    assert kept.text == full.text[:cut + len(stop)]
+    kept = llm.generate(
+        PROMPTS[1],
+        SamplingParams(temperature=0, max_tokens=24, stop=stop, include_stop_str_in_output=True),
+    )[0]
+    assert kept.text == full.text[: cut + len(stop)]
 
 
 def test_eos_and_stop_token_ids(llm: LLM) -> None:
-    out = llm.chat([{"role": "user", "content": "Say hi."}],
-                   SamplingParams(temperature=0, max_tokens=200))[0]
+    out = llm.chat(
+        [{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0, max_tokens=200)
+    )[0]
     assert out.finish_reason == "stop"
     assert out.token_ids[-1] in llm.tokenizer.eos_token_ids
     assert "<|im_end|>" not in out.text
     first = llm.generate(PROMPTS[0], GREEDY)[0].token_ids
     j = next(i for i in range(2, len(first)) if first[i] not in first[:i])
-    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24,
-                                                  stop_token_ids=[first[j]]))[0]
+    out = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[first[j]])
+    )[0]
     assert out.finish_reason == "stop" and out.token_ids == first[: j + 1]
 
 
 def test_min_tokens_holds_off_eos(llm: LLM) -> None:
-    out = llm.chat([{"role": "user", "content": "Say hi."}],
-                   SamplingParams(temperature=0, max_tokens=60, min_tokens=40))[0]
+    out = llm.chat(
+        [{"role": "user", "content": "Say hi."}],
+        SamplingParams(temperature=0, max_tokens=60, min_tokens=40),
+    )[0]
     assert len(out.token_ids) >= 40
 
 
 def test_penalties_reduce_repetition(llm: LLM) -> None:
     prompt = "one one one one one one one one"
     plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
-    penalized = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30,
-                                                    ignore_eos=True, frequency_penalty=1.5,
-                                                    presence_penalty=1.0,
-                                                    repetition_penalty=1.3))
+    penalized = llm.generate(
+        prompt,
+        SamplingParams(
+            temperature=0,
+            max_tokens=30,
+            ignore_eos=True,
+            frequency_penalty=1.5,
+            presence_penalty=1.0,
+            repetition_penalty=1.3,
+        ),
+    )
+
     def distinct(ids: list[int]) -> int:
         return len(set(ids))
+
     assert distinct(penalized[0].token_ids) > distinct(plain[0].token_ids)
 
 
@@ -194,8 +222,9 @@ def test_prompt_longer_than_the_context_is_refused() -> None:
     with pytest.raises(ContextLengthExceeded) as info:
         small.generate("word " * 100, SamplingParams(max_tokens=4))
     assert info.value.prompt_tokens > 64 and info.value.limit == 64
-    out = small.generate("word " * 10, SamplingParams(max_tokens=None, temperature=0,
-                                                      ignore_eos=True))[0]
+    out = small.generate(
+        "word " * 10, SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
+    )[0]
     assert len(out.prompt_token_ids) + len(out.token_ids) == 64
     assert out.finish_reason == "length"
 
@@ -204,7 +233,8 @@ def test_kv_memory_follows_tokens_in_use() -> None:
     small = LLM(kv_cache_memory="64MiB", block_size=16)
     engine = small.engine
     assert engine.blocks.num_blocks == (64 * 2**20) // (
-        2 * 30 * 3 * 64 * 4 * 16)  # from the model file: 30 layers, 3 KV heads, dim 64
+        2 * 30 * 3 * 64 * 4 * 16
+    )  # from the model file: 30 layers, 3 KV heads, dim 64
     engine.add_request("a", "hello there", SamplingParams(max_tokens=20, ignore_eos=True))
     engine.step()
     used_after_prefill = engine.blocks.num_used

@@ -35,8 +35,9 @@ def test_a_flood_from_one_user_does_not_starve_another() -> None:
         now = dict(sched.tokens_by_user)
         both_waiting = {s.user for s in sched.waiting} >= {"alice", "bob"}
         if both_waiting:
-            shares.append((now.get("alice", 0) - last.get("alice", 0),
-                           now.get("bob", 0) - last.get("bob", 0)))
+            shares.append(
+                (now.get("alice", 0) - last.get("alice", 0), now.get("bob", 0) - last.get("bob", 0))
+            )
         last = now
 
     order = drive(llm, sample_share)
@@ -72,8 +73,9 @@ def test_high_priority_overtakes_and_preempts() -> None:
     for i in range(4):
         engine.add_request(f"low{i}", f"background job {i}", slow)
     engine.step()
-    engine.add_request("urgent", "urgent job", SamplingParams(temperature=0, max_tokens=5),
-                       priority=10)
+    engine.add_request(
+        "urgent", "urgent job", SamplingParams(temperature=0, max_tokens=5), priority=10
+    )
     order = drive(llm)
     assert order[0] == "urgent"
     assert engine.stats()["num_preemptions"] >= 1

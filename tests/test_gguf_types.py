@@ -21,16 +21,21 @@ HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF layout → llama.cpp's interleaved-RoPE layout, as convert_hf_to_gguf does."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 @functools.cache
 def vocab() -> tuple[list[str], list[int], list[str]]:
     """The real model's vocabulary, so the tiny model has a real tokenizer."""
     fields = gguf.GGUFReader(str(resolve("smollm2-135m"))).fields
-    return tuple(fields[f"tokenizer.ggml.{k}"].contents()  # type: ignore[return-value]
-                 for k in ("tokens", "token_type", "merges"))
+    return tuple(
+        fields[f"tokenizer.ggml.{k}"].contents()  # type: ignore[return-value]
+        for k in ("tokens", "token_type", "merges")
+    )
 
 
 def write_tiny_gguf(path: Path, qtypes: dict[str, Q], untied: bool) -> None:
@@ -55,8 +60,9 @@ def write_tiny_gguf(path: Path, qtypes: dict[str, Q], untied: bool) -> None:
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
 
-    def add(name: str, shape: tuple[int, ...], kind: str, scale: float = 0.08,
-            heads: int | None = None) -> None:
+    def add(
+        name: str, shape: tuple[int, ...], kind: str, scale: float = 0.08, heads: int | None = None
+    ) -> None:
         arr = (rng.standard_normal(shape) * scale).astype(np.float32)
         if kind == "norm":
             arr = (1.0 + rng.standard_normal(shape) * 0.1).astype(np.float32)
@@ -95,14 +101,14 @@ CASES = {
     "f32-tied": ({}, False),
     "f16-bf16-untied": ({"embed": Q.F16, "head": Q.BF16, "attn": Q.F16, "ffn": Q.BF16}, True),
     "q8_0": ({"embed": Q.Q8_0, "attn": Q.Q8_0, "ffn": Q.Q8_0}, False),
-    "q4_0-q4_1-untied": ({"embed": Q.Q8_0, "head": Q.Q4_1, "attn": Q.Q4_0, "ffn": Q.Q4_1},
-                         True),
+    "q4_0-q4_1-untied": ({"embed": Q.Q8_0, "head": Q.Q4_1, "attn": Q.Q4_0, "ffn": Q.Q4_1}, True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_tiny_gguf_matches_transformers(case: str, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_gguf_matches_transformers(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("LLMOS_CACHE_DIR", str(tmp_path / "cache"))
     qtypes, untied = CASES[case]
@@ -111,23 +117,31 @@ def test_tiny_gguf_matches_transformers(case: str, tmp_path: Path,
     llm = LLM(model=str(path), kv_cache_memory="16MiB")
     cfg = llm.engine.model_config
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size) == (
-        LAYERS, HEADS, KV_HEADS, HIDDEN)
+        LAYERS,
+        HEADS,
+        KV_HEADS,
+        HIDDEN,
+    )
     assert cfg.tie_word_embeddings is not untied
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32
+    )
     ids = llm.tokenizer.encode("The tiny model reads a few words, then some more words.")
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0].log_softmax(-1)  # [T, V]
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
-                                             logprobs=5))[0]
+    out = llm.generate(
+        [ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+    )[0]
     # the first generated token's distribution is the prompt's last position
     top = dict(out.logprobs[0].top)
     for tok, lp in top.items():
         assert abs(lp - float(ref[-1, tok])) < 1e-3
-    hf_greedy = hf.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6,
-                            do_sample=False)[0, len(ids):].tolist()
+    hf_greedy = hf.generate(
+        torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False
+    )[0, len(ids) :].tolist()
     assert out.token_ids == hf_greedy
     # loading again comes from the cache and gives the same result
     again = LLM(model=str(path), kv_cache_memory="16MiB").generate(
-        [ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+        [ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    )[0]
     assert again.token_ids == out.token_ids

@@ -49,18 +49,23 @@ def test_tool_call_then_answer(kernel: Kernel, ws: Path) -> None:
     assert kinds == ["model_turn", "tool_call", "tool_result", "model_turn", "final_answer"]
     result = p.steps[2]
     assert isinstance(result, ToolResultStep) and result.output == "the answer is 42"
-    assert rows(kernel, "SELECT status, answer, owner FROM processes WHERE pid = ?", p.pid) == \
-        [("done", "It is 42.", "ann")]
-    assert rows(kernel, "SELECT seq, kind FROM steps WHERE pid = ? ORDER BY seq", p.pid) == \
-        list(enumerate(kinds))
-    assert rows(kernel, "SELECT sha256 FROM steps WHERE kind = 'tool_result'") == \
-        [(result.sha256,)]
+    assert rows(kernel, "SELECT status, answer, owner FROM processes WHERE pid = ?", p.pid) == [
+        ("done", "It is 42.", "ann")
+    ]
+    assert rows(kernel, "SELECT seq, kind FROM steps WHERE pid = ? ORDER BY seq", p.pid) == list(
+        enumerate(kinds)
+    )
+    assert rows(kernel, "SELECT sha256 FROM steps WHERE kind = 'tool_result'") == [(result.sha256,)]
     usage = rows(kernel, "SELECT seq, user, model FROM usage WHERE pid = ?", p.pid)
     assert usage == [(0, "ann", "scripted"), (3, "ann", "scripted")]
     # the model saw the tool's real output as a tool message
     second = kernel.backend.requests[1].messages  # type: ignore[union-attr]
-    assert second[-1] == {"role": "tool", "tool_call_id": p.steps[1].call_id,
-                          "name": "read_file", "content": "the answer is 42"}
+    assert second[-1] == {
+        "role": "tool",
+        "tool_call_id": p.steps[1].call_id,
+        "name": "read_file",
+        "content": "the answer is 42",
+    }
 
 
 def _report_ok(p: Any, kind: str) -> dict[str, Any]:
@@ -73,14 +78,14 @@ def _report_ok(p: Any, kind: str) -> dict[str, Any]:
 
 
 def test_step_limit(kernel: Kernel, ws: Path) -> None:
-    turns = [{"tool_calls": [call("read_file", path="notes.txt", start_line=i)]}
-             for i in range(1, 10)]
+    turns = [
+        {"tool_calls": [call("read_file", path="notes.txt", start_line=i)]} for i in range(1, 10)
+    ]
     p = run(kernel, turns, ws, limits={"max_steps": 3})
     assert p.status is Status.FAILED and p.num_turns == 3
     r = _report_ok(p, "step_limit")
     assert len(r["steps_tried"]) == 3 and "max_steps" in r["left_for_a_person"]
-    assert rows(kernel, "SELECT report IS NOT NULL, reason FROM processes") == \
-        [(1, p.reason)]
+    assert rows(kernel, "SELECT report IS NOT NULL, reason FROM processes") == [(1, p.reason)]
 
 
 def test_stuck_detection(kernel: Kernel, ws: Path) -> None:
@@ -91,8 +96,7 @@ def test_stuck_detection(kernel: Kernel, ws: Path) -> None:
 
 
 def test_one_repair_retry_then_success(kernel: Kernel, ws: Path) -> None:
-    turns = [{"malformed": "not valid JSON (Expecting ',' at character 12)"},
-             {"content": "42"}]
+    turns = [{"malformed": "not valid JSON (Expecting ',' at character 12)"}, {"content": "42"}]
     p = run(kernel, turns, ws)
     assert p.status is Status.DONE and p.answer == "42"
     errors = [s for s in p.steps if isinstance(s, ErrorStep)]
@@ -109,19 +113,29 @@ def test_malformed_twice_gives_up(kernel: Kernel, ws: Path) -> None:
 
 
 def test_output_schema_is_enforced_with_a_repair(kernel: Kernel, ws: Path) -> None:
-    schema = {"type": "object", "properties": {"answer": {"type": "integer"}},
-              "required": ["answer"]}
-    p = run(kernel, [{"content": '{"answer": "forty-two"}'}, {"content": '{"answer": 42}'}],
-            ws, output_schema=schema)
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"],
+    }
+    p = run(
+        kernel,
+        [{"content": '{"answer": "forty-two"}'}, {"content": '{"answer": 42}'}],
+        ws,
+        output_schema=schema,
+    )
     assert p.status is Status.DONE and p.answer == '{"answer": 42}'
     assert [s.what for s in p.steps if isinstance(s, ErrorStep)] == ["bad_answer"]
     assert "JSON schema" in kernel.backend.requests[0].messages[0]["content"]  # type: ignore
 
 
 def test_tool_errors_become_observations(kernel: Kernel, ws: Path) -> None:
-    turns = [{"tool_calls": [call("read_file", path="missing.txt")]},
-             {"tool_calls": [call("read_file", path="/etc/passwd")]},
-             {"tool_calls": [call("no_such_tool", x=1)]}, {"content": "gave up nicely"}]
+    turns = [
+        {"tool_calls": [call("read_file", path="missing.txt")]},
+        {"tool_calls": [call("read_file", path="/etc/passwd")]},
+        {"tool_calls": [call("no_such_tool", x=1)]},
+        {"content": "gave up nicely"},
+    ]
     p = run(kernel, turns, ws)
     assert p.status is Status.DONE
     results = [s for s in p.steps if isinstance(s, ToolResultStep)]
@@ -131,8 +145,11 @@ def test_tool_errors_become_observations(kernel: Kernel, ws: Path) -> None:
 
 
 def test_approval_allow_and_deny(kernel: Kernel, ws: Path) -> None:
-    write = {"tool_calls": [{"id": "w1", "name": "write_file",
-                             "arguments": {"path": "out.txt", "content": "hi"}}]}
+    write = {
+        "tool_calls": [
+            {"id": "w1", "name": "write_file", "arguments": {"path": "out.txt", "content": "hi"}}
+        ]
+    }
     for allow in (True, False):
         kernel.backend = ScriptedBackend([write, {"content": "finished"}])
         prog = Program(tools=["write_file"], policy={"needs_approval": ["write_file"]})
@@ -141,8 +158,9 @@ def test_approval_allow_and_deny(kernel: Kernel, ws: Path) -> None:
         while kernel.get(pid).status is not Status.WAITING_APPROVAL:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert rows(kernel, "SELECT status FROM processes WHERE pid = ?", pid) == \
-            [("waiting_approval",)]
+        assert rows(kernel, "SELECT status FROM processes WHERE pid = ?", pid) == [
+            ("waiting_approval",)
+        ]
         assert not (ws / "out.txt").exists()
         kernel.approve(pid, "w1", allow)
         p = kernel.wait(pid, 10)
@@ -155,8 +173,10 @@ def test_approval_allow_and_deny(kernel: Kernel, ws: Path) -> None:
 
 
 def test_process_token_budget(kernel: Kernel, ws: Path) -> None:
-    turns = [{"tool_calls": [call("list_dir", path=".")], "usage": {"prompt_tokens": 400}},
-             {"content": "never"}]
+    turns = [
+        {"tool_calls": [call("list_dir", path=".")], "usage": {"prompt_tokens": 400}},
+        {"content": "never"},
+    ]
     p = run(kernel, turns, ws, limits={"max_tokens": 300})
     assert p.status is Status.FAILED and "token budget" in p.reason
     _report_ok(p, "budget")
@@ -205,11 +225,16 @@ def test_backend_failure_is_reported(kernel: Kernel, ws: Path) -> None:
 
 
 def test_many_processes_share_one_loop(kernel: Kernel, ws: Path) -> None:
-    kernel.backend = ScriptedBackend([{"tool_calls": [READ], "delay": 0.3},
-                                      {"content": "42", "delay": 0.3}])
+    kernel.backend = ScriptedBackend(
+        [{"tool_calls": [READ], "delay": 0.3}, {"content": "42", "delay": 0.3}]
+    )
     t0 = time.monotonic()
-    pids = [kernel.spawn(Program(tools=["read_file"]), f"job {i}", user=f"u{i % 3}",
-                         priority=i % 2, workspace=ws) for i in range(12)]
+    pids = [
+        kernel.spawn(
+            Program(tools=["read_file"]), f"job {i}", user=f"u{i % 3}", priority=i % 2, workspace=ws
+        )
+        for i in range(12)
+    ]
     procs = [kernel.wait(pid, 30) for pid in pids]
     assert all(p.status is Status.DONE for p in procs)
     assert time.monotonic() - t0 < 12 * 0.6 / 3  # concurrent, not one after another
@@ -221,7 +246,8 @@ def test_final_answer_step_is_last(kernel: Kernel, ws: Path) -> None:
     p = run(kernel, [{"content": "  done  "}], ws)
     assert isinstance(p.steps[-1], FinalAnswer) and p.answer == "done"
     assert isinstance(p.steps[0], ModelTurn) and not any(
-        isinstance(s, ToolCallStep) for s in p.steps)
+        isinstance(s, ToolCallStep) for s in p.steps
+    )
 
 
 def test_closing_the_kernel_leaves_processes_resumable(tmp_path: Path, ws: Path) -> None:
@@ -238,8 +264,13 @@ def test_closing_the_kernel_leaves_processes_resumable(tmp_path: Path, ws: Path)
         assert k.get(pid).status is Status.RUNNING and k.get(pid).report is None
         p = k.wait(k.resume(pid), 10)
         assert p.status is Status.DONE and p.answer == "resumed"
-        assert [s.kind for s in p.steps] == ["model_turn", "tool_call", "tool_result",
-                                             "model_turn", "final_answer"]
+        assert [s.kind for s in p.steps] == [
+            "model_turn",
+            "tool_call",
+            "tool_result",
+            "model_turn",
+            "final_answer",
+        ]
 
 
 def test_tool_choice_per_turn_is_checked() -> None:

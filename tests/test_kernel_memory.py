@@ -19,23 +19,34 @@ def words(msgs: list[dict]) -> int:
 def conversation(n: int) -> list[dict]:
     msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "task"}]
     for i in range(n):
-        call = {"id": f"c{i}", "type": "function",
-                "function": {"name": "read_file", "arguments": json.dumps({"path": f"{i}"})}}
-        msgs += [{"role": "assistant", "content": None, "tool_calls": [call]},
-                 {"role": "tool", "tool_call_id": f"c{i}", "content": f"file {i} " * 50}]
+        call = {
+            "id": f"c{i}",
+            "type": "function",
+            "function": {"name": "read_file", "arguments": json.dumps({"path": f"{i}"})},
+        }
+        msgs += [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"c{i}", "content": f"file {i} " * 50},
+        ]
     return msgs
 
 
 def test_projection_of_the_transcript() -> None:
     call = ToolCall("c1", "read_file", '{"path": "a"}')
-    proc = Process(1, Program(system_prompt="S", output_schema={"type": "object"}), "task", ".",
-                   steps=[ModelTurn(None, [call], raw="<tool_call>..."),
-                          ToolResultStep("c1", "read_file", False, "", "refused: no", "h"),
-                          ModelTurn("oops", [], raw="oops", malformed="cut off"),
-                          ErrorStep("malformed_output", "cut off")])
+    proc = Process(
+        1,
+        Program(system_prompt="S", output_schema={"type": "object"}),
+        "task",
+        ".",
+        steps=[
+            ModelTurn(None, [call], raw="<tool_call>..."),
+            ToolResultStep("c1", "read_file", False, "", "refused: no", "h"),
+            ModelTurn("oops", [], raw="oops", malformed="cut off"),
+            ErrorStep("malformed_output", "cut off"),
+        ],
+    )
     msgs = to_messages(proc)
-    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "assistant",
-                                         "user"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "assistant", "user"]
     assert "JSON schema" in msgs[0]["content"]
     assert msgs[2]["tool_calls"][0]["id"] == "c1" and msgs[2]["raw"] == "<tool_call>..."
     assert msgs[3]["content"] == "error: refused: no"
@@ -68,12 +79,15 @@ def test_fit_drops_oldest_exchanges_with_a_summary() -> None:
 def test_toolprompt_parses_calls_and_refuses_broken_ones() -> None:
     tools = [{"type": "function", "function": {"name": "read_file", "parameters": {}}}]
     assert toolprompt.parse("plain answer", tools) == ("plain answer", [])
-    content, (call,) = toolprompt.parse('{"name": "read_file", "arguments": {"path": "a"}}',
-                                        tools)
-    assert content is None and call.name == "read_file" and json.loads(call.arguments) == \
-        {"path": "a"}
-    for bad in ('{"name": "read_file", "arguments": ', '{"arguments": {}}',
-                '{"name": "x", "arguments": [1]}'):
+    content, (call,) = toolprompt.parse('{"name": "read_file", "arguments": {"path": "a"}}', tools)
+    assert (
+        content is None and call.name == "read_file" and json.loads(call.arguments) == {"path": "a"}
+    )
+    for bad in (
+        '{"name": "read_file", "arguments": ',
+        '{"arguments": {}}',
+        '{"name": "x", "arguments": [1]}',
+    ):
         try:
             toolprompt.parse(bad, tools)
         except toolprompt.MalformedToolCall:

@@ -32,8 +32,11 @@ def test_imports_flow_down_only() -> None:
                 there = layer_of(name)
                 if there is None or there in SHARED:
                     continue
-                if there not in RANK or RANK[there] > RANK[here] or (
-                        RANK[there] == RANK[here] and there != here):
+                if (
+                    there not in RANK
+                    or RANK[there] > RANK[here]
+                    or (RANK[there] == RANK[here] and there != here)
+                ):
                     bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, "\n".join(bad)
 

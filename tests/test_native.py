@@ -47,7 +47,7 @@ def test_panel_linear_matches_matmul(rows: int, fmt: str) -> None:
     out = native.linear(spec, x)
     torch.testing.assert_close(out, x @ w.T, rtol=1e-4, atol=1e-4)
     for i in (0, rows - 1):  # a row's result does not depend on the rows beside it
-        assert torch.equal(native.linear(spec, x[i:i + 1])[0], out[i])
+        assert torch.equal(native.linear(spec, x[i : i + 1])[0], out[i])
 
 
 def test_auto_keeps_exact_formats_and_leaves_others() -> None:
@@ -70,15 +70,23 @@ def test_paged_decode_matches_sdpa(dtype: torch.dtype, d: int) -> None:
     k_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
     v_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
     lens = [1, 7, 13, 16, 37]  # keys are scored 16 at a time: within, at and across groups
-    tables = torch.tensor([[5] + [0] * 9, [3, 9] + [0] * 8, [11, 2, 8, 1] + [0] * 6,
-                           [0, 4, 6, 7] + [0] * 6, [23, 10, 12, 13, 14, 15, 16, 17, 18, 19]])
+    tables = torch.tensor(
+        [
+            [5] + [0] * 9,
+            [3, 9] + [0] * 8,
+            [11, 2, 8, 1] + [0] * 6,
+            [0, 4, 6, 7] + [0] * 6,
+            [23, 10, 12, 13, 14, 15, 16, 17, 18, 19],
+        ]
+    )
     q = torch.randn(5, heads, d, generator=g)
     out = native.paged_decode(q, k_cache, v_cache, tables, torch.tensor(lens), 0.25)
     for b, n in enumerate(lens):
         k = k_cache[tables[b]].flatten(0, 1)[:n].float().transpose(0, 1)  # [Hkv, n, D]
         v = v_cache[tables[b]].flatten(0, 1)[:n].float().transpose(0, 1)
-        ref = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=0.25,
-                                             enable_gqa=True).squeeze(1)
+        ref = F.scaled_dot_product_attention(
+            q[b].unsqueeze(1), k, v, scale=0.25, enable_gqa=True
+        ).squeeze(1)
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
 
 
@@ -86,10 +94,14 @@ def test_paged_attention_native_and_torch_paths_agree() -> None:
     g = torch.Generator().manual_seed(2)
     k_cache, v_cache = torch.randn(2, 10, 4, 3, 8, generator=g)
     q = torch.randn(2, 6, 8, generator=g)
-    meta = AttentionMetadata(slot_mapping=torch.tensor([0, 1]), prefills=[], block_size=4,
-                             decode_rows=torch.tensor([0, 1]),
-                             decode_block_tables=torch.tensor([[7, 2, 0], [4, 0, 0]]),
-                             decode_lens=torch.tensor([10, 3]))
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([0, 1]),
+        prefills=[],
+        block_size=4,
+        decode_rows=torch.tensor([0, 1]),
+        decode_block_tables=torch.tensor([[7, 2, 0], [4, 0, 0]]),
+        decode_lens=torch.tensor([10, 3]),
+    )
     fast = paged_attention(q, q[:, :3], q[:, :3], k_cache, v_cache, meta, 0.3)
     slow = decode_attention_torch(q, k_cache, v_cache, meta, 0.3)  # the path CUDA takes
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

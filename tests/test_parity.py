@@ -33,7 +33,7 @@ LONG_TEXT = Path(textwrap.__file__).read_text()[:3900]
 # which HF's min_new_tokens bans while ignore_eos only keeps going), "Water boils at a
 # temperature of" (gap 0.007) and a dragon story (gap 0.002).
 GREEDY_TEXT = [
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "Here is a short story about a lighthouse keeper who",
     "import numpy as np\n\n# Compute the mean of each column\n",
 ]
@@ -91,8 +91,9 @@ class PagedSequence:
         end, bs = start + n, self.block_size
         pos = torch.arange(start, end)
         table = self.table[: -(-end // bs)]
-        meta = AttentionMetadata(slot_mapping=table[pos // bs] * bs + pos % bs, prefills=[],
-                                 block_size=bs)
+        meta = AttentionMetadata(
+            slot_mapping=table[pos // bs] * bs + pos % bs, prefills=[], block_size=bs
+        )
         if n == 1 and start > 0:  # a decode step reads whole blocks, masked past `end`
             meta.decode_rows = torch.tensor([0])
             meta.decode_block_tables = table.unsqueeze(0)
@@ -121,14 +122,16 @@ def test_prefill_logits_match_hf(llm: LLM, hf: Any, prompt: str) -> None:
 
 
 def test_prefill_logits_match_hf_on_a_long_prompt(
-        llm: LLM, long_case: tuple[list[int], torch.Tensor]) -> None:
+    llm: LLM, long_case: tuple[list[int], torch.Tensor]
+) -> None:
     ids, ref = long_case
     seq = PagedSequence(llm.engine.model, len(ids))
     assert_close(seq.feed(ids), ref, f"{len(ids)}-token prompt")
 
 
 def test_chunked_prefill_and_decode_logits_match_hf(
-        llm: LLM, long_case: tuple[list[int], torch.Tensor]) -> None:
+    llm: LLM, long_case: tuple[list[int], torch.Tensor]
+) -> None:
     """Chunks of odd sizes over cached blocks, with single-token decode steps in between."""
     ids, ref = long_case[0][:560], long_case[1][:560]
     seq = PagedSequence(llm.engine.model, len(ids))
@@ -141,7 +144,8 @@ def test_chunked_prefill_and_decode_logits_match_hf(
 
 
 def test_engine_logprobs_match_hf_through_chunked_prefill(
-        hf: Any, long_case: tuple[list[int], torch.Tensor]) -> None:
+    hf: Any, long_case: tuple[list[int], torch.Tensor]
+) -> None:
     """The real path: 64-token step budget, so a 300-token prompt is prefilled in chunks
     beside the decodes of a short chat; each step's top-5 log-probs are HF's. (Both greedy
     paths are clear of near-ties: HF's top-2 gaps are >= 0.07 and >= 0.013.)"""
@@ -152,7 +156,7 @@ def test_engine_logprobs_match_hf_through_chunked_prefill(
     assert small.engine.blocks.num_used == 0
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.prompt_token_ids == prompt
-        ref = hf_logits(hf, prompt + out.token_ids)[len(prompt) - 1: -1].log_softmax(-1)
+        ref = hf_logits(hf, prompt + out.token_ids)[len(prompt) - 1 : -1].log_softmax(-1)
         assert len(out.logprobs) == len(out.token_ids) == 8
         for step, (lp, ref_row) in enumerate(zip(out.logprobs, ref, strict=True)):
             where = f"prompt of {len(prompt)} tokens, step {step}"
@@ -169,21 +173,26 @@ def test_engine_logprobs_match_hf_through_chunked_prefill(
 # -- greedy continuations -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def greedy_prompts(llm: LLM) -> list[list[int]]:
-    return [llm.tokenizer.encode(t) for t in GREEDY_TEXT] + [
-        llm.tokenizer.encode_chat(GREEDY_CHAT)]
+    return [llm.tokenizer.encode(t) for t in GREEDY_TEXT] + [llm.tokenizer.encode_chat(GREEDY_CHAT)]
 
 
 @torch.inference_mode()
-def hf_greedy(hf: Any, prompts: list[list[int]],
-              n: int) -> list[tuple[list[int], list[float]]]:
+def hf_greedy(hf: Any, prompts: list[list[int]], n: int) -> list[tuple[list[int], list[float]]]:
     """HF `generate` on a left-padded batch: (new token ids, per-step top-2 gaps) per prompt."""
     pad = hf.generation_config.pad_token_id or 0
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                      min_new_tokens=n, pad_token_id=pad, output_scores=True,
-                      return_dict_in_generate=True)
+    out = hf.generate(
+        ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=pad,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     top2 = torch.stack(out.scores, dim=1).topk(2, dim=-1).values  # [B, n, 2]
     gaps = (top2[..., 0] - top2[..., 1]).tolist()
     return list(zip(out.sequences[:, width:].tolist(), gaps, strict=True))
@@ -194,16 +203,20 @@ def gguf_greedy(llm: LLM, greedy_prompts: list[list[int]]) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(greedy_prompts, GREEDY)]
 
 
-def test_greedy_64_tokens_match_hf_generate(llm: LLM, hf: Any, greedy_prompts: list[list[int]],
-                                            gguf_greedy: list[list[int]]) -> None:
+def test_greedy_64_tokens_match_hf_generate(
+    llm: LLM, hf: Any, greedy_prompts: list[list[int]], gguf_greedy: list[list[int]]
+) -> None:
     ours = gguf_greedy
-    for prompt, mine, (theirs, gaps) in zip(greedy_prompts, ours,
-                                            hf_greedy(hf, greedy_prompts, 64), strict=True):
+    for prompt, mine, (theirs, gaps) in zip(
+        greedy_prompts, ours, hf_greedy(hf, greedy_prompts, 64), strict=True
+    ):
         assert len(mine) == len(theirs) == 64
         if mine != theirs:
             i = next(i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b)
-            pytest.fail(f"{llm.tokenizer.decode(prompt)!r}: token {i} differs "
-                        f"({mine[i]} vs HF {theirs[i]}); HF's top-2 gap there is {gaps[i]:.4f}")
+            pytest.fail(
+                f"{llm.tokenizer.decode(prompt)!r}: token {i} differs "
+                f"({mine[i]} vs HF {theirs[i]}); HF's top-2 gap there is {gaps[i]:.4f}"
+            )
 
 
 # -- the HF safetensors folder loader, fed what transformers saves -------------------------
@@ -221,8 +234,11 @@ def test_hf_folder_config_matches_gguf(llm: LLM, folder_llm: LLM) -> None:
 
 def test_hf_folder_tokenizer_matches_gguf(llm: LLM, folder_llm: LLM) -> None:
     ours, theirs = llm.tokenizer, folder_llm.tokenizer
-    assert (theirs.bos_token_id, theirs.eos_token_ids, theirs.add_bos) == \
-        (ours.bos_token_id, ours.eos_token_ids, ours.add_bos)
+    assert (theirs.bos_token_id, theirs.eos_token_ids, theirs.add_bos) == (
+        ours.bos_token_id,
+        ours.eos_token_ids,
+        ours.add_bos,
+    )
     for text in [*SHORT_PROMPTS, LONG_TEXT]:
         assert theirs.encode(text) == ours.encode(text), repr(text)
     assert theirs.encode_chat(GREEDY_CHAT) == ours.encode_chat(GREEDY_CHAT)
@@ -235,8 +251,9 @@ def test_hf_folder_logits_match_hf(hf: Any, folder_llm: LLM) -> None:
         assert_close(seq.feed(ids), hf_logits(hf, ids), repr(prompt))
 
 
-def test_hf_folder_greedy_matches_gguf(folder_llm: LLM, greedy_prompts: list[list[int]],
-                                       gguf_greedy: list[list[int]]) -> None:
+def test_hf_folder_greedy_matches_gguf(
+    folder_llm: LLM, greedy_prompts: list[list[int]], gguf_greedy: list[list[int]]
+) -> None:
     theirs = [o.token_ids for o in folder_llm.generate(greedy_prompts, GREEDY)]
     assert theirs == gguf_greedy
     assert folder_llm.engine.blocks.num_used == 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 from llmos import LLM, SamplingParams
 
 PREFIX = "You are a meticulous assistant. " + " ".join(
-    f"Rule {i}: answer with the number {i * 7 % 13}." for i in range(30))
+    f"Rule {i}: answer with the number {i * 7 % 13}." for i in range(30)
+)
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
 
 
@@ -43,8 +44,11 @@ def test_same_output_with_and_without_cache_under_pressure() -> None:
 
 def test_n_and_abort_with_shared_prefix(llm: LLM) -> None:
     engine = llm.engine
-    engine.add_request("keep", PREFIX + " Tell me a story.",
-                       SamplingParams(n=3, temperature=0.9, seed=2, max_tokens=8))
+    engine.add_request(
+        "keep",
+        PREFIX + " Tell me a story.",
+        SamplingParams(n=3, temperature=0.9, seed=2, max_tokens=8),
+    )
     engine.add_request("drop", PREFIX + " Tell me a joke.", SamplingParams(max_tokens=50))
     engine.step()
     engine.step()

@@ -30,11 +30,16 @@ def ckpt():  # noqa: ANN201
 def logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     n, cfg, bs = len(ids), model.cfg, 16
     blocks = n // bs + 1
-    caches = [(torch.zeros(blocks, bs, cfg.num_kv_heads, cfg.head_dim),
-               torch.zeros(blocks, bs, cfg.num_kv_heads, cfg.head_dim))
-              for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata(torch.arange(n), [PrefillChunk(0, n, n, torch.arange(blocks), None)],
-                             bs)
+    caches = [
+        (
+            torch.zeros(blocks, bs, cfg.num_kv_heads, cfg.head_dim),
+            torch.zeros(blocks, bs, cfg.num_kv_heads, cfg.head_dim),
+        )
+        for _ in range(cfg.num_layers)
+    ]
+    meta = AttentionMetadata(
+        torch.arange(n), [PrefillChunk(0, n, n, torch.arange(blocks), None)], bs
+    )
     with torch.inference_mode():
         return model(torch.tensor(ids), torch.arange(n), caches, meta, torch.arange(n))
 
@@ -50,8 +55,7 @@ def reference(ckpt) -> tuple[list[torch.Tensor], list[list[int]]]:  # noqa: ANN0
 
 
 def prompts(llm: LLM) -> list[list[int]]:
-    return [llm.tokenizer.encode(t) for t in GREEDY_TEXT] + [
-        llm.tokenizer.encode_chat(GREEDY_CHAT)]
+    return [llm.tokenizer.encode(t) for t in GREEDY_TEXT] + [llm.tokenizer.encode_chat(GREEDY_CHAT)]
 
 
 def params() -> SamplingParams:
@@ -64,16 +68,21 @@ def test_mode_against_fp32(mode: str, ckpt, reference) -> None:  # noqa: ANN001
     model = LlamaModel.from_weights(ckpt.config, ckpt.weights).eval()
     counts = quantize(model, mode, max_rows=1 << 30)  # the mode's kernels on every row
     assert "q4" in counts or "q8" in counts
-    diff = max((logits(model, ckpt.tokenizer.encode(p)) - ref).abs().max().item()
-               for p, ref in zip(SHORT_PROMPTS, ref_logits, strict=True))
+    diff = max(
+        (logits(model, ckpt.tokenizer.encode(p)) - ref).abs().max().item()
+        for p, ref in zip(SHORT_PROMPTS, ref_logits, strict=True)
+    )
     # the engine's own paths: fused decode layers and quantized small steps
     llm = LLM(quantization=mode, kv_cache_memory="64MiB")
     outs = [o.token_ids for o in llm.generate(prompts(llm), params())]
-    same = sum(a == b for o, r in zip(outs, ref_greedy, strict=True)
-               for a, b in zip(o, r, strict=True))
+    same = sum(
+        a == b for o, r in zip(outs, ref_greedy, strict=True) for a, b in zip(o, r, strict=True)
+    )
     agreement = same / (len(ref_greedy) * TOKENS)
-    print(f"\n{mode}: max logit diff {diff:.2e}, greedy agreement {agreement:.1%}, "
-          f"{weight_bytes(llm.engine.model) / 2**20:.0f} MiB of weights per decode step")
+    print(
+        f"\n{mode}: max logit diff {diff:.2e}, greedy agreement {agreement:.1%}, "
+        f"{weight_bytes(llm.engine.model) / 2**20:.0f} MiB of weights per decode step"
+    )
     max_diff, min_agreement = BOUNDS[mode]
     assert diff <= max_diff, f"{mode}: logits differ from fp32 by {diff}"
     assert agreement >= min_agreement, f"{mode}: greedy agreement {agreement:.1%}"

@@ -17,8 +17,14 @@ from llmos.errors import RequestError
 
 
 def batch(b: int, **kw: object) -> SamplingBatch:
-    base = dict(temperature=torch.ones(b), greedy=torch.zeros(b, dtype=torch.bool), top_k=None,
-                top_p=None, min_p=None, generators=[None] * b)
+    base = dict(
+        temperature=torch.ones(b),
+        greedy=torch.zeros(b, dtype=torch.bool),
+        top_k=None,
+        top_p=None,
+        min_p=None,
+        generators=[None] * b,
+    )
     base.update(kw)
     return SamplingBatch(**base)  # type: ignore[arg-type]
 
@@ -51,10 +57,14 @@ def test_min_p_scales_with_the_top_probability() -> None:
 
 def test_penalties() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    b = batch(1, repetition=torch.tensor([2.0]), presence=torch.tensor([0.5]),
-              frequency=torch.tensor([0.25]),
-              output_counts=torch.tensor([[0.0, 0.0, 2.0, 0.0]]),
-              seen=torch.tensor([[True, True, True, False]]))
+    b = batch(
+        1,
+        repetition=torch.tensor([2.0]),
+        presence=torch.tensor([0.5]),
+        frequency=torch.tensor([0.25]),
+        output_counts=torch.tensor([[0.0, 0.0, 2.0, 0.0]]),
+        seen=torch.tensor([[True, True, True, False]]),
+    )
     out = apply_penalties(logits, b)
     # rep: 2→1, -2→-4, 1→0.5 ; then token 2 (count 2): -0.25*2 - 0.5
     assert torch.allclose(out, torch.tensor([[1.0, -4.0, 0.5 - 0.5 - 0.5, 0.5]]))
@@ -86,11 +96,22 @@ def test_sampling_follows_the_distribution() -> None:
     assert torch.allclose(freq, probs, atol=0.03)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0),
-    ("n", 0), ("max_tokens", 0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5),
-    ("repetition_penalty", 0.0), ("logprobs", 21),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 2.0),
+        ("n", 0),
+        ("max_tokens", 0),
+        ("presence_penalty", 3.0),
+        ("frequency_penalty", -2.5),
+        ("repetition_penalty", 0.0),
+        ("logprobs", 21),
+    ],
+)
 def test_bad_params_name_the_field(field: str, value: object) -> None:
     with pytest.raises(RequestError, match=field) as info:
         SamplingParams(**{field: value})

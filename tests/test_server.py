@@ -35,10 +35,15 @@ MAX_BODY = 256 * 1024
 def reference(llm: LLM) -> dict[str, object]:
     """Offline greedy outputs, made before the server takes over the engine."""
     chat = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, logprobs=2))[0]
-    cmpl = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS,
-                                               ignore_eos=True, logprobs=2))[0]
-    return {"chat": chat, "cmpl": cmpl, "chat_prompt_tokens": len(chat.prompt_token_ids),
-            "cmpl_prompt_tokens": len(cmpl.prompt_token_ids)}
+    cmpl = llm.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True, logprobs=2)
+    )[0]
+    return {
+        "chat": chat,
+        "cmpl": cmpl,
+        "chat_prompt_tokens": len(chat.prompt_token_ids),
+        "cmpl_prompt_tokens": len(cmpl.prompt_token_ids),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +55,7 @@ def server(llm: LLM, reference: dict[str, object]) -> Iterator[RunningServer]:
 
 @pytest.fixture
 def client(server: RunningServer) -> Iterator[OpenAI]:
-    with OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                timeout=120) as c:
+    with OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
         yield c
 
 
@@ -71,9 +75,12 @@ def wait_for_idle(server: RunningServer, kv_idle: float, min_499: float = 0) -> 
     deadline = time.monotonic() + 60
     while True:
         m = metrics(server)
-        idle = (m["llmos_kv_blocks_used"] == kv_idle and m["llmos_num_requests_running"] == 0
-                and m["llmos_num_requests_waiting"] == 0
-                and m.get('llmos_requests_total{status="499"}', 0) >= min_499)
+        idle = (
+            m["llmos_kv_blocks_used"] == kv_idle
+            and m["llmos_num_requests_running"] == 0
+            and m["llmos_num_requests_waiting"] == 0
+            and m.get('llmos_requests_total{status="499"}', 0) >= min_499
+        )
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.1)
@@ -93,11 +100,13 @@ def test_models_and_health(client: OpenAI, server: RunningServer) -> None:
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
-def test_chat_matches_the_engine_and_counts_usage(client: OpenAI,
-                                                  reference: dict[str, object]) -> None:
+def test_chat_matches_the_engine_and_counts_usage(
+    client: OpenAI, reference: dict[str, object]
+) -> None:
     ref = reference["chat"]
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=CHAT, temperature=0, max_tokens=GREEDY_TOKENS)
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=GREEDY_TOKENS
+    )
     r = raw.parse()
     assert raw.headers["x-request-id"] == r.id
     (choice,) = r.choices
@@ -112,8 +121,13 @@ def test_chat_matches_the_engine_and_counts_usage(client: OpenAI,
 
 def test_completion_matches_the_engine(client: OpenAI, reference: dict[str, object]) -> None:
     ref = reference["cmpl"]
-    r = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0,
-                                  max_tokens=GREEDY_TOKENS, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        temperature=0,
+        max_tokens=GREEDY_TOKENS,
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].text == ref.text  # type: ignore[attr-defined]
     assert r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == reference["cmpl_prompt_tokens"]
@@ -122,11 +136,19 @@ def test_completion_matches_the_engine(client: OpenAI, reference: dict[str, obje
 
 
 def test_chat_stream_deltas_join_to_the_whole_answer(client: OpenAI) -> None:
-    whole = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                           max_tokens=GREEDY_TOKENS)
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=CHAT, temperature=0, max_tokens=GREEDY_TOKENS, stream=True,
-        stream_options={"include_usage": True}))
+    whole = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=GREEDY_TOKENS
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,
+            temperature=0,
+            max_tokens=GREEDY_TOKENS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -149,10 +171,12 @@ def test_completion_stream_deltas_join_to_the_whole_text(client: OpenAI) -> None
 def test_async_client_streams_and_awaits(server: RunningServer) -> None:
     async def main() -> tuple[str, str]:
         async with AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as c:
-            whole = await c.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                                    max_tokens=8)
-            stream = await c.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                                     max_tokens=8, stream=True)
+            whole = await c.chat.completions.create(
+                model=MODEL, messages=CHAT, temperature=0, max_tokens=8
+            )
+            stream = await c.chat.completions.create(
+                model=MODEL, messages=CHAT, temperature=0, max_tokens=8, stream=True
+            )
             parts = [ch.choices[0].delta.content or "" async for ch in stream if ch.choices]
             return whole.choices[0].message.content or "", "".join(parts)
 
@@ -161,12 +185,14 @@ def test_async_client_streams_and_awaits(server: RunningServer) -> None:
 
 
 def test_n2_gives_two_choices_and_counts_both(client: OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, n=2, temperature=1.0,
-                                       seed=5, max_tokens=8, logprobs=True)
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, n=2, temperature=1.0, seed=5, max_tokens=8, logprobs=True
+    )
     assert [c.index for c in r.choices] == [0, 1]
     assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
-    stream = client.chat.completions.create(model=MODEL, messages=CHAT, n=2, temperature=1.0,
-                                            seed=5, max_tokens=8, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=CHAT, n=2, temperature=1.0, seed=5, max_tokens=8, stream=True
+    )
     texts = {0: "", 1: ""}
     finished = []
     for chunk in stream:
@@ -180,8 +206,9 @@ def test_n2_gives_two_choices_and_counts_both(client: OpenAI) -> None:
 
 def test_batch_of_prompts_and_token_ids(client: OpenAI, reference: dict[str, object]) -> None:
     ids = [int(t) for t in reference["cmpl"].prompt_token_ids]  # type: ignore[attr-defined]
-    r = client.completions.create(model=MODEL, prompt=[PROMPT, PROMPT], temperature=0,
-                                  max_tokens=4, n=2)
+    r = client.completions.create(
+        model=MODEL, prompt=[PROMPT, PROMPT], temperature=0, max_tokens=4, n=2
+    )
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert len({c.text for c in r.choices}) == 1
     by_ids = client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=4)
@@ -192,24 +219,34 @@ def test_batch_of_prompts_and_token_ids(client: OpenAI, reference: dict[str, obj
 def test_stop_strings_cut_the_text(client: OpenAI, reference: dict[str, object]) -> None:
     full: str = reference["cmpl"].text  # type: ignore[attr-defined]
     stop = full.split()[2]
-    expected = full[:full.index(stop)]
-    kwargs = {"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": GREEDY_TOKENS,
-              "stop": [stop, "never-appears"]}
+    expected = full[: full.index(stop)]
+    kwargs = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "temperature": 0,
+        "max_tokens": GREEDY_TOKENS,
+        "stop": [stop, "never-appears"],
+    }
     r = client.completions.create(**kwargs)
     assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
-    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs,
-                                                                           stream=True))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True))
     assert streamed == expected
-    chat = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                          max_tokens=GREEDY_TOKENS, stop="Paris")
+    chat = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=GREEDY_TOKENS, stop="Paris"
+    )
     assert chat.choices[0].message.content == "The capital of France is "
     assert chat.choices[0].finish_reason == "stop"
 
 
 def test_seeds_reproduce_across_calls(client: OpenAI) -> None:
     def sample(seed: int) -> str:
-        r = client.completions.create(model=MODEL, prompt="My favourite animal is the",
-                                      temperature=1.0, seed=seed, max_tokens=10)
+        r = client.completions.create(
+            model=MODEL,
+            prompt="My favourite animal is the",
+            temperature=1.0,
+            seed=seed,
+            max_tokens=10,
+        )
         return r.choices[0].text
 
     first = sample(1234)
@@ -220,17 +257,20 @@ def test_seeds_reproduce_across_calls(client: OpenAI) -> None:
 def test_max_tokens_one(client: OpenAI) -> None:
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0)
     assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (1, "length")
-    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=1,
-                                          temperature=0)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_completion_tokens=1, temperature=0
+    )
     assert (chat.usage.completion_tokens, chat.choices[0].finish_reason) == (1, "length")
-    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1, stream=True)
+    )
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
 
 
 def test_chat_logprobs(client: OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=5,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert "".join(t.token for t in content) == r.choices[0].message.content
@@ -240,18 +280,29 @@ def test_chat_logprobs(client: OpenAI) -> None:
         assert tops == sorted(tops, reverse=True)
         assert t.top_logprobs[0].token == t.token and t.logprob == pytest.approx(tops[0])
         assert bytes(t.bytes).decode() == t.token
-    streamed = [t for c in client.chat.completions.create(
-        model=MODEL, messages=CHAT, temperature=0, max_tokens=5, logprobs=True,
-        top_logprobs=3, stream=True) if c.choices and c.choices[0].logprobs
-        for t in c.choices[0].logprobs.content]
+    streamed = [
+        t
+        for c in client.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,
+            temperature=0,
+            max_tokens=5,
+            logprobs=True,
+            top_logprobs=3,
+            stream=True,
+        )
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
     assert [t.token for t in streamed] == [t.token for t in content]
     plain = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
     assert plain.choices[0].logprobs is None
 
 
 def test_completion_logprobs(client: OpenAI) -> None:
-    r = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=6,
-                                  logprobs=2)
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPT, temperature=0, max_tokens=6, logprobs=2
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
     assert "".join(lp.tokens) == r.choices[0].text
@@ -261,10 +312,18 @@ def test_completion_logprobs(client: OpenAI) -> None:
 
 
 # -- refusals ----------------------------------------------------------------------------------
-@pytest.mark.parametrize(("field", "value"), [
-    ("temperature", -1), ("top_p", 1.5), ("n", 0), ("presence_penalty", 3),
-    ("frequency_penalty", -2.5), ("max_tokens", 0), ("top_logprobs", 30),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -1),
+        ("top_p", 1.5),
+        ("n", 0),
+        ("presence_penalty", 3),
+        ("frequency_penalty", -2.5),
+        ("max_tokens", 0),
+        ("top_logprobs", 30),
+    ],
+)
 def test_out_of_range_values_are_400(client: OpenAI, field: str, value: float) -> None:
     kwargs = {"max_tokens": 2, "logprobs": field == "top_logprobs", field: value}
     with pytest.raises(openai.BadRequestError) as err:
@@ -277,15 +336,17 @@ def test_bad_messages_are_400(client: OpenAI) -> None:
         client.chat.completions.create(model=MODEL, messages=[])
     assert err.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL,
-                                       messages=[{"role": "wizard", "content": "hi"}])
+        client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
     assert err.value.body["param"] == "messages[0].role"
 
 
 def test_malformed_json_is_400_in_openai_shape(server: RunningServer) -> None:
     for body in (b'{"model": "smollm2-135m", "messages": [', b"[1, 2]", b""):
-        r = httpx.post(f"{server.url}/v1/chat/completions", content=body,
-                       headers={"Content-Type": "application/json"})
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
         assert r.status_code == 400
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -316,24 +377,28 @@ def test_body_over_the_limit_is_413(client: OpenAI) -> None:
     assert err.value.status_code == 413 and err.value.code == "request_too_large"
 
 
-@pytest.mark.parametrize("body", [
-    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-    {"messages": CHAT, "logit_bias": {"1": 5}},
-    {"messages": CHAT, "stream_options": {"include_usage": True}},
-    {"messages": CHAT, "seed": 2**70},
-    {"messages": CHAT, "stop": [str(i) for i in range(20)]},
-    {"messages": CHAT, "temperature": "hot"},
-    {"messages": CHAT, "stop_token_ids": [10**9]},
-    {"messages": "hello"},
-    {"prompt": []},
-    {"prompt": [[]]},
-    {"prompt": [10**9]},
-    {"prompt": ""},
-    {"prompt": "x", "best_of": 3},
-    {"prompt": "x", "echo": True, "logprobs": 1},
-])
-def test_odd_requests_are_refused_and_the_server_lives(server: RunningServer,
-                                                       body: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        {"messages": CHAT, "logit_bias": {"1": 5}},
+        {"messages": CHAT, "stream_options": {"include_usage": True}},
+        {"messages": CHAT, "seed": 2**70},
+        {"messages": CHAT, "stop": [str(i) for i in range(20)]},
+        {"messages": CHAT, "temperature": "hot"},
+        {"messages": CHAT, "stop_token_ids": [10**9]},
+        {"messages": "hello"},
+        {"prompt": []},
+        {"prompt": [[]]},
+        {"prompt": [10**9]},
+        {"prompt": ""},
+        {"prompt": "x", "best_of": 3},
+        {"prompt": "x", "echo": True, "logprobs": 1},
+    ],
+)
+def test_odd_requests_are_refused_and_the_server_lives(
+    server: RunningServer, body: dict[str, object]
+) -> None:
     route = "chat/completions" if "messages" in body else "completions"
     r = httpx.post(f"{server.url}/v1/{route}", json={"model": MODEL, "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
@@ -344,17 +409,33 @@ def test_odd_requests_are_refused_and_the_server_lives(server: RunningServer,
 
 def test_text_content_parts_and_extra_fields_are_accepted(client: OpenAI) -> None:
     r = client.chat.completions.create(
-        model=MODEL, max_tokens=2, temperature=0, user="alice",
-        messages=[{"role": "developer", "content": "Be brief."},
-                  {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-        extra_body={"priority": 3, "top_k": 5, "some_future_field": True})
+        model=MODEL,
+        max_tokens=2,
+        temperature=0,
+        user="alice",
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
+        extra_body={"priority": 3, "top_k": 5, "some_future_field": True},
+    )
     assert r.usage.completion_tokens >= 1
 
 
 def test_nulls_mean_unset_as_clients_send_them(server: RunningServer) -> None:
-    body = {"model": None, "messages": [{"role": "user", "content": "Hi", "name": None}],
-            "n": None, "stream": None, "stop": None, "logprobs": None, "top_logprobs": None,
-            "seed": None, "tools": None, "response_format": None, "max_tokens": 2}
+    body = {
+        "model": None,
+        "messages": [{"role": "user", "content": "Hi", "name": None}],
+        "n": None,
+        "stream": None,
+        "stop": None,
+        "logprobs": None,
+        "top_logprobs": None,
+        "seed": None,
+        "tools": None,
+        "response_format": None,
+        "max_tokens": 2,
+    }
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] <= 2
@@ -374,8 +455,15 @@ FUZZ_VALUES: dict[str, list[object]] = {
     "stop_token_ids": [[0], [-1], [10**6], None],
     "priority": [0, -10, 10**30, None],
     "user": ["u", 5, None],
-    "messages": [CHAT, [], [{"role": "user"}], [{"content": "x"}], "hi", None,
-                 [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "y"}]}]],
+    "messages": [
+        CHAT,
+        [],
+        [{"role": "user"}],
+        [{"content": "x"}],
+        "hi",
+        None,
+        [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "y"}]}],
+    ],
     "prompt": [PROMPT, "", [1, 2, 3], [[1, 2], "x"], [[]], None, ["a", "b"], [-1], {"a": 1}],
 }
 
@@ -403,15 +491,16 @@ def test_fuzzed_requests_never_crash_or_leak(server: RunningServer) -> None:
     assert wait_for_idle(server, kv_idle)["llmos_kv_blocks_used"] == kv_idle
 
 
-def test_an_engine_failure_is_500_and_the_server_lives_on(client: OpenAI,
-                                                          server: RunningServer, llm: LLM,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_engine_failure_is_500_and_the_server_lives_on(
+    client: OpenAI, server: RunningServer, llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated device failure")
 
     kv_idle = metrics(server)["llmos_kv_blocks_used"]
-    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+    )
     next(iter(stream))
     monkeypatch.setattr(llm.engine.runner, "run", broken)
     with pytest.raises(openai.APIError, match="simulated device failure"):
@@ -432,8 +521,13 @@ def test_32_concurrent_streams(server: RunningServer) -> None:
 
     async def one(c: AsyncOpenAI, i: int) -> tuple[str, str | None, int]:
         stream = await c.completions.create(
-            model=MODEL, prompt=f"Fact number {i} about the number {i * 7}:", max_tokens=6,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            model=MODEL,
+            prompt=f"Fact number {i} about the number {i * 7}:",
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         text, reason, usage = "", None, -1
         async for chunk in stream:
             for ch in chunk.choices:
@@ -444,8 +538,9 @@ def test_32_concurrent_streams(server: RunningServer) -> None:
         return text, reason, usage
 
     async def main() -> list[tuple[str, str | None, int]]:
-        async with AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0,
-                               timeout=300) as c:
+        async with AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300
+        ) as c:
             return await asyncio.gather(*(one(c, i) for i in range(32)))
 
     results = asyncio.run(main())
@@ -459,12 +554,21 @@ def test_20_streams_dropped_midway_give_their_kv_blocks_back(server: RunningServ
     busy: list[float] = []
 
     async def main() -> None:
-        async with AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0,
-                               timeout=300) as c:
-            streams = await asyncio.gather(*(c.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Count to {i + 50}."}],
-                max_tokens=250, stream=True, extra_body={"ignore_eos": True})
-                for i in range(20)))
+        async with AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300
+        ) as c:
+            streams = await asyncio.gather(
+                *(
+                    c.chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "user", "content": f"Count to {i + 50}."}],
+                        max_tokens=250,
+                        stream=True,
+                        extra_body={"ignore_eos": True},
+                    )
+                    for i in range(20)
+                )
+            )
             for s in streams:
                 got = 0
                 async for chunk in s:
@@ -485,8 +589,11 @@ def test_20_streams_dropped_midway_give_their_kv_blocks_back(server: RunningServ
 def test_a_dropped_non_streaming_request_is_aborted(server: RunningServer) -> None:
     kv_idle = metrics(server)["llmos_kv_blocks_used"]
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", timeout=2.0, json={
-            "model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True})
+        httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=2.0,
+            json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True},
+        )
     assert wait_for_idle(server, kv_idle)["llmos_kv_blocks_used"] == kv_idle
 
 
@@ -494,8 +601,16 @@ def test_a_client_that_leaves_while_queued_is_aborted(server: RunningServer) -> 
     """Gone before its first token (a long prefill): aborted then, not after the first token."""
     kv_idle = metrics(server)["llmos_kv_blocks_used"]
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", timeout=0.5, json={
-            "model": MODEL, "prompt": "hello " * 4000, "max_tokens": 1500, "ignore_eos": True})
+        httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=0.5,
+            json={
+                "model": MODEL,
+                "prompt": "hello " * 4000,
+                "max_tokens": 1500,
+                "ignore_eos": True,
+            },
+        )
     assert wait_for_idle(server, kv_idle)["llmos_kv_blocks_used"] == kv_idle
 
 
@@ -505,13 +620,21 @@ def test_metrics_count_tokens_and_latencies(server: RunningServer, client: OpenA
         client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
     m = metrics(server)
-    assert m["llmos_prompt_tokens_total"] - before["llmos_prompt_tokens_total"] == \
-        r.usage.prompt_tokens
+    assert (
+        m["llmos_prompt_tokens_total"] - before["llmos_prompt_tokens_total"]
+        == r.usage.prompt_tokens
+    )
     assert m["llmos_generation_tokens_total"] - before["llmos_generation_tokens_total"] == 3
-    assert m["llmos_time_to_first_token_seconds_count"] == \
-        before["llmos_time_to_first_token_seconds_count"] + 1
-    assert m["llmos_inter_token_latency_seconds_count"] >= \
-        before["llmos_inter_token_latency_seconds_count"] + 2
+    assert (
+        m["llmos_time_to_first_token_seconds_count"]
+        == before["llmos_time_to_first_token_seconds_count"] + 1
+    )
+    assert (
+        m["llmos_inter_token_latency_seconds_count"]
+        >= before["llmos_inter_token_latency_seconds_count"] + 2
+    )
     assert m["llmos_kv_blocks_total"] > 0
-    assert m['llmos_requests_total{status="400"}'] == \
-        before.get('llmos_requests_total{status="400"}', 0) + 1
+    assert (
+        m['llmos_requests_total{status="400"}']
+        == before.get('llmos_requests_total{status="400"}', 0) + 1
+    )

@@ -21,9 +21,22 @@ BOOT_TIMEOUT = 180.0
 def serve_process() -> Iterator[tuple[subprocess.Popen[str], str, str]]:
     """`llmos serve --port 0`, with the URL and banner it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from llmos.cli.main import app; app()", "serve", "--port", "0",
-         "--kv-cache-memory", "64MiB", "--max-num-seqs", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "from llmos.cli.main import app; app()",
+            "serve",
+            "--port",
+            "0",
+            "--kv-cache-memory",
+            "64MiB",
+            "--max-num-seqs",
+            "8",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -48,26 +61,35 @@ def serve_process() -> Iterator[tuple[subprocess.Popen[str], str, str]]:
         proc.wait(30)
 
 
-def test_banner_shows_ready_examples(serve_process: tuple[subprocess.Popen[str], str, str]
-                                     ) -> None:
+def test_banner_shows_ready_examples(serve_process: tuple[subprocess.Popen[str], str, str]) -> None:
     _, url, banner = serve_process
     assert f"curl {url}/v1/chat/completions" in banner
     assert f'OpenAI(base_url="{url}/v1"' in banner
     body = re.search(r"-d '(.*)'", banner).group(1)  # type: ignore[union-attr]
-    r = httpx.post(f"{url}/v1/chat/completions", json={**json.loads(body), "max_tokens": 2},
-                   timeout=60)
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json={**json.loads(body), "max_tokens": 2}, timeout=60
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_sigterm_finishes_the_stream_in_flight_and_exits_0(
-        serve_process: tuple[subprocess.Popen[str], str, str]) -> None:
+    serve_process: tuple[subprocess.Popen[str], str, str],
+) -> None:
     proc, url, _ = serve_process
     events: queue.Queue[str] = queue.Queue()
 
     def stream() -> None:
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
-                "prompt": "Once upon a time", "max_tokens": 16, "stream": True,
-                "ignore_eos": True}) as r:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            timeout=120,
+            json={
+                "prompt": "Once upon a time",
+                "max_tokens": 16,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        ) as r:
             for line in r.iter_lines():
                 if line:
                     events.put(line)
@@ -80,5 +102,5 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(
     reader.join(120)
     got = [first] + [events.get_nowait() for _ in range(events.qsize())]
     assert got[-1] == "data: [DONE]"
-    assert json.loads(got[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+    assert json.loads(got[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
     assert proc.wait(60) == 0

@@ -66,25 +66,34 @@ def test_api_key_is_required_on_v1_only(make_server: ServerFactory) -> None:
         with pytest.raises(openai.AuthenticationError):
             client_for(server, "wrong").models.list()
         r = httpx.post(f"{server.url}/v1/completions", content=b"{not json")
-        assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param",
-                                                                   "code"}
-        ok = client_for(server, "sekrit").chat.completions.create(model=MODEL, messages=CHAT,
-                                                                  max_tokens=2)
+        assert r.status_code == 401 and set(r.json()["error"]) == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }
+        ok = client_for(server, "sekrit").chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=2
+        )
         assert ok.usage.completion_tokens == 2
         assert httpx.get(f"{server.url}/health").status_code == 200
         assert 'llmos_requests_total{status="401"} 3.0' in httpx.get(f"{server.url}/metrics").text
 
 
-def test_429_when_more_than_max_waiting_would_wait(make_server: ServerFactory,
-                                                   llm: LLM) -> None:
+def test_429_when_more_than_max_waiting_would_wait(make_server: ServerFactory, llm: LLM) -> None:
     batch = llm.engine.config.max_num_seqs
     with make_server(max_waiting=0) as server:
         client = client_for(server)
         idle = kv_used(server)
         # One request whose `batch` sequences fill the engine's batch: the next one would wait.
-        stream = client.completions.create(model=MODEL, prompt="Once upon a time", n=batch,
-                                           max_tokens=40, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            n=batch,
+            max_tokens=40,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         next(iter(stream))
         with pytest.raises(openai.RateLimitError) as err:
             client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
@@ -92,16 +101,17 @@ def test_429_when_more_than_max_waiting_would_wait(make_server: ServerFactory,
         assert err.value.body["type"] == "rate_limit_error"
         stream.close()
         assert wait_until(lambda: kv_used(server) == idle)
-        assert wait_until(lambda: "status=\"499\"" in httpx.get(f"{server.url}/metrics").text)
+        assert wait_until(lambda: 'status="499"' in httpx.get(f"{server.url}/metrics").text)
         ok = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
         assert ok.usage.completion_tokens == 2
 
 
 def test_a_huge_prompt_is_refused_before_tokenizing(make_server: ServerFactory) -> None:
     with make_server() as server:
-        for route, body in (("completions", {"prompt": "ab " * 400_000}),
-                            ("chat/completions",
-                             {"messages": [{"role": "user", "content": "ab " * 400_000}]})):
+        for route, body in (
+            ("completions", {"prompt": "ab " * 400_000}),
+            ("chat/completions", {"messages": [{"role": "user", "content": "ab " * 400_000}]}),
+        ):
             r = httpx.post(f"{server.url}/v1/{route}", json={"model": MODEL, **body}, timeout=60)
             assert r.status_code == 400
             error = r.json()["error"]
@@ -113,18 +123,24 @@ def test_connections_send_without_delay(make_server: ServerFactory) -> None:
     too (Nagle's algorithm with delayed ACKs would hold small writes back)."""
     with make_server() as server, httpx.Client(base_url=server.url) as http:
         assert http.get("/health").status_code == 200
-        sockets = [c.transport.get_extra_info("socket")
-                   for c in server.server.server_state.connections]
-        assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-                               for s in sockets)
+        sockets = [
+            c.transport.get_extra_info("socket") for c in server.server.server_state.connections
+        ]
+        assert sockets and all(
+            s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets
+        )
 
 
 def test_sigterm_lets_streams_in_flight_finish(make_server: ServerFactory) -> None:
     with make_server() as server:
         client = client_for(server)
-        stream = client.completions.create(model=MODEL, prompt="Once upon a time",
-                                           max_tokens=12, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=12,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         chunks = [next(iter(stream))]
         server.drain()
         assert wait_until(lambda: not _accepts(server))  # new requests are refused at once
@@ -134,13 +150,18 @@ def test_sigterm_lets_streams_in_flight_finish(make_server: ServerFactory) -> No
         assert server.join(60)
 
 
-def test_sigterm_aborts_what_outlives_the_grace_period(make_server: ServerFactory,
-                                                       llm: LLM) -> None:
+def test_sigterm_aborts_what_outlives_the_grace_period(
+    make_server: ServerFactory, llm: LLM
+) -> None:
     with make_server(grace=1) as server:
         client = client_for(server)
-        stream = client.completions.create(model=MODEL, prompt="Once upon a time",
-                                           max_tokens=3000, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=3000,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         next(iter(stream))
         done = threading.Event()
 
@@ -166,4 +187,3 @@ def _accepts(server: RunningServer) -> bool:
         return httpx.get(f"{server.url}/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
-

@@ -28,13 +28,19 @@ def test_prefix_cache_metrics_and_priority(llm: LLM) -> None:
         before = counters(server.url)
         for question in ("What is paging?", "What is a process?"):
             client.chat.completions.create(
-                model="smollm2-135m", max_tokens=4, temperature=0,
-                messages=[{"role": "system", "content": SYSTEM},
-                          {"role": "user", "content": question}],
-                extra_body={"priority": 3})
+                model="smollm2-135m",
+                max_tokens=4,
+                temperature=0,
+                messages=[
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": question},
+                ],
+                extra_body={"priority": 3},
+            )
         after = counters(server.url)
-        queried = after["llmos_prefix_cache_queries_total"] - before[
-            "llmos_prefix_cache_queries_total"]
+        queried = (
+            after["llmos_prefix_cache_queries_total"] - before["llmos_prefix_cache_queries_total"]
+        )
         hits = after["llmos_prefix_cache_hits_total"] - before["llmos_prefix_cache_hits_total"]
         assert hits >= 100  # the second request reused the shared system prompt
         assert queried > hits
@@ -43,17 +49,31 @@ def test_prefix_cache_metrics_and_priority(llm: LLM) -> None:
 def test_deterministic_server_gives_the_same_logprobs_under_load() -> None:
     det = LLM(deterministic=True, kv_cache_memory="64MiB")
     with serve_in_thread(create_app(AsyncEngine(det.engine), ServerConfig())) as server:
-        kwargs = dict(model="smollm2-135m", max_tokens=8, temperature=0, logprobs=True,
-                      top_logprobs=2, messages=[{"role": "user", "content": "Name a planet."}])
+        kwargs = dict(
+            model="smollm2-135m",
+            max_tokens=8,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            messages=[{"role": "user", "content": "Name a planet."}],
+        )
         client = OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
         alone = client.chat.completions.create(**kwargs)
 
         async def crowd() -> list:
             aclient = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-            others = [aclient.chat.completions.create(
-                model="smollm2-135m", max_tokens=12, temperature=0.9, seed=i,
-                messages=[{"role": "user", "content": f"Tell me about the number {i}." * (i + 1)}])
-                for i in range(6)]
+            others = [
+                aclient.chat.completions.create(
+                    model="smollm2-135m",
+                    max_tokens=12,
+                    temperature=0.9,
+                    seed=i,
+                    messages=[
+                        {"role": "user", "content": f"Tell me about the number {i}." * (i + 1)}
+                    ],
+                )
+                for i in range(6)
+            ]
             results = await asyncio.gather(aclient.chat.completions.create(**kwargs), *others)
             await aclient.close()
             return results

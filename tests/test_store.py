@@ -28,8 +28,9 @@ def test_wal_and_migrations(tmp_path: Path) -> None:
     s.close()
 
 
-def test_a_new_migration_applies_to_an_old_database(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_new_migration_applies_to_an_old_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     db = tmp_path / "s.db"
     Store(db).close()
 
@@ -67,12 +68,15 @@ def test_resume_finishes_an_interrupted_process(tmp_path: Path) -> None:
     prog = Program(tools=["read_file", "write_file"])
     pid = journal.create(s, prog, "go", str(ws), "ann", 0, "scripted")
     proc: Process = journal.load(s, pid)
-    calls = [ToolCall("c1", "read_file", '{"path": "a.txt"}'),
-             ToolCall("c2", "write_file", '{"path": "b.txt", "content": "x"}'),
-             ToolCall("c3", "read_file", '{"path": "a.txt", "max_lines": 1}')]
+    calls = [
+        ToolCall("c1", "read_file", '{"path": "a.txt"}'),
+        ToolCall("c2", "write_file", '{"path": "b.txt", "content": "x"}'),
+        ToolCall("c3", "read_file", '{"path": "a.txt", "max_lines": 1}'),
+    ]
     proc.status = Status.WAITING_TOOL
-    journal.append(s, proc, ModelTurn(None, calls, prompt_tokens=10, completion_tokens=5),
-                   model="scripted")
+    journal.append(
+        s, proc, ModelTurn(None, calls, prompt_tokens=10, completion_tokens=5), model="scripted"
+    )
     journal.append(s, proc, ToolCallStep("c1", "read_file", calls[0].arguments))
     journal.append(s, proc, ToolResultStep("c1", "read_file", True, "alpha", None, "h"))
     journal.append(s, proc, ToolCallStep("c2", "write_file", calls[1].arguments))
@@ -82,9 +86,17 @@ def test_resume_finishes_an_interrupted_process(tmp_path: Path) -> None:
         p = k.wait(k.resume(pid), 10)
         assert p.status is Status.DONE and p.answer == "alpha it is"
         kinds = [(st.kind, getattr(st, "call_id", None)) for st in p.steps]
-        assert kinds == [("model_turn", None), ("tool_call", "c1"), ("tool_result", "c1"),
-                         ("tool_call", "c2"), ("tool_result", "c2"), ("tool_call", "c3"),
-                         ("tool_result", "c3"), ("model_turn", None), ("final_answer", None)]
+        assert kinds == [
+            ("model_turn", None),
+            ("tool_call", "c1"),
+            ("tool_result", "c1"),
+            ("tool_call", "c2"),
+            ("tool_result", "c2"),
+            ("tool_call", "c3"),
+            ("tool_result", "c3"),
+            ("model_turn", None),
+            ("final_answer", None),
+        ]
         interrupted = p.steps[4]
         assert isinstance(interrupted, ToolResultStep) and "interrupted" in interrupted.error
         assert not (ws / "b.txt").exists()
@@ -95,12 +107,13 @@ def test_resume_finishes_an_interrupted_process(tmp_path: Path) -> None:
 
 def test_program_yaml(tmp_path: Path) -> None:
     f = tmp_path / "p.yaml"
-    f.write_text("name: reader\nversion: 3\nsystem_prompt: Read.\ntools: [read_file]\n"
-                 "policy: {read_only: true}\nlimits: {max_steps: 4}\n"
-                 "sampling: {temperature: 0, max_tokens: 64}\n")
+    f.write_text(
+        "name: reader\nversion: 3\nsystem_prompt: Read.\ntools: [read_file]\n"
+        "policy: {read_only: true}\nlimits: {max_steps: 4}\n"
+        "sampling: {temperature: 0, max_tokens: 64}\n"
+    )
     p = Program.load(f)
-    assert (p.name, p.version, p.limits.max_steps, p.policy.read_only) == \
-        ("reader", "3", 4, True)
+    assert (p.name, p.version, p.limits.max_steps, p.policy.read_only) == ("reader", "3", 4, True)
     assert p.policy.allowed_tools == ["read_file"]
     assert Program.from_dict(p.to_dict()) == p
     f.write_text("name: x\nlimts: {max_steps: 4}\n")

@@ -29,49 +29,83 @@ NAMES = st.from_regex(r"[a-z][a-z_]{0,7}", fullmatch=True)
 LEAVES = st.one_of(
     st.builds(_range, st.just("integer"), st.integers(-100, 100), st.integers(0, 1000)),
     st.builds(_range, st.just("number"), st.integers(-100, 100), st.integers(1, 1000)),
-    st.builds(lambda low, extra: {"type": "string", "minLength": low, "maxLength": low + extra},
-              st.integers(0, 3), st.integers(0, 8)),
-    st.sampled_from([r"^[a-z]{1,6}$", r"^[A-Z][a-z]{1,5}$", r"^[0-9]{3}-[0-9]{4}$",
-                     r"^(red|green|blue)$"]).map(lambda p: {"type": "string", "pattern": p}),
-    st.lists(st.one_of(st.text("abcdefghij ", min_size=1, max_size=8), st.integers(-9, 99),
-                       st.booleans(), st.none()),
-             min_size=1, max_size=4, unique=True).map(lambda values: {"enum": values}),
+    st.builds(
+        lambda low, extra: {"type": "string", "minLength": low, "maxLength": low + extra},
+        st.integers(0, 3),
+        st.integers(0, 8),
+    ),
+    st.sampled_from(
+        [r"^[a-z]{1,6}$", r"^[A-Z][a-z]{1,5}$", r"^[0-9]{3}-[0-9]{4}$", r"^(red|green|blue)$"]
+    ).map(lambda p: {"type": "string", "pattern": p}),
+    st.lists(
+        st.one_of(
+            st.text("abcdefghij ", min_size=1, max_size=8),
+            st.integers(-9, 99),
+            st.booleans(),
+            st.none(),
+        ),
+        min_size=1,
+        max_size=4,
+        unique=True,
+    ).map(lambda values: {"enum": values}),
     st.just({"type": "boolean"}),
 )
 
 
 def objects(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
     """Objects with 1-3 properties, some required, and sometimes `additionalProperties: false`."""
+
     def build(props: dict[str, Any], required: list[bool], closed: bool) -> dict[str, Any]:
-        schema = {"type": "object", "properties": props,
-                  "required": [k for k, r in zip(props, required, strict=True) if r]}
+        schema = {
+            "type": "object",
+            "properties": props,
+            "required": [k for k, r in zip(props, required, strict=True) if r],
+        }
         return {**schema, "additionalProperties": False} if closed else schema
 
     return st.dictionaries(NAMES, children, min_size=1, max_size=3).flatmap(
-        lambda props: st.builds(build, st.just(props),
-                                st.lists(st.booleans(), min_size=len(props),
-                                         max_size=len(props)), st.booleans()))
+        lambda props: st.builds(
+            build,
+            st.just(props),
+            st.lists(st.booleans(), min_size=len(props), max_size=len(props)),
+            st.booleans(),
+        )
+    )
 
 
 def arrays(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
-    return st.builds(lambda items, low, extra: {"type": "array", "items": items,
-                                                "minItems": low, "maxItems": low + extra},
-                     children, st.integers(0, 2), st.integers(0, 1))
+    return st.builds(
+        lambda items, low, extra: {
+            "type": "array",
+            "items": items,
+            "minItems": low,
+            "maxItems": low + extra,
+        },
+        children,
+        st.integers(0, 2),
+        st.integers(0, 1),
+    )
 
 
 SCHEMAS = objects(st.recursive(LEAVES, lambda c: st.one_of(objects(c), arrays(c)), max_leaves=4))
 
 
-def ten_seeds(llm: LLM, prompt: list[int], max_tokens: int, seeds: range = SEEDS,
-              **constraint: Any) -> list[Any]:
-    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=max_tokens, **constraint)
-              for s in seeds]
+def ten_seeds(
+    llm: LLM, prompt: list[int], max_tokens: int, seeds: range = SEEDS, **constraint: Any
+) -> list[Any]:
+    params = [
+        SamplingParams(temperature=1.0, seed=s, max_tokens=max_tokens, **constraint) for s in seeds
+    ]
     return llm.generate([prompt] * len(params), params)
 
 
-@settings(max_examples=8, deadline=None, database=None,
-          phases=[Phase.explicit, Phase.generate],  # an example costs seconds: no shrinking
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=8,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],  # an example costs seconds: no shrinking
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(schema=SCHEMAS)
 def test_every_output_validates_against_its_schema(llm: LLM, schema: dict[str, Any]) -> None:
     prompt = llm.tokenizer.encode_chat(ASK_JSON)
@@ -85,8 +119,7 @@ def test_regex_choice_and_lark_grammar(llm: LLM) -> None:
     for out in ten_seeds(llm, prompt, 20, regex=r" ?[0-9]{3}-[0-9]{4}"):
         assert re.fullmatch(r" ?[0-9]{3}-[0-9]{4}", out.text) and out.finish_reason == "stop"
     choices = ["Paris", "London", "a city I do not know"]
-    for out in ten_seeds(llm, llm.tokenizer.encode("The capital of France is"), 10,
-                         choice=choices):
+    for out in ten_seeds(llm, llm.tokenizer.encode("The capital of France is"), 10, choice=choices):
         assert out.text in choices and out.finish_reason == "stop"
     lark = 'start: answer "."\nanswer: "yes" | "no" | "maybe " NUM\nNUM: /[0-9]{1,2}/'
     for out in ten_seeds(llm, llm.tokenizer.encode("Is it raining?"), 10, grammar=lark):
@@ -104,25 +137,38 @@ def test_json_object_and_schema_strings(llm: LLM) -> None:
 
 
 def test_a_cut_grammar_says_length(llm: LLM) -> None:
-    schema = {"type": "object", "properties": {"story": {"type": "string", "minLength": 200}},
-              "required": ["story"]}
+    schema = {
+        "type": "object",
+        "properties": {"story": {"type": "string", "minLength": 200}},
+        "required": ["story"],
+    }
     out = llm.chat(ASK_JSON, SamplingParams(temperature=0, max_tokens=6, json_schema=schema))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 6
     assert out.text.startswith('{"story": "')
 
 
-@pytest.mark.parametrize(("schema", "keyword", "param"), [
-    ({"type": "array", "uniqueItems": True}, "uniqueItems", "json_schema.uniqueItems"),
-    ({"type": "object", "properties": {"tags": {"type": "array", "contains": {"const": 1}}}},
-     "contains", "json_schema.properties.tags.contains"),
-    ({"type": "object", "properties": {"a": {"type": "string", "format": "zip-code"}}},
-     "format", "json_schema.properties.a.format"),
-    ({"if": {"type": "string"}, "then": {"minLength": 2}}, "if", "json_schema.if"),
-    ({"type": "string", "pattern": "(?=a)b"}, "pattern", "json_schema.pattern"),
-    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf", "json_schema.oneOf"),
-])
-def test_an_unsupported_keyword_is_refused_by_name(llm: LLM, schema: dict[str, Any],
-                                                   keyword: str, param: str) -> None:
+@pytest.mark.parametrize(
+    ("schema", "keyword", "param"),
+    [
+        ({"type": "array", "uniqueItems": True}, "uniqueItems", "json_schema.uniqueItems"),
+        (
+            {"type": "object", "properties": {"tags": {"type": "array", "contains": {"const": 1}}}},
+            "contains",
+            "json_schema.properties.tags.contains",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "format": "zip-code"}}},
+            "format",
+            "json_schema.properties.a.format",
+        ),
+        ({"if": {"type": "string"}, "then": {"minLength": 2}}, "if", "json_schema.if"),
+        ({"type": "string", "pattern": "(?=a)b"}, "pattern", "json_schema.pattern"),
+        ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf", "json_schema.oneOf"),
+    ],
+)
+def test_an_unsupported_keyword_is_refused_by_name(
+    llm: LLM, schema: dict[str, Any], keyword: str, param: str
+) -> None:
     with pytest.raises(RequestError, match=keyword) as info:
         llm.generate("x", SamplingParams(json_schema=schema))
     assert info.value.param == param
@@ -132,8 +178,14 @@ def test_constraint_fields_are_checked(llm: LLM) -> None:
     with pytest.raises(RequestError, match="at most one") as info:
         SamplingParams(regex="a+", choice=["a"])
     assert info.value.param == "choice"
-    for field, value in [("json_schema", "{not json"), ("json_schema", [1]), ("choice", []),
-                         ("choice", ["a", 3]), ("regex", ""), ("grammar", "  ")]:
+    for field, value in [
+        ("json_schema", "{not json"),
+        ("json_schema", [1]),
+        ("choice", []),
+        ("choice", ["a", 3]),
+        ("regex", ""),
+        ("grammar", "  "),
+    ]:
         with pytest.raises(RequestError) as info:
             SamplingParams(**{field: value})
         assert info.value.param == field
@@ -153,13 +205,20 @@ def tight_llm() -> LLM:
 
 
 def test_constrained_beside_free_changes_neither(tight_llm: LLM) -> None:
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                               "age": {"type": "integer"}},
-              "required": ["name", "age"]}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
     free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     constrained = SamplingParams(temperature=0, max_tokens=16, json_schema=schema)
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, " * 4,
-               "Name and age of a person, as JSON: ", "A person record: " * 3]
+    prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, " * 4,
+        "Name and age of a person, as JSON: ",
+        "A person record: " * 3,
+    ]
     params = [free, free, free, constrained, constrained]
     alone = [tight_llm.generate(p, q)[0].token_ids for p, q in zip(prompts, params, strict=True)]
     preemptions = tight_llm.engine.scheduler.num_preemptions
@@ -173,24 +232,46 @@ def test_constrained_beside_free_changes_neither(tight_llm: LLM) -> None:
 
 
 # -- tool calls through LLM.chat ----------------------------------------------------------------
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
-ADD = {"type": "function", "function": {
-    "name": "add", "description": "Add two numbers",
-    "parameters": {"type": "object", "properties": {"a": {"type": "number"},
-                                                    "b": {"type": "number"}},
-                   "required": ["a", "b"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two numbers",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def test_tool_choice_required_named_and_none(llm: LLM) -> None:
     params = SamplingParams(temperature=1.0, seed=7, n=4, max_tokens=48)  # 4 random streams
-    required = llm.chat(ASK_WEATHER, params, tools=[WEATHER, ADD], tool_choice="required",
-                        parallel_tool_calls=False)[0]
-    named = llm.chat(ASK_WEATHER, params, tools=[WEATHER, ADD], parallel_tool_calls=False,
-                     tool_choice={"type": "function", "function": {"name": "add"}})[0]
+    required = llm.chat(
+        ASK_WEATHER, params, tools=[WEATHER, ADD], tool_choice="required", parallel_tool_calls=False
+    )[0]
+    named = llm.chat(
+        ASK_WEATHER,
+        params,
+        tools=[WEATHER, ADD],
+        parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "add"}},
+    )[0]
     plain = llm.chat(ASK_WEATHER, params, tools=[WEATHER, ADD], tool_choice="none")[0]
     for out in required.outputs:
         assert out.finish_reason == "tool_calls" and out.text == ""
@@ -206,22 +287,30 @@ def test_tool_choice_required_named_and_none(llm: LLM) -> None:
 
 
 def test_auto_answers_or_calls_and_a_round_trip_renders(llm: LLM) -> None:
-    for out in llm.chat(ASK_WEATHER, SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=64),
-                        tools=[WEATHER])[0].outputs:
+    for out in llm.chat(
+        ASK_WEATHER, SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=64), tools=[WEATHER]
+    )[0].outputs:
         if out.tool_calls:
             assert out.finish_reason == "tool_calls"
             assert all(c.name == "get_weather" for c in out.tool_calls)
         else:  # a plain answer never smuggles in a call
             assert "<tool_call>" not in out.text
-    call = llm.chat(ASK_WEATHER, SamplingParams(temperature=0, max_tokens=48), tools=[WEATHER],
-                    tool_choice="required")[0].tool_calls[0]
+    call = llm.chat(
+        ASK_WEATHER,
+        SamplingParams(temperature=0, max_tokens=48),
+        tools=[WEATHER],
+        tool_choice="required",
+    )[0].tool_calls[0]
     history = ASK_WEATHER + [
         {"role": "assistant", "content": None, "tool_calls": [call.to_dict()]},
-        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18}'}]
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18}'},
+    ]
     rendered, _, _ = prepare_chat(llm.tokenizer, history, [WEATHER], "auto")
     text = llm.tokenizer.apply_chat_template(rendered)
-    assert f'<tool_call>[{{"name": "get_weather", "arguments": {call.function.arguments}}}]' \
-           "</tool_call>" in text
+    assert (
+        f'<tool_call>[{{"name": "get_weather", "arguments": {call.function.arguments}}}]'
+        "</tool_call>" in text
+    )
     assert '<|im_start|>tool\n{"temperature_c": 18}<|im_end|>' in text
     assert "<tools>" in text  # the tool list, in the system message
     answer = llm.chat(history, SamplingParams(temperature=0, max_tokens=24), tools=[WEATHER])[0]
@@ -229,14 +318,32 @@ def test_auto_answers_or_calls_and_a_round_trip_renders(llm: LLM) -> None:
 
 
 def test_tool_fields_are_checked(llm: LLM) -> None:
-    cases = [([{"type": "function", "function": {"name": "bad name"}}], "auto",
-              "tools[0].function.name"),
-             ([WEATHER, WEATHER], "auto", "tools[1].function.name"),
-             ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
-             ([WEATHER], "sometimes", "tool_choice"),
-             ([{"type": "function", "function": {"name": "f", "parameters": {
-                 "type": "object", "properties": {"x": {"type": "array", "uniqueItems": True}}}}}],
-              "auto", "tools[0].function.parameters.properties.x.uniqueItems")]
+    cases = [
+        (
+            [{"type": "function", "function": {"name": "bad name"}}],
+            "auto",
+            "tools[0].function.name",
+        ),
+        ([WEATHER, WEATHER], "auto", "tools[1].function.name"),
+        ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
+        ([WEATHER], "sometimes", "tool_choice"),
+        (
+            [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"x": {"type": "array", "uniqueItems": True}},
+                        },
+                    },
+                }
+            ],
+            "auto",
+            "tools[0].function.parameters.properties.x.uniqueItems",
+        ),
+    ]
     for tools, choice, param in cases:
         with pytest.raises(RequestError) as info:
             llm.chat(ASK_WEATHER, tools=tools, tool_choice=choice)
@@ -244,15 +351,17 @@ def test_tool_fields_are_checked(llm: LLM) -> None:
 
 
 def test_scan_calls_reads_partial_and_whole_calls() -> None:
-    body = '[{"name": "add", "arguments": {"a": 1, "b": {"c": "}"}}}, {"name": "get_weather", ' \
-           '"arguments": {"city": "Par'
+    body = (
+        '[{"name": "add", "arguments": {"a": 1, "b": {"c": "}"}}}, {"name": "get_weather", '
+        '"arguments": {"city": "Par'
+    )
     first, second = scan_calls(body)
     assert (first.name, first.arguments, first.done) == ("add", '{"a": 1, "b": {"c": "}"}}', True)
-    assert (second.name, second.arguments, second.done) == ("get_weather", '{"city": "Par',
-                                                            False)
+    assert (second.name, second.arguments, second.done) == ("get_weather", '{"city": "Par', False)
     tools = ChatTools([WEATHER], "auto")
     assert tools.parse("Sunny.") == ("Sunny.", None)
-    content, calls = tools.parse('<tool_call>[{"name": "get_weather", "arguments": '
-                                 '{"city": "Oslo"}}]</tool_call>')
+    content, calls = tools.parse(
+        '<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo"}}]</tool_call>'
+    )
     assert content is None and calls is not None and calls[0].arguments == {"city": "Oslo"}
     assert tools.parse('<tool_call>[{"name": "get_weather", "arg')[1] is None  # cut short

@@ -22,13 +22,13 @@ CORPUS = [
     "Hello, world!",
     "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX? don't, we'll, they're",
     # code in several languages
-    "def f(x: int) -> int:\n    \"\"\"Double.\"\"\"\n    return x * 2  # comment\n",
-    "#include <stdio.h>\nint main(void) {\n\tprintf(\"%d\\n\", 42);\n\treturn 0;\n}\n",
-    "fn main() { let v: Vec<u8> = vec![1, 2, 3]; println!(\"{:?}\", v); }",
+    'def f(x: int) -> int:\n    """Double."""\n    return x * 2  # comment\n',
+    '#include <stdio.h>\nint main(void) {\n\tprintf("%d\\n", 42);\n\treturn 0;\n}\n',
+    'fn main() { let v: Vec<u8> = vec![1, 2, 3]; println!("{:?}", v); }',
     "const add = (a, b) => a + b;\nconsole.log(`sum: ${add(1, 2)}`);",
     "SELECT id, name FROM users WHERE age >= 18 ORDER BY name DESC;",
-    "<div class=\"x\">&amp; &lt;tag&gt;</div>",
-    "{\"key\": [1, 2.5, -3e10, null, true], \"nested\": {\"a\": \"b\"}}",
+    '<div class="x">&amp; &lt;tag&gt;</div>',
+    '{"key": [1, 2.5, -3e10, null, true], "nested": {"a": "b"}}',
     # Unicode: CJK, Arabic, Devanagari, Cyrillic, Greek, Hebrew, Thai, combining marks
     "日本語のテキストと中文文本，还有한국어도 있습니다。",
     "مرحبا بالعالم، كيف حالك؟",
@@ -61,15 +61,18 @@ CORPUS = [
 ]
 CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "Hi!"}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "What is 2+2?"}],
-    [{"role": "user", "content": "Name a color."},
-     {"role": "assistant", "content": "Blue."},
-     {"role": "user", "content": "Another one, in 日本語 🎨?"}],
-    [{"role": "system", "content": "Answer in JSON."},
-     {"role": "user", "content": "List\n\ttwo  primes."},
-     {"role": "assistant", "content": "{\"primes\": [2, 3]}"},
-     {"role": "user", "content": ""}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
+    [
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one, in 日本語 🎨?"},
+    ],
+    [
+        {"role": "system", "content": "Answer in JSON."},
+        {"role": "user", "content": "List\n\ttwo  primes."},
+        {"role": "assistant", "content": '{"primes": [2, 3]}'},
+        {"role": "user", "content": ""},
+    ],
 ]
 
 
@@ -86,17 +89,21 @@ def hf_smollm(hf: Any) -> HFTokenizer:
     "smollm" entry and falls back to GPT-2's regex alone, which splits whitespace before a digit
     differently: "\\r\\n0" is "\\r", "\\n", "0" there but "\\r\\n", "0" in llama.cpp."""
     fixed = HFTokenizer.from_str(hf.backend_tokenizer.to_str())
-    fixed.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    fixed.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     return fixed
 
 
 def space_before_number(text: str) -> bool:
     """Where HF's GGUF pre-tokenizer and SmolLM2's differ (see `hf_smollm`)."""
-    return any(a.isspace() and unicodedata.category(b)[0] == "N"
-               for a, b in zip(text, text[1:], strict=False))
+    return any(
+        a.isspace() and unicodedata.category(b)[0] == "N"
+        for a, b in zip(text, text[1:], strict=False)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +115,7 @@ def tok(llm: LLM) -> Tokenizer:
 @pytest.mark.parametrize("text", CORPUS, ids=range(len(CORPUS)))
 def test_ids_match_hf(tok: Tokenizer, hf: Any, text: str) -> None:
     assert tok.encode(text) == hf.encode(text)
-    assert tok.encode(text, add_special_tokens=False) == \
-        hf.encode(text, add_special_tokens=False)
+    assert tok.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
 
 
 @pytest.mark.parametrize("text", CORPUS, ids=range(len(CORPUS)))
@@ -117,17 +123,22 @@ def test_decode_matches_hf_and_round_trips(tok: Tokenizer, hf: Any, text: str) -
     ids = tok.encode(text)
     assert tok.decode(ids, skip_special_tokens=False) == text
     for skip in (True, False):
-        assert tok.decode(ids, skip_special_tokens=skip) == \
-            hf.decode(ids, skip_special_tokens=skip)
+        assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
 
 
-SPACE_THEN_DIGITS = ["\r\n0", "Steps:\n\n1. mix\n2. bake", "x =\t\t42", "a  1   22    333",
-                     "\n\n\n٣ and \u3000½"]
+SPACE_THEN_DIGITS = [
+    "\r\n0",
+    "Steps:\n\n1. mix\n2. bake",
+    "x =\t\t42",
+    "a  1   22    333",
+    "\n\n\n٣ and \u3000½",
+]
 
 
 @pytest.mark.parametrize("text", SPACE_THEN_DIGITS, ids=range(len(SPACE_THEN_DIGITS)))
-def test_whitespace_before_digits_splits_as_smollm2_does(tok: Tokenizer, hf_smollm: HFTokenizer,
-                                                          text: str) -> None:
+def test_whitespace_before_digits_splits_as_smollm2_does(
+    tok: Tokenizer, hf_smollm: HFTokenizer, text: str
+) -> None:
     assert space_before_number(text)
     assert tok.encode(text) == hf_smollm.encode(text).ids
     assert tok.decode(tok.encode(text)) == text
@@ -155,12 +166,10 @@ def test_corpus_is_varied(tok: Tokenizer) -> None:
 
 # -- chat template ------------------------------------------------------------------------
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
-def test_chat_template_matches_hf(tok: Tokenizer, hf: Any,
-                                  messages: list[dict[str, str]]) -> None:
+def test_chat_template_matches_hf(tok: Tokenizer, hf: Any, messages: list[dict[str, str]]) -> None:
     for gen in (True, False):
         text = tok.apply_chat_template(messages, add_generation_prompt=gen)
-        assert text == hf.apply_chat_template(messages, tokenize=False,
-                                              add_generation_prompt=gen)
+        assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
     ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if not isinstance(ids, list) else ids
     assert tok.encode_chat(messages) == list(ids)
@@ -173,8 +182,12 @@ def test_chat_template_renders_the_model_default_system_prompt(tok: Tokenizer) -
 
 
 # -- incremental detokenization -----------------------------------------------------------
-def stream(tok: Tokenizer, ids: list[int], prompt: list[int] | None = None,
-           skip_special_tokens: bool = True) -> list[str]:
+def stream(
+    tok: Tokenizer,
+    ids: list[int],
+    prompt: list[int] | None = None,
+    skip_special_tokens: bool = True,
+) -> list[str]:
     """Feed ids one at a time, then flush; return every non-empty delta."""
     detok = IncrementalDetokenizer(tok, prompt or [], skip_special_tokens)
     deltas = [detok.add([i]) for i in ids]
@@ -212,8 +225,9 @@ def test_detokenizer_with_prompt_context(tok: Tokenizer) -> None:
 def test_detokenizer_skips_special_tokens_like_decode(tok: Tokenizer) -> None:
     ids = tok.encode("<|im_start|>assistant\n日本 🤗<|im_end|>\n<|endoftext|>")
     for skip in (True, False):
-        assert "".join(stream(tok, ids, skip_special_tokens=skip)) == \
-            tok.decode(ids, skip_special_tokens=skip)
+        assert "".join(stream(tok, ids, skip_special_tokens=skip)) == tok.decode(
+            ids, skip_special_tokens=skip
+        )
 
 
 def test_detokenizer_final_flushes_an_incomplete_character(tok: Tokenizer) -> None:
@@ -231,15 +245,39 @@ def test_detokenizer_final_flushes_an_incomplete_character(tok: Tokenizer) -> No
 def test_detokenizer_emits_multiple_tokens_at_once(tok: Tokenizer) -> None:
     ids = tok.encode("abc 日本語 🤗 xyz")
     detok = IncrementalDetokenizer(tok, [])
-    parts = [detok.add(ids[i:i + 3]) for i in range(0, len(ids), 3)]
+    parts = [detok.add(ids[i : i + 3]) for i in range(0, len(ids), 3)]
     parts.append(detok.add([], final=True))
     assert all("\ufffd" not in p for p in parts)
     assert "".join(parts) == tok.decode(ids)
 
 
 # -- properties ---------------------------------------------------------------------------
-INTERESTING = [*SPECIAL, "👨‍👩‍👧", "🇫🇷", "👍🏽", "日", "本", "ن", "न", "\u0301", "\u200d",
-               " ", "  ", "\t", "\n", "\r\n", "0", "42", "a", "Z", "'s", "<", "|", ">", "é"]
+INTERESTING = [
+    *SPECIAL,
+    "👨‍👩‍👧",
+    "🇫🇷",
+    "👍🏽",
+    "日",
+    "本",
+    "ن",
+    "न",
+    "\u0301",
+    "\u200d",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    "0",
+    "42",
+    "a",
+    "Z",
+    "'s",
+    "<",
+    "|",
+    ">",
+    "é",
+]
 
 
 _BYTES = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -249,16 +287,21 @@ def representable(tok: Tokenizer, text: str) -> bool:
     """Whether the vocabulary has every byte of `text`. SmolLM2's lacks 21 of the 256 (0xF1
     and 0xF2, which lead planes 4-11, and a few control bytes), so BPE drops those, and HF's
     tokenizer does the same: such text cannot round-trip."""
-    return all(tok.hf.token_to_id(ch) is not None
-               for piece, _ in _BYTES.pre_tokenize_str(text) for ch in piece)
+    return all(
+        tok.hf.token_to_id(ch) is not None
+        for piece, _ in _BYTES.pre_tokenize_str(text)
+        for ch in piece
+    )
 
 
-def test_property_ids_match_hf_and_stream_decodes(tok: Tokenizer, hf: Any,
-                                                   hf_smollm: HFTokenizer) -> None:
+def test_property_ids_match_hf_and_stream_decodes(
+    tok: Tokenizer, hf: Any, hf_smollm: HFTokenizer
+) -> None:
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
-    texts = st.text(max_size=80) | st.lists(st.sampled_from(INTERESTING) | st.text(max_size=3),
-                                            max_size=25).map("".join)
+    texts = st.text(max_size=80) | st.lists(
+        st.sampled_from(INTERESTING) | st.text(max_size=3), max_size=25
+    ).map("".join)
 
     @hypothesis.settings(max_examples=400, deadline=None, derandomize=True)
     @hypothesis.given(texts)

@@ -31,10 +31,15 @@ def test_schema_comes_from_hints_and_docstring() -> None:
     assert t.description == "Tell the weather in a city."
     assert t.read_only
     assert t.parameters == {
-        "type": "object", "additionalProperties": False, "required": ["city"],
-        "properties": {"city": {"type": "string", "description": "The city's name."},
-                       "unit": {"enum": ["c", "f"], "description": "Celsius or Fahrenheit."},
-                       "days": {"type": "integer"}}}
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["city"],
+        "properties": {
+            "city": {"type": "string", "description": "The city's name."},
+            "unit": {"enum": ["c", "f"], "description": "Celsius or Fahrenheit."},
+            "days": {"type": "integer"},
+        },
+    }
     assert t.to_openai()["function"]["name"] == "t_weather"
     assert "ctx" not in TOOLS["read_file"].parameters["properties"]
 
@@ -53,13 +58,13 @@ def test_execute_runs_custom_tools_and_never_raises(tmp_path: Path) -> None:
 def test_builtins_read_list_search(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "m.py").write_text("def f():\n    return 42\n")
-    assert execute("read_file", {"path": "src/m.py"}, tmp_path).output == \
-        "def f():\n    return 42"
-    assert execute("read_file", {"path": "src/m.py", "start_line": 2}, tmp_path).output == \
-        "    return 42"
+    assert execute("read_file", {"path": "src/m.py"}, tmp_path).output == "def f():\n    return 42"
+    assert (
+        execute("read_file", {"path": "src/m.py", "start_line": 2}, tmp_path).output
+        == "    return 42"
+    )
     assert execute("list_dir", {}, tmp_path).output == "src/"
-    assert execute("search_files", {"query": "RETURN"}, tmp_path).output == \
-        "src/m.py:2: return 42"
+    assert execute("search_files", {"query": "RETURN"}, tmp_path).output == "src/m.py:2: return 42"
 
 
 def test_write_file_creates_only_new_files(tmp_path: Path) -> None:
@@ -73,9 +78,11 @@ def test_write_file_creates_only_new_files(tmp_path: Path) -> None:
 def test_apply_patch_changes_creates_and_deletes(tmp_path: Path) -> None:
     (tmp_path / "a.py").write_text("one\ntwo\nthree\n")
     (tmp_path / "old.txt").write_text("bye\n")
-    diff = ("--- a/a.py\n+++ b/a.py\n@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n"
-            "--- /dev/null\n+++ b/new.txt\n@@ -0,0 +1,2 @@\n+fresh\n+file\n"
-            "--- a/old.txt\n+++ /dev/null\n@@ -1 +0,0 @@\n-bye\n")
+    diff = (
+        "--- a/a.py\n+++ b/a.py\n@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n"
+        "--- /dev/null\n+++ b/new.txt\n@@ -0,0 +1,2 @@\n+fresh\n+file\n"
+        "--- a/old.txt\n+++ /dev/null\n@@ -1 +0,0 @@\n-bye\n"
+    )
     r = execute("apply_patch", {"patch_text": diff}, tmp_path)
     assert r.ok, r.error
     assert (tmp_path / "a.py").read_text() == "one\nTWO\nthree\n"
@@ -86,8 +93,7 @@ def test_apply_patch_changes_creates_and_deletes(tmp_path: Path) -> None:
 
 
 def test_run_command_output_and_timeout(tmp_path: Path) -> None:
-    policy = Policy(commands=["echo", "sleep", "seq"], command_timeout=0.5,
-                    max_output_chars=200)
+    policy = Policy(commands=["echo", "sleep", "seq"], command_timeout=0.5, max_output_chars=200)
     r = execute("run_command", {"argv": ["echo", "hi there"]}, tmp_path, policy)
     assert r.ok and r.output == "exit code 0\nhi there\n"
     slow = execute("run_command", {"argv": ["sleep", "5"]}, tmp_path, policy)

@@ -12,8 +12,12 @@ import pytest
 from llmos.kernel.tools import Policy, ToolResult, execute
 
 SECRET = "TOPSECRET-42"
-POLICY = Policy(commands=["cat", "ls", "echo", "env", "sleep", "yes", "head", "true"],
-                command_timeout=1.0, max_output_chars=2000, max_file_bytes=10_000)
+POLICY = Policy(
+    commands=["cat", "ls", "echo", "env", "sleep", "yes", "head", "true"],
+    command_timeout=1.0,
+    max_output_chars=2000,
+    max_file_bytes=10_000,
+)
 PATCH_OUT = """--- a/../outside/secret.txt
 +++ b/../outside/secret.txt
 @@ -1 +1 @@
@@ -69,16 +73,31 @@ ATTEMPTS: list[tuple[str, str, dict[str, Any]]] = [
     ("overwrite-existing", "write_file", {"path": "a.txt", "content": "pwned"}),
     # patches aimed outside
     ("patch-traversal", "apply_patch", {"patch_text": PATCH_OUT}),
-    ("patch-absolute-new", "apply_patch",
-     {"patch_text": NEW_FILE_PATCH.format(path="{outside}/evil.txt")}),
-    ("patch-symlink", "apply_patch",
-     {"patch_text": _patch("a/link_secret", "b/link_secret", SECRET)}),
-    ("patch-new-through-symlink", "apply_patch",
-     {"patch_text": NEW_FILE_PATCH.format(path="b/link_out/evil.txt")}),
-    ("patch-half-outside", "apply_patch",
-     {"patch_text": _patch("a/a.txt", "b/a.txt", "hello") + PATCH_OUT}),
-    ("patch-absolute-old", "apply_patch",
-     {"patch_text": _patch("{outside}/secret.txt", "{outside}/secret.txt", SECRET)}),
+    (
+        "patch-absolute-new",
+        "apply_patch",
+        {"patch_text": NEW_FILE_PATCH.format(path="{outside}/evil.txt")},
+    ),
+    (
+        "patch-symlink",
+        "apply_patch",
+        {"patch_text": _patch("a/link_secret", "b/link_secret", SECRET)},
+    ),
+    (
+        "patch-new-through-symlink",
+        "apply_patch",
+        {"patch_text": NEW_FILE_PATCH.format(path="b/link_out/evil.txt")},
+    ),
+    (
+        "patch-half-outside",
+        "apply_patch",
+        {"patch_text": _patch("a/a.txt", "b/a.txt", "hello") + PATCH_OUT},
+    ),
+    (
+        "patch-absolute-old",
+        "apply_patch",
+        {"patch_text": _patch("{outside}/secret.txt", "{outside}/secret.txt", SECRET)},
+    ),
     # commands
     ("cmd-shell", "run_command", {"argv": ["sh", "-c", "cat /etc/passwd"]}),
     ("cmd-bash", "run_command", {"argv": ["bash", "-c", "id"]}),
@@ -112,8 +131,10 @@ def _snapshot(root: Path) -> dict[str, tuple[int, bytes | str]]:
     out: dict[str, tuple[int, bytes | str]] = {}
     for p in sorted(root.rglob("*")):
         st = os.lstat(p)
-        out[str(p.relative_to(root))] = (st.st_mtime_ns, os.readlink(p) if p.is_symlink()
-                                         else p.read_bytes() if p.is_file() else b"")
+        out[str(p.relative_to(root))] = (
+            st.st_mtime_ns,
+            os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else b"",
+        )
     return out
 
 
@@ -138,9 +159,11 @@ def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path
 
 
 @pytest.mark.parametrize(("name", "tool", "args"), ATTEMPTS, ids=[a[0] for a in ATTEMPTS])
-def test_escape_attempt_is_refused(sandbox: tuple[Path, Path], name: str, tool: str,
-                                   args: dict[str, Any]) -> None:
+def test_escape_attempt_is_refused(
+    sandbox: tuple[Path, Path], name: str, tool: str, args: dict[str, Any]
+) -> None:
     ws, outside = sandbox
+
     def fill(v: Any) -> Any:
         if isinstance(v, list):
             return [fill(x) for x in v]
@@ -182,7 +205,8 @@ def test_read_only_policy_and_allowed_tools(sandbox: tuple[Path, Path]) -> None:
     ws, _ = sandbox
     ro = execute("write_file", {"path": "n.txt", "content": "x"}, ws, Policy(read_only=True))
     assert not ro.ok and "read-only" in (ro.error or "")
-    narrow = execute("run_command", {"argv": ["ls"]}, ws,
-                     Policy(allowed_tools=["read_file"], commands=["ls"]))
+    narrow = execute(
+        "run_command", {"argv": ["ls"]}, ws, Policy(allowed_tools=["read_file"], commands=["ls"])
+    )
     assert not narrow.ok and "not allowed" in (narrow.error or "")
     assert not (ws / "n.txt").exists()

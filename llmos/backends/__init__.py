@@ -32,4 +32,5 @@ def resolve(name: str) -> Backend:
         return ScriptedBackend.from_file(rest)
     raise UnknownBackendError(
         f"model: unknown backend {name!r}; use 'local[:MODEL]', "
-        "'openai_http:MODEL@URL' or 'scripted:FILE.json'")
+        "'openai_http:MODEL@URL' or 'scripted:FILE.json'"
+    )

@@ -57,10 +57,15 @@ class LocalBackend:
             msgs = toolprompt.render(request.messages, request.tools, request.tool_choice)
             return tok.encode_chat(msgs), None
         # A past call goes back as the exact text the model wrote, so its KV blocks match.
-        msgs = [{"role": m["role"], "content": m["raw"]} if m.get("raw") else
-                {k: v for k, v in m.items() if k != "raw"} for m in request.messages]
-        rendered, kwargs, calls = prepare_chat(tok, msgs, request.tools or None,
-                                               request.tool_choice)
+        msgs = [
+            {"role": m["role"], "content": m["raw"]}
+            if m.get("raw")
+            else {k: v for k, v in m.items() if k != "raw"}
+            for m in request.messages
+        ]
+        rendered, kwargs, calls = prepare_chat(
+            tok, msgs, request.tools or None, request.tool_choice
+        )
         return tok.encode_chat(rendered, **kwargs), calls
 
     def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]]) -> int:
@@ -78,9 +83,14 @@ class LocalBackend:
         self._seconds[rid] = 0.0
         final: RequestOutput | None = None
         try:
-            async for out in self.engine.generate(prompt, params, request_id=rid,
-                                                  priority=request.priority, user=request.user,
-                                                  retain=request.retain):
+            async for out in self.engine.generate(
+                prompt,
+                params,
+                request_id=rid,
+                priority=request.priority,
+                user=request.user,
+                retain=request.retain,
+            ):
                 final = out
         finally:
             seconds = self._seconds.pop(rid, 0.0)
@@ -96,8 +106,9 @@ class LocalBackend:
             result.finish_reason = out.finish_reason
             if out.tool_calls:
                 result.content = out.text or None
-                result.tool_calls = [ToolCall(c.id, c.function.name, c.function.arguments)
-                                     for c in out.tool_calls]
+                result.tool_calls = [
+                    ToolCall(c.id, c.function.name, c.function.arguments) for c in out.tool_calls
+                ]
             elif out.finish_reason == "length" and raw.lstrip().startswith("<tool_call>"):
                 result.malformed = "the tool call was cut off by max_tokens"
         return result

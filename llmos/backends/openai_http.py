@@ -22,13 +22,21 @@ _OPENAI_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
 class OpenAIHTTPBackend:
     kind = "openai_http"
 
-    def __init__(self, base_url: str, model: str, *, api_key: str = "none",
-                 native_tools: bool = True, send_priority: bool = False,
-                 context_window: int | None = None, timeout: float = 600.0,
-                 extra_body: dict[str, Any] | Callable[[ChatRequest], dict[str, Any]] | None
-                 = None) -> None:
-        self.client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
-                                  max_retries=2)
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str = "none",
+        native_tools: bool = True,
+        send_priority: bool = False,
+        context_window: int | None = None,
+        timeout: float = 600.0,
+        extra_body: dict[str, Any] | Callable[[ChatRequest], dict[str, Any]] | None = None,
+    ) -> None:
+        self.client = AsyncOpenAI(
+            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=2
+        )
         self.model = model
         self.native_tools = native_tools
         self.send_priority = send_priority  # vLLM and llmos read `priority`; others may not
@@ -43,8 +51,9 @@ class OpenAIHTTPBackend:
     async def chat(self, request: ChatRequest) -> ChatResult:
         native = self.native_tools and bool(request.tools)
         if native:
-            messages = [{k: v for k, v in m.items() if k in _OPENAI_MESSAGE_KEYS}
-                        for m in request.messages]
+            messages = [
+                {k: v for k, v in m.items() if k in _OPENAI_MESSAGE_KEYS} for m in request.messages
+            ]
         else:
             messages = toolprompt.render(request.messages, request.tools, request.tool_choice)
         kwargs: dict[str, Any] = dict(request.sampling)
@@ -52,27 +61,33 @@ class OpenAIHTTPBackend:
             kwargs.update(tools=request.tools, tool_choice=request.tool_choice)
         if request.user:
             kwargs["user"] = request.user
-        extra = self.extra_body(request) if callable(self.extra_body) else dict(
-            self.extra_body or {})
+        extra = (
+            self.extra_body(request) if callable(self.extra_body) else dict(self.extra_body or {})
+        )
         if self.send_priority:
             extra["priority"] = request.priority
         if extra:
             kwargs["extra_body"] = extra
         t0 = time.monotonic()
-        reply = await self.client.chat.completions.create(model=self.model, messages=messages,
-                                                          **kwargs)
+        reply = await self.client.chat.completions.create(
+            model=self.model, messages=messages, **kwargs
+        )
         seconds = time.monotonic() - t0
         choice = reply.choices[0]
         u = reply.usage
         details = getattr(u, "prompt_tokens_details", None) if u else None
-        usage = Usage(u.prompt_tokens if u else 0,
-                      (getattr(details, "cached_tokens", None) or 0) if details else 0,
-                      u.completion_tokens if u else 0)
+        usage = Usage(
+            u.prompt_tokens if u else 0,
+            (getattr(details, "cached_tokens", None) or 0) if details else 0,
+            u.completion_tokens if u else 0,
+        )
         text = choice.message.content or ""
         result = ChatResult(text or None, [], usage, seconds, choice.finish_reason, raw=text)
         if native:
-            result.tool_calls = [ToolCall(c.id, c.function.name, c.function.arguments or "{}")
-                                 for c in choice.message.tool_calls or []]
+            result.tool_calls = [
+                ToolCall(c.id, c.function.name, c.function.arguments or "{}")
+                for c in choice.message.tool_calls or []
+            ]
             return result
         return toolprompt.read_reply(result, request)
 

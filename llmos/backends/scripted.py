@@ -25,8 +25,9 @@ class ScriptedBackend:
     kind = "scripted"
     context_window: int | None = 4096
 
-    def __init__(self, turns: list[Turn] | Callable[[ChatRequest], Turn], *,
-                 name: str = "scripted") -> None:
+    def __init__(
+        self, turns: list[Turn] | Callable[[ChatRequest], Turn], *, name: str = "scripted"
+    ) -> None:
         self.turns = turns
         self.name = name
         self.requests: list[ChatRequest] = []
@@ -36,8 +37,7 @@ class ScriptedBackend:
         return cls(json.loads(Path(path).read_text()), name=f"scripted:{Path(path).name}")
 
     def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]]) -> int:
-        return sum(len(str(m.get("content") or m.get("raw") or "").split()) + 4
-                   for m in messages)
+        return sum(len(str(m.get("content") or m.get("raw") or "").split()) + 4 for m in messages)
 
     def _turn(self, request: ChatRequest) -> Turn:
         if callable(self.turns):
@@ -54,20 +54,34 @@ class ScriptedBackend:
             await asyncio.sleep(turn["delay"])
         if turn.get("raise"):
             raise RuntimeError(turn["raise"])
-        calls = [ToolCall(c.get("id") or f"call_{uuid.uuid4().hex[:8]}", c["name"],
-                          c["arguments"] if isinstance(c["arguments"], str)
-                          else json.dumps(c["arguments"]))
-                 for c in turn.get("tool_calls", [])]
+        calls = [
+            ToolCall(
+                c.get("id") or f"call_{uuid.uuid4().hex[:8]}",
+                c["name"],
+                c["arguments"] if isinstance(c["arguments"], str) else json.dumps(c["arguments"]),
+            )
+            for c in turn.get("tool_calls", [])
+        ]
         prompt = self.count_tokens(request.messages, request.tools)
         u = turn.get("usage", {})
-        usage = Usage(u.get("prompt_tokens", prompt), u.get("cached_tokens", 0),
-                      u.get("completion_tokens", 10))
+        usage = Usage(
+            u.get("prompt_tokens", prompt),
+            u.get("cached_tokens", 0),
+            u.get("completion_tokens", 10),
+        )
         content = turn.get("content")
-        raw = content or "\n".join(json.dumps({"name": c.name, "arguments": json.loads(
-            c.arguments)}) for c in calls)
-        return ChatResult(content, calls, usage, float(turn.get("engine_seconds", 0.01)),
-                          "tool_calls" if calls else "stop", raw=raw,
-                          malformed=turn.get("malformed"))
+        raw = content or "\n".join(
+            json.dumps({"name": c.name, "arguments": json.loads(c.arguments)}) for c in calls
+        )
+        return ChatResult(
+            content,
+            calls,
+            usage,
+            float(turn.get("engine_seconds", 0.01)),
+            "tool_calls" if calls else "stop",
+            raw=raw,
+            malformed=turn.get("malformed"),
+        )
 
     def release(self, key: str) -> None:
         return None  # nothing is kept between calls

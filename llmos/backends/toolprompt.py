@@ -17,7 +17,8 @@ INSTRUCTIONS = (
     "You can call tools. To call one, reply with only a JSON object, nothing else:\n"
     '{"name": "<tool name>", "arguments": {<arguments>}}\n'
     "You will get its result in the next message. When you know the answer, reply with "
-    "plain text (not JSON).\nTools:\n")
+    "plain text (not JSON).\nTools:\n"
+)
 
 
 class MalformedToolCall(ValueError):
@@ -34,8 +35,9 @@ def describe(tools: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def render(messages: list[Message], tools: list[dict[str, Any]],
-           tool_choice: str | dict[str, Any]) -> list[Message]:
+def render(
+    messages: list[Message], tools: list[dict[str, Any]], tool_choice: str | dict[str, Any]
+) -> list[Message]:
     """Messages with only string contents and the roles every chat template knows."""
     out: list[Message] = []
     if tools and tool_choice != "none":
@@ -52,15 +54,26 @@ def render(messages: list[Message], tools: list[dict[str, Any]],
     for m in messages:
         role = "system" if m["role"] == "developer" else m["role"]
         if role == "assistant" and m.get("tool_calls"):
-            content = m.get("raw") or "\n".join(json.dumps(
-                {"name": c["function"]["name"], "arguments": json.loads(
-                    c["function"]["arguments"] or "{}")}) for c in m["tool_calls"])
+            content = m.get("raw") or "\n".join(
+                json.dumps(
+                    {
+                        "name": c["function"]["name"],
+                        "arguments": json.loads(c["function"]["arguments"] or "{}"),
+                    }
+                )
+                for c in m["tool_calls"]
+            )
             out.append({"role": "assistant", "content": content})
         elif role == "assistant":
             out.append({"role": "assistant", "content": m.get("raw") or m.get("content") or ""})
         elif role == "tool":  # as a user turn: servers without tool calling refuse `tool`
-            out.append({"role": "user", "content": f"Result of {m.get('name') or 'the tool'}:\n"
-                                                   f"{m.get('content') or ''}"})
+            out.append(
+                {
+                    "role": "user",
+                    "content": f"Result of {m.get('name') or 'the tool'}:\n"
+                    f"{m.get('content') or ''}",
+                }
+            )
         else:
             out.append({"role": role, "content": m.get("content") or ""})
     return out
@@ -79,8 +92,10 @@ def parse(text: str, tools: list[dict[str, Any]]) -> tuple[str | None, list[Tool
         try:  # a complete object followed by chatter is still a call
             value, _ = json.JSONDecoder().raw_decode(stripped)
         except json.JSONDecodeError:
-            raise MalformedToolCall(f"the reply starts like a JSON tool call but is not valid "
-                                    f"JSON ({exc.msg} at character {exc.pos})") from None
+            raise MalformedToolCall(
+                f"the reply starts like a JSON tool call but is not valid "
+                f"JSON ({exc.msg} at character {exc.pos})"
+            ) from None
     calls = value if isinstance(value, list) else [value]
     out = []
     for c in calls:
@@ -94,8 +109,11 @@ def parse(text: str, tools: list[dict[str, Any]]) -> tuple[str | None, list[Tool
                 raise MalformedToolCall('"arguments" must be a JSON object') from None
         if not isinstance(args, dict):
             raise MalformedToolCall('"arguments" must be a JSON object')
-        out.append(ToolCall(f"call_{uuid.uuid4().hex[:12]}", c.get("name", c.get("tool")),
-                            json.dumps(args)))
+        out.append(
+            ToolCall(
+                f"call_{uuid.uuid4().hex[:12]}", c.get("name", c.get("tool")), json.dumps(args)
+            )
+        )
     return None, out
 
 

@@ -10,8 +10,9 @@ from llmos.cli.kernel_view import DB, fail, follow, open_kernel, out
 
 def approve(
     pid: int = typer.Argument(..., help="The process waiting for approval."),
-    call: list[str] | None = typer.Option(None, "--call", "-c", help="The call id (default: "
-                                          "every call it waits on)."),
+    call: list[str] | None = typer.Option(
+        None, "--call", "-c", help="The call id (default: every call it waits on)."
+    ),
     deny: bool = typer.Option(False, "--deny", help="Refuse instead of allowing."),
     model: str = typer.Option("local", "--model", "-m", help="Backend, when it resumes here."),
     db: str | None = DB,
@@ -26,15 +27,20 @@ def approve(
         except KernelError as exc:
             raise fail(str(exc)) from None
         needs = set(p.program.policy.needs_approval)
-        waiting = [c.id for c in p.pending_calls()
-                   if c.name in needs and decision(kernel.store, pid, c.id) is None]
+        waiting = [
+            c.id
+            for c in p.pending_calls()
+            if c.name in needs and decision(kernel.store, pid, c.id) is None
+        ]
         chosen = list(call or waiting)
         if not chosen:
             raise fail(f"process {pid} ({p.status.value}) waits on no call", 1)
         unknown = sorted(set(chosen) - {c.id for c in p.pending_calls()})
         if unknown:
-            raise fail(f"--call: process {pid} has no pending call {unknown}; pending: "
-                       f"{[c.id for c in p.pending_calls()]}")
+            raise fail(
+                f"--call: process {pid} has no pending call {unknown}; pending: "
+                f"{[c.id for c in p.pending_calls()]}"
+            )
         for call_id in chosen:
             kernel.approve(pid, call_id, not deny)
             out.print(f"pid {pid}: {'denied' if deny else 'approved'} {call_id}")

@@ -22,8 +22,9 @@ def chat(
     from llmos.engine.sampling import SamplingParams
     from llmos.errors import RequestError
 
-    engine = load_engine(model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                         device=device)
+    engine = load_engine(
+        model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, device=device
+    )
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)

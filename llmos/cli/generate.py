@@ -31,12 +31,22 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed, stop=stop)
-        engine = load_engine(model, max_model_len=max_model_len,
-                             kv_cache_memory=kv_cache_memory, device=device)
-        ids = (engine.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-               if chat_mode else prompt)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+        )
+        engine = load_engine(
+            model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, device=device
+        )
+        ids = (
+            engine.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            if chat_mode
+            else prompt
+        )
         stream_to_stdout(engine, ids, params)
     except RequestError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)

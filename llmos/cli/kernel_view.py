@@ -16,8 +16,11 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from llmos.kernel import Kernel, Process
 
-DB = typer.Option(None, "--db", help="The kernel's SQLite file (default: $LLMOS_DB or "
-                  "~/.local/share/llmos/llmos.db).")
+DB = typer.Option(
+    None,
+    "--db",
+    help="The kernel's SQLite file (default: $LLMOS_DB or ~/.local/share/llmos/llmos.db).",
+)
 # Wide when piped, so tables in logs and tests are not folded at 80 columns.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -50,24 +53,31 @@ def step_lines(step: Any, index: int, full: bool = False) -> list[str]:
     n = 4000 if full else 300
     kind = step.kind
     if kind == "model_turn":
-        head = (f"[bold]#{index} model[/bold] [dim]{step.prompt_tokens} prompt "
-                f"({step.cached_tokens} cached) + {step.completion_tokens} completion tokens, "
-                f"{step.engine_seconds:.2f}s, ${step.cost:.6f}[/dim]")
+        head = (
+            f"[bold]#{index} model[/bold] [dim]{step.prompt_tokens} prompt "
+            f"({step.cached_tokens} cached) + {step.completion_tokens} completion tokens, "
+            f"{step.engine_seconds:.2f}s, ${step.cost:.6f}[/dim]"
+        )
         lines = [head]
         if step.malformed:
             lines.append(f"  [yellow]unusable output:[/yellow] {escape(_clip(step.raw, n))}")
         elif step.content:
             lines.append("  " + escape(_clip(step.content, n)))
-        lines += [f"  [cyan]→ {escape(c.name)}[/cyan]({escape(_clip(c.arguments, 200))}) "
-                  f"[dim]{c.id}[/dim]" for c in step.tool_calls]
+        lines += [
+            f"  [cyan]→ {escape(c.name)}[/cyan]({escape(_clip(c.arguments, 200))}) "
+            f"[dim]{c.id}[/dim]"
+            for c in step.tool_calls
+        ]
         return lines
     if kind == "tool_call":
         return [f"[dim]#{index} running {escape(step.name)} ({step.call_id})[/dim]"]
     if kind == "tool_result":
         mark = "[green]✓[/green]" if step.ok else "[red]✗[/red]"
         body = step.output if step.ok else step.error or ""
-        return [f"#{index} {mark} {escape(step.name)} [dim]sha256 {step.sha256[:12]}[/dim]",
-                *("    " + escape(ln) for ln in _clip(body, n).splitlines()[:40 if full else 6])]
+        return [
+            f"#{index} {mark} {escape(step.name)} [dim]sha256 {step.sha256[:12]}[/dim]",
+            *("    " + escape(ln) for ln in _clip(body, n).splitlines()[: 40 if full else 6]),
+        ]
     if kind == "approval":
         word = "[green]approved[/green]" if step.allow else "[red]denied[/red]"
         return [f"#{index} {word} {step.call_id}"]
@@ -80,12 +90,16 @@ def step_lines(step: Any, index: int, full: bool = False) -> list[str]:
 
 def show_header(p: Process) -> None:
     u = p.usage
-    out.print(f"[bold]pid {p.pid}[/bold] {escape(p.program.name)}@{p.program.version} "
-              f"\\[{p.status.value}] owner={p.owner or '-'} workspace={escape(p.workspace)}")
+    out.print(
+        f"[bold]pid {p.pid}[/bold] {escape(p.program.name)}@{p.program.version} "
+        f"\\[{p.status.value}] owner={p.owner or '-'} workspace={escape(p.workspace)}"
+    )
     out.print(f"goal: {escape(p.input)}")
-    out.print(f"[dim]usage: {u.prompt_tokens} prompt ({u.cached_tokens} cached) + "
-              f"{u.completion_tokens} completion tokens, {u.engine_seconds:.2f} engine s, "
-              f"${u.cost:.6f}[/dim]")
+    out.print(
+        f"[dim]usage: {u.prompt_tokens} prompt ({u.cached_tokens} cached) + "
+        f"{u.completion_tokens} completion tokens, {u.engine_seconds:.2f} engine s, "
+        f"${u.cost:.6f}[/dim]"
+    )
 
 
 def show_end(p: Process) -> int:
@@ -117,8 +131,10 @@ def follow(kernel: Kernel, pid: int, quiet: bool = False) -> int:
             waiting = ""
             if p.status.value == "waiting_approval":
                 waiting = f" — run `llmos approve {pid}` (or --deny)"
-            status.update(f"pid {pid} {p.status.value}{waiting} · {p.num_turns} turns · "
-                          f"{p.usage.total_tokens} tokens")
+            status.update(
+                f"pid {pid} {p.status.value}{waiting} · {p.num_turns} turns · "
+                f"{p.usage.total_tokens} tokens"
+            )
             time.sleep(0.1)
     return show_end(kernel.wait(pid))
 

@@ -9,8 +9,12 @@ import typer
 
 from llmos.cli import approve, chat, generate, ps, run, usage
 
-app = typer.Typer(name="llmos", help="An operating system for LLM programs.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    name="llmos",
+    help="An operating system for LLM programs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.callback()

@@ -9,8 +9,9 @@ import typer
 
 from llmos.models.registry import DEFAULT_MODEL
 
-MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                     help="A registered model name, a .gguf file, or a HF folder.")
+MODEL = typer.Option(
+    DEFAULT_MODEL, "--model", "-m", help="A registered model name, a .gguf file, or a HF folder."
+)
 MAX_MODEL_LEN = typer.Option(None, "--max-model-len", help="Context length (default: the model's).")
 KV_CACHE_MEMORY = typer.Option("2GiB", "--kv-cache-memory", help="KV cache size, e.g. 2GiB.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
@@ -24,5 +25,8 @@ class EngineOptions:
     device: str
 
     def as_kwargs(self) -> dict[str, Any]:
-        return {"max_model_len": self.max_model_len, "kv_cache_memory": self.kv_cache_memory,
-                "device": self.device}
+        return {
+            "max_model_len": self.max_model_len,
+            "kv_cache_memory": self.kv_cache_memory,
+            "device": self.device,
+        }

@@ -36,8 +36,20 @@ def ps(
 
     with open_kernel(db) as kernel:
         rows = kernel.store.query(PS_SQL)
-    table = Table("PID", "STATUS", "PROGRAM", "OWNER", "PRI", "TURNS", "TOKENS", "COST", "AGE",
-                  "INPUT", box=None, header_style="bold")
+    table = Table(
+        "PID",
+        "STATUS",
+        "PROGRAM",
+        "OWNER",
+        "PRI",
+        "TURNS",
+        "TOKENS",
+        "COST",
+        "AGE",
+        "INPUT",
+        box=None,
+        header_style="bold",
+    )
     now = time.time()
     for r in rows:
         status = r["status"]
@@ -45,17 +57,26 @@ def ps(
             continue
         if status not in FINISHED and not runner_alive(r):
             status += " (stopped: llmos resume)"
-        table.add_row(str(r["pid"]), status, escape(f"{r['program_name']}@"
-                      f"{r['program_version']}"), escape(r["owner"] or "-"),
-                      str(r["priority"]), str(r["turns"]), str(r["tokens"]),
-                      f"${r['cost']:.6f}", _age(now - r["created_at"]),
-                      escape(" ".join(r["input"].split())[:40]))
+        table.add_row(
+            str(r["pid"]),
+            status,
+            escape(f"{r['program_name']}@{r['program_version']}"),
+            escape(r["owner"] or "-"),
+            str(r["priority"]),
+            str(r["turns"]),
+            str(r["tokens"]),
+            f"${r['cost']:.6f}",
+            _age(now - r["created_at"]),
+            escape(" ".join(r["input"].split())[:40]),
+        )
     out.print(table)
 
 
-def kill(pid: int = typer.Argument(..., help="The process to stop."),
-         wait: float = typer.Option(10.0, "--wait", help="Seconds to wait for it to stop."),
-         db: str | None = DB) -> None:
+def kill(
+    pid: int = typer.Argument(..., help="The process to stop."),
+    wait: float = typer.Option(10.0, "--wait", help="Seconds to wait for it to stop."),
+    db: str | None = DB,
+) -> None:
     """Stop a process (at its next step, when another terminal runs it)."""
     from llmos.kernel import KernelError
 
@@ -65,16 +86,21 @@ def kill(pid: int = typer.Argument(..., help="The process to stop."),
         except KernelError as exc:
             raise fail(str(exc)) from None
         deadline = time.monotonic() + wait
-        while (status := kernel.get(pid).status.value) not in FINISHED and \
-                time.monotonic() < deadline:
+        while (
+            status := kernel.get(pid).status.value
+        ) not in FINISHED and time.monotonic() < deadline:
             time.sleep(0.1)
-    out.print(f"pid {pid}: {status}" + ("" if status in FINISHED else
-                                        " (the kill takes effect at its next step)"))
+    out.print(
+        f"pid {pid}: {status}"
+        + ("" if status in FINISHED else " (the kill takes effect at its next step)")
+    )
 
 
-def logs(pid: int = typer.Argument(..., help="The process to show."),
-         full: bool = typer.Option(False, "--full", help="Show whole tool outputs."),
-         db: str | None = DB) -> None:
+def logs(
+    pid: int = typer.Argument(..., help="The process to show."),
+    full: bool = typer.Option(False, "--full", help="Show whole tool outputs."),
+    db: str | None = DB,
+) -> None:
     """Print a process's transcript and, when it gave up, its report."""
     from llmos.kernel import KernelError
 

@@ -11,32 +11,49 @@ import typer
 from llmos.cli.kernel_view import DB, fail, follow, open_kernel
 
 PROGRAM_SUFFIXES = (".yaml", ".yml", ".json", ".py")
-DEFAULT_PROMPT = ("You are a careful assistant working in a folder of files. Use the tools to "
-                  "look at the files before you answer; answer briefly and say which files you "
-                  "read.")
+DEFAULT_PROMPT = (
+    "You are a careful assistant working in a folder of files. Use the tools to "
+    "look at the files before you answer; answer briefly and say which files you "
+    "read."
+)
 
 
 def default_program():  # noqa: ANN201 - a Program
     from llmos.kernel import Program
 
-    return Program(name="assistant", version="1", system_prompt=DEFAULT_PROMPT,
-                   tools=["list_dir", "read_file", "search_files"],
-                   tool_choice=["required", "auto"],  # look before answering
-                   policy={"read_only": True}, limits={"max_steps": 8},
-                   sampling={"temperature": 0.0, "max_tokens": 256})
+    return Program(
+        name="assistant",
+        version="1",
+        system_prompt=DEFAULT_PROMPT,
+        tools=["list_dir", "read_file", "search_files"],
+        tool_choice=["required", "auto"],  # look before answering
+        policy={"read_only": True},
+        limits={"max_steps": 8},
+        sampling={"temperature": 0.0, "max_tokens": 256},
+    )
 
 
 def run(
-    program: str = typer.Argument(..., help="A program file (.yaml, .yml, .json, .py) or a "
-                                  "task for the default read-only assistant."),
-    input: str | None = typer.Option(None, "--input", "-i", help="The process's input (the "
-                                     "task, for a program file)."),
-    workspace: Path = typer.Option(Path("."), "--workspace", "-w", help="The folder its tools "
-                                   "work in."),
+    program: str = typer.Argument(
+        ...,
+        help="A program file (.yaml, .yml, .json, .py) or a "
+        "task for the default read-only assistant.",
+    ),
+    input: str | None = typer.Option(
+        None, "--input", "-i", help="The process's input (the task, for a program file)."
+    ),
+    workspace: Path = typer.Option(
+        Path("."), "--workspace", "-w", help="The folder its tools work in."
+    ),
     user: str | None = typer.Option(None, "--user", "-u", help="Who the usage is charged to."),
     priority: int = typer.Option(0, "--priority", help="Lower runs first."),
-    model: str = typer.Option("local", "--model", "-m", help="Backend for programs that name "
-                              "none: local[:MODEL], openai_http:MODEL@URL, scripted:FILE."),
+    model: str = typer.Option(
+        "local",
+        "--model",
+        "-m",
+        help="Backend for programs that name "
+        "none: local[:MODEL], openai_http:MODEL@URL, scripted:FILE.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the answer."),
     db: str | None = DB,
 ) -> None:
@@ -50,8 +67,7 @@ def run(
         from llmos.kernel import Program
 
         spec = Program.load(program) if is_file else default_program()
-        task = (input or "") if is_file else (program if input is None
-                                               else f"{program}\n\n{input}")
+        task = (input or "") if is_file else (program if input is None else f"{program}\n\n{input}")
         kernel = open_kernel(db, model)
     except ProgramError as exc:
         raise fail(str(exc)) from None
@@ -66,8 +82,9 @@ def run(
 
 def resume(
     pid: int = typer.Argument(..., help="The process to continue."),
-    model: str = typer.Option("local", "--model", "-m", help="Backend for programs that name "
-                              "none."),
+    model: str = typer.Option(
+        "local", "--model", "-m", help="Backend for programs that name none."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the answer."),
     db: str | None = DB,
 ) -> None:

@@ -14,21 +14,36 @@ from llmos.cli.options import DEVICE, KV_CACHE_MEMORY, MAX_MODEL_LEN, MODEL
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", "-p", help="Port (0 picks a free one)."),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="LLMOS_API_KEY",
-                                       help="Require 'Authorization: Bearer KEY' on /v1."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="LLMOS_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1.",
+    ),
     max_waiting: int | None = typer.Option(
-        256, "--max-waiting", help="Refuse (429) requests beyond this many waiting sequences."),
+        256, "--max-waiting", help="Refuse (429) requests beyond this many waiting sequences."
+    ),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Sequences in one batch."),
     max_body_size: str = typer.Option("4MiB", "--max-body-size", help="Request size limit."),
-    grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to "
-                                "finish on SIGTERM before they are aborted."),
-    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: "
-                                       "one per core); the HTTP loop shares those cores."),
+    grace: float = typer.Option(
+        30.0,
+        "--grace",
+        help="Seconds in-flight requests get to finish on SIGTERM before they are aborted.",
+    ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="Torch CPU threads (default: one per core); the HTTP loop shares those cores.",
+    ),
     deterministic: bool = typer.Option(
-        False, "--deterministic", help="Batch-invariant kernels: a request's logits do not "
-        "depend on what else is in the batch, its chunking, cache hits or preemption."),
-    no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching",
-                                           help="Recompute shared prefixes."),
+        False,
+        "--deterministic",
+        help="Batch-invariant kernels: a request's logits do not "
+        "depend on what else is in the batch, its chunking, cache hits or preemption.",
+    ),
+    no_prefix_caching: bool = typer.Option(
+        False, "--no-prefix-caching", help="Recompute shared prefixes."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
     model: str = MODEL,
     max_model_len: int | None = MAX_MODEL_LEN,
@@ -45,25 +60,36 @@ def serve(
     from llmos.server.state import ServerConfig
 
     try:
-        config = ServerConfig(api_key=api_key or None, max_waiting=max_waiting,
-                              max_body_bytes=parse_bytes(max_body_size))
+        config = ServerConfig(
+            api_key=api_key or None,
+            max_waiting=max_waiting,
+            max_body_bytes=parse_bytes(max_body_size),
+        )
         sock = bind(host, port)  # before loading the model: a busy port fails at once
     except RequestError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     except OSError as exc:
-        typer.secho(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", fg="red",
-                    err=True)
+        typer.secho(
+            f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", fg="red", err=True
+        )
         raise typer.Exit(2) from None
     if threads is not None:
         import torch
 
         torch.set_num_threads(max(1, threads))
     try:  # built on the engine's own thread (see AsyncEngine)
-        engine = AsyncEngine(lambda: load_engine(
-            model, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, device=device,
-            max_num_seqs=max_num_seqs, deterministic=deterministic,
-            enable_prefix_caching=not no_prefix_caching))
+        engine = AsyncEngine(
+            lambda: load_engine(
+                model,
+                max_model_len=max_model_len,
+                kv_cache_memory=kv_cache_memory,
+                device=device,
+                max_num_seqs=max_num_seqs,
+                deterministic=deterministic,
+                enable_prefix_caching=not no_prefix_caching,
+            )
+        )
     except ValueError as exc:  # RequestError, ModelNotFoundError, a bad engine setting
         sock.close()
         typer.secho(f"error: {exc}", fg="red", err=True)

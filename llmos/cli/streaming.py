@@ -22,8 +22,7 @@ def load_engine(model: str, **options: Any) -> LLMEngine:
         return LLMEngine(model=model, **{k: v for k, v in options.items() if v is not None})
 
 
-def stream_to_stdout(engine: LLMEngine, prompt: str | Sequence[int],
-                     params: SamplingParams) -> str:
+def stream_to_stdout(engine: LLMEngine, prompt: str | Sequence[int], params: SamplingParams) -> str:
     """Run one request to the end, writing its text to stdout as it is made."""
     engine.add_request("cli", prompt, params)
     shown = 0

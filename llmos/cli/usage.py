@@ -12,10 +12,10 @@ from llmos.cli.kernel_view import DB, fail, open_kernel, out
 def usage(
     user: str | None = typer.Option(None, "--user", "-u", help="Only this user."),
     by_process: bool = typer.Option(False, "--by-process", help="One row per process."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Set --user's token "
-                                          "budget."),
-    max_cost: float | None = typer.Option(None, "--max-cost", help="Set --user's cost budget "
-                                          "(dollars)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Set --user's token budget."),
+    max_cost: float | None = typer.Option(
+        None, "--max-cost", help="Set --user's cost budget (dollars)."
+    ),
     db: str | None = DB,
 ) -> None:
     """Show metered usage; with --max-tokens/--max-cost, set --user's budget."""
@@ -28,14 +28,28 @@ def usage(
         rows = kernel.meter.summary(user, by="pid" if by_process else "user, model")
         budgets = {r["user"]: r for r in kernel.store.query("SELECT * FROM budgets")}
     first = ["PID"] if by_process else ["USER", "MODEL"]
-    table = Table(*first, "CALLS", "PROMPT", "CACHED", "COMPLETION", "ENGINE S", "COST",
-                  box=None, header_style="bold")
+    table = Table(
+        *first,
+        "CALLS",
+        "PROMPT",
+        "CACHED",
+        "COMPLETION",
+        "ENGINE S",
+        "COST",
+        box=None,
+        header_style="bold",
+    )
     for r in rows:
-        keys = [str(r["pid"])] if by_process else [escape(r["user"] or "-"),
-                                                   escape(r["model"])]
-        table.add_row(*keys, str(r["calls"]), str(r["prompt_tokens"]), str(r["cached_tokens"]),
-                      str(r["completion_tokens"]), f"{r['engine_seconds']:.2f}",
-                      f"${r['cost']:.6f}")
+        keys = [str(r["pid"])] if by_process else [escape(r["user"] or "-"), escape(r["model"])]
+        table.add_row(
+            *keys,
+            str(r["calls"]),
+            str(r["prompt_tokens"]),
+            str(r["cached_tokens"]),
+            str(r["completion_tokens"]),
+            f"{r['engine_seconds']:.2f}",
+            f"${r['cost']:.6f}",
+        )
     out.print(table)
     for name, b in budgets.items():
         if user is None or name == user:

@@ -117,10 +117,16 @@ class AsyncEngine:
         return len(self._streams)
 
     # -- requests -------------------------------------------------------------------------
-    async def generate(self, prompt: str | Seq[int], params: SamplingParams, *,
-                       request_id: str | None = None, priority: int = 0,
-                       user: str | None = None,
-                       retain: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        user: str | None = None,
+        retain: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Yield snapshots of the request's outputs as tokens are made; the last is finished.
 
         Bad input raises (RequestError) before anything is yielded."""
@@ -132,8 +138,9 @@ class AsyncEngine:
 
         def add() -> None:
             try:
-                self.engine.add_request(rid, prompt, params, priority=priority, user=user,
-                                        retain=retain)
+                self.engine.add_request(
+                    rid, prompt, params, priority=priority, user=user, retain=retain
+                )
                 self._streams[rid] = stream
                 added.set_result([])
             except BaseException as exc:  # noqa: BLE001 - handed to the caller

@@ -70,7 +70,7 @@ class BlockManager:
         while len(hashes) < num_blocks:
             i = len(hashes)
             prev = hashes[-1] if hashes else b""
-            hashes.append(chain_hash(prev, seq.token_ids[i * bs:(i + 1) * bs]))
+            hashes.append(chain_hash(prev, seq.token_ids[i * bs : (i + 1) * bs]))
         return hashes[:num_blocks]
 
     def match_prefix(self, seq: Sequence) -> list[int]:
@@ -110,7 +110,9 @@ class BlockManager:
         full = seq.num_computed_tokens // self.block_size
         if seq.num_named_blocks >= full:
             return
-        for i, h in enumerate(self._hashes(seq, full)[seq.num_named_blocks:], seq.num_named_blocks):
+        for i, h in enumerate(
+            self._hashes(seq, full)[seq.num_named_blocks :], seq.num_named_blocks
+        ):
             block = seq.block_table[i]
             if h not in self._block_of and self._hash_of[block] is None:
                 self._block_of[h] = block
@@ -166,7 +168,7 @@ class BlockManager:
     # -- pins -----------------------------------------------------------------------------
     def pin(self, key: str, seq: Sequence) -> None:
         """Keep `seq`'s named blocks in use under `key`, replacing the key's previous pin."""
-        blocks = seq.block_table[:seq.num_named_blocks]
+        blocks = seq.block_table[: seq.num_named_blocks]
         for block in blocks:
             self.ref_counts[block] += 1  # in use by seq, so never on a free list here
         old = self._pins.pop(key, None)

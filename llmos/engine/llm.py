@@ -23,22 +23,29 @@ Prompt = str | list[int]
 class LLM:
     """Generate from many prompts at once, continuously batched over a paged KV cache."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, deterministic: bool = False,
-                 **engine_options: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, deterministic=deterministic,
-                                             **engine_options))
+    def __init__(
+        self, model: str = DEFAULT_MODEL, deterministic: bool = False, **engine_options: Any
+    ) -> None:
+        self.engine = LLMEngine(
+            EngineConfig(model=model, deterministic=deterministic, **engine_options)
+        )
         self._ids = count()
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Seq[Prompt],
-                 params: SamplingParams | Seq[SamplingParams] | None = None, *,
-                 use_progress: bool | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        use_progress: bool | None = None,
+    ) -> list[RequestOutput]:
         """Outputs come back in prompt order. A bare string or id list is one prompt."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if params is None:
@@ -48,15 +55,24 @@ class LLM:
         else:
             params_list = list(params)
             if len(params_list) != len(prompts):
-                raise RequestError(f"params: got {len(params_list)} SamplingParams for "
-                                   f"{len(prompts)} prompts", param="params")
+                raise RequestError(
+                    f"params: got {len(params_list)} SamplingParams for {len(prompts)} prompts",
+                    param="params",
+                )
         return self._run(prompts, params_list, use_progress)
 
-    def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
-             params: SamplingParams | None = None, *, tools: list[dict[str, Any]] | None = None,
-             tool_choice: str | dict[str, Any] = "auto", parallel_tool_calls: bool = True,
-             add_generation_prompt: bool = True, use_progress: bool | None = None,
-             **template_kwargs: Any) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
+        params: SamplingParams | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] = "auto",
+        parallel_tool_calls: bool = True,
+        add_generation_prompt: bool = True,
+        use_progress: bool | None = None,
+        **template_kwargs: Any,
+    ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of conversations.
 
         `tools` and `tool_choice` are OpenAI's. A completion that calls tools has `tool_calls`
@@ -69,11 +85,20 @@ class LLM:
         calls = None
         for conv in conversations:
             _check_messages(conv)  # type: ignore[arg-type]
-            rendered, kwargs, calls = prepare_chat(self.tokenizer, list(conv),  # type: ignore[arg-type]
-                                                   tools, tool_choice, parallel_tool_calls)
-            prompts.append(self.tokenizer.encode_chat(
-                rendered, add_generation_prompt=add_generation_prompt,
-                **{**kwargs, **template_kwargs}))
+            rendered, kwargs, calls = prepare_chat(
+                self.tokenizer,
+                list(conv),  # type: ignore[arg-type]
+                tools,
+                tool_choice,
+                parallel_tool_calls,
+            )
+            prompts.append(
+                self.tokenizer.encode_chat(
+                    rendered,
+                    add_generation_prompt=add_generation_prompt,
+                    **{**kwargs, **template_kwargs},
+                )
+            )
         if calls is not None:
             params = calls.constrain(params or SamplingParams())
         outputs = self.generate(prompts, params, use_progress=use_progress)
@@ -82,8 +107,9 @@ class LLM:
                 calls.finish(completion)  # type: ignore[union-attr]
         return outputs
 
-    def _run(self, prompts: list[Prompt], params: list[SamplingParams],
-             use_progress: bool | None) -> list[RequestOutput]:
+    def _run(
+        self, prompts: list[Prompt], params: list[SamplingParams], use_progress: bool | None
+    ) -> list[RequestOutput]:
         engine = self.engine
         order: dict[str, int] = {}
         try:
@@ -96,11 +122,17 @@ class LLM:
                 engine.abort_request(rid)
             raise
         results: list[RequestOutput | None] = [None] * len(prompts)
-        show = use_progress if use_progress is not None else (len(prompts) > 1
-                                                               and sys.stderr.isatty())
-        with Progress(TextColumn("generating"), BarColumn(), TextColumn("{task.completed}/"
-                      "{task.total}"), TimeElapsedColumn(), transient=True,
-                      disable=not show) as progress:
+        show = (
+            use_progress if use_progress is not None else (len(prompts) > 1 and sys.stderr.isatty())
+        )
+        with Progress(
+            TextColumn("generating"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            transient=True,
+            disable=not show,
+        ) as progress:
             task = progress.add_task("generate", total=len(prompts))
             try:
                 while any(r is None for r in results):
@@ -120,19 +152,32 @@ def _check_messages(messages: Seq[dict[str, Any]]) -> None:
         raise RequestError("messages must not be empty", param="messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
-            raise RequestError(f"messages[{i}] must be an object with a 'role'",
-                               param=f"messages[{i}]")
+            raise RequestError(
+                f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]"
+            )
         if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
-            raise RequestError(f"messages[{i}].role: unknown role {m['role']!r}",
-                               param=f"messages[{i}].role")
+            raise RequestError(
+                f"messages[{i}].role: unknown role {m['role']!r}", param=f"messages[{i}].role"
+            )
         calls = m.get("tool_calls")
-        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list) or not
-                                  all(isinstance(c, dict) and isinstance(c.get("function"), dict)
-                                      and isinstance(c["function"].get("name"), str)
-                                      for c in calls)):
-            raise RequestError(f"messages[{i}].tool_calls: only assistant messages have them, as "
-                               "a list of {'id', 'type', 'function': {'name', 'arguments'}}",
-                               param=f"messages[{i}].tool_calls")
+        if calls is not None and (
+            m["role"] != "assistant"
+            or not isinstance(calls, list)
+            or not all(
+                isinstance(c, dict)
+                and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str)
+                for c in calls
+            )
+        ):
+            raise RequestError(
+                f"messages[{i}].tool_calls: only assistant messages have them, as "
+                "a list of {'id', 'type', 'function': {'name', 'arguments'}}",
+                param=f"messages[{i}].tool_calls",
+            )
         if m.get("content") is None and not (m["role"] == "assistant" and calls):
-            raise RequestError(f"messages[{i}].content is missing (only an assistant message "
-                               "with tool_calls may leave it out)", param=f"messages[{i}].content")
+            raise RequestError(
+                f"messages[{i}].content is missing (only an assistant message "
+                "with tool_calls may leave it out)",
+                param=f"messages[{i}].content",
+            )

@@ -36,8 +36,9 @@ def parse_bytes(value: int | str) -> int:
         return value
     m = _SIZE.match(value)
     if not m:
-        raise RequestError(f"kv_cache_memory: cannot read {value!r} as a size like '2GiB'",
-                           param="kv_cache_memory")
+        raise RequestError(
+            f"kv_cache_memory: cannot read {value!r} as a size like '2GiB'", param="kv_cache_memory"
+        )
     unit = m.group(2).lower().rstrip("b").rstrip("i")
     return int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
 
@@ -64,17 +65,23 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in _DTYPES:
-            raise RequestError(f"kv_cache_dtype must be one of {sorted(_DTYPES)}, "
-                               f"got {self.kv_cache_dtype!r}", param="kv_cache_dtype")
+            raise RequestError(
+                f"kv_cache_dtype must be one of {sorted(_DTYPES)}, got {self.kv_cache_dtype!r}",
+                param="kv_cache_dtype",
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise RequestError(f"max_model_len must be at least 2, got {self.max_model_len}",
-                               param="max_model_len")
+            raise RequestError(
+                f"max_model_len must be at least 2, got {self.max_model_len}", param="max_model_len"
+            )
         if self.quantization not in QUANT_MODES:
-            raise RequestError(f"quantization must be one of {list(QUANT_MODES)}, got "
-                               f"{self.quantization!r}", param="quantization")
+            raise RequestError(
+                f"quantization must be one of {list(QUANT_MODES)}, got {self.quantization!r}",
+                param="quantization",
+            )
         if self.block_size < 1:
-            raise RequestError(f"block_size must be at least 1, got {self.block_size}",
-                               param="block_size")
+            raise RequestError(
+                f"block_size must be at least 1, got {self.block_size}", param="block_size"
+            )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -104,18 +111,29 @@ class LLMEngine:
         kv_dtype = _DTYPES[config.kv_cache_dtype]
         per_block = ModelRunner.kv_bytes_per_token(self.model, kv_dtype) * config.block_size
         num_blocks = config.num_kv_blocks or max(
-            1, parse_bytes(config.kv_cache_memory) // per_block)
+            1, parse_bytes(config.kv_cache_memory) // per_block
+        )
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs,
-                                                   config.max_num_batched_tokens,
-                                                   config.max_prefill_chunk,
-                                                   dict(config.user_weights or {})), self.blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                config.max_prefill_chunk,
+                dict(config.user_weights or {}),
+            ),
+            self.blocks,
+        )
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype)
         self.grammars = GrammarCompiler(self.tokenizer, ckpt.config.vocab_size)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_steps = 0
-        log.info("engine ready: model=%s device=%s kv_blocks=%d x %d tokens",
-                 self.model_name, self.device, num_blocks, config.block_size)
+        log.info(
+            "engine ready: model=%s device=%s kv_blocks=%d x %d tokens",
+            self.model_name,
+            self.device,
+            num_blocks,
+            config.block_size,
+        )
 
     # -- requests -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
@@ -129,8 +147,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
-            raise RequestError(f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab})",
-                               param="prompt")
+            raise RequestError(
+                f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab})", param="prompt"
+            )
         return ids
 
     def resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
@@ -139,7 +158,10 @@ class LLMEngine:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens, but the prompt has "
                 f"{num_prompt} tokens, leaving none to generate.",
-                param="prompt", prompt_tokens=num_prompt, limit=limit)
+                param="prompt",
+                prompt_tokens=num_prompt,
+                limit=limit,
+            )
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if params.max_tokens is None:  # to the end of the context, or of the KV cache
             max_tokens = min(limit, capacity) - num_prompt
@@ -148,19 +170,33 @@ class LLMEngine:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, "
                 f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                param="max_tokens", prompt_tokens=num_prompt, limit=limit)
+                param="max_tokens",
+                prompt_tokens=num_prompt,
+                limit=limit,
+            )
         else:
             max_tokens = params.max_tokens
         if max_tokens < 1 or num_prompt + max_tokens > capacity:
             raise ContextLengthExceeded(
                 f"max_tokens: the prompt ({num_prompt} tokens) plus {max_tokens} new tokens "
                 f"exceeds the whole KV cache ({capacity} tokens); lower max_tokens or raise "
-                "kv_cache_memory", param="max_tokens", prompt_tokens=num_prompt, limit=capacity)
+                "kv_cache_memory",
+                param="max_tokens",
+                prompt_tokens=num_prompt,
+                limit=capacity,
+            )
         return max_tokens
 
-    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
-                    *, priority: int = 0, user: str | None = None,
-                    retain: str | None = None) -> list[int]:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        user: str | None = None,
+        retain: str | None = None,
+    ) -> list[int]:
         """Queue a request; it joins the batch on the next step. Returns its prompt token ids.
 
         With `retain`, a request that completes leaves its conversation's KV blocks pinned
@@ -174,17 +210,28 @@ class LLMEngine:
             raise RequestError("params must be a SamplingParams", param="params")
         ids = self.encode_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(ids), params)
-        bad = next((t for t in params.stop_token_ids
-                    if not 0 <= t < self.model_config.vocab_size), None)
+        bad = next(
+            (t for t in params.stop_token_ids if not 0 <= t < self.model_config.vocab_size), None
+        )
         if bad is not None:
-            raise RequestError(f"stop_token_ids: {bad} is outside the vocabulary",
-                               param="stop_token_ids")
+            raise RequestError(
+                f"stop_token_ids: {bad} is outside the vocabulary", param="stop_token_ids"
+            )
         matchers = self.grammars.matchers(params)  # raises on a grammar it cannot enforce
-        seqs = [Sequence(request_id, ids, params,
-                         IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
-                         index=i, priority=priority, user=user, max_tokens=max_tokens,
-                         retain=retain)
-                for i in range(params.n)]
+        seqs = [
+            Sequence(
+                request_id,
+                ids,
+                params,
+                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+                index=i,
+                priority=priority,
+                user=user,
+                max_tokens=max_tokens,
+                retain=retain,
+            )
+            for i in range(params.n)
+        ]
         for seq, matcher in zip(seqs, matchers or (), strict=False):
             seq.matcher = matcher
         self.requests[request_id] = seqs
@@ -216,8 +263,7 @@ class LLMEngine:
             results = self.runner.run(plan, self.tokenizer.eos_token_ids)
         except Exception:
             # A failed step fails the requests in it, gives back their blocks, and lives on.
-            log.exception("engine step failed; aborting the %d requests in it",
-                          len(plan.scheduled))
+            log.exception("engine step failed; aborting the %d requests in it", len(plan.scheduled))
             failed = {s.seq.request_id for s in plan.scheduled}
             for rid in failed:
                 self.abort_request(rid)
@@ -258,8 +304,9 @@ class LLMEngine:
         p = seq.params
         n_out = seq.num_output_tokens
         # (the sampler bans EOS and stop tokens until min_tokens are out)
-        if (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or \
-                token in p.stop_token_ids:
+        if (
+            token in self.tokenizer.eos_token_ids and not p.ignore_eos
+        ) or token in p.stop_token_ids:
             seq.text += seq.detokenizer.add([], final=True)
             return SequenceStatus.FINISHED_STOPPED
         delta = seq.detokenizer.add([token])
@@ -297,15 +344,27 @@ class LLMEngine:
         if finished:
             del self.requests[request_id]
         first = seqs[0]
-        outputs = [CompletionOutput(s.index, s.visible_text(), s.output_token_ids,
-                                    s.finish_reason,
-                                    list(s.logprobs) if s.logprobs is not None else None)
-                   for s in seqs]
+        outputs = [
+            CompletionOutput(
+                s.index,
+                s.visible_text(),
+                s.output_token_ids,
+                s.finish_reason,
+                list(s.logprobs) if s.logprobs is not None else None,
+            )
+            for s in seqs
+        ]
         metrics = {"arrival": first.arrival}
         if first.first_token_time is not None:
             metrics["first_token"] = first.first_token_time
-        return RequestOutput(request_id, first.prompt_token_ids, outputs, finished,
-                             num_cached_tokens=first.num_cached_tokens, metrics=metrics)
+        return RequestOutput(
+            request_id,
+            first.prompt_token_ids,
+            outputs,
+            finished,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics=metrics,
+        )
 
     # -- introspection --------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

@@ -44,8 +44,14 @@ def _row_seed(seed: int, index: int, step: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
-                 device: torch.device, kv_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        kv_dtype: torch.dtype = torch.float32,
+    ) -> None:
         cfg = model.cfg
         self.model = model
         self.device = device
@@ -54,9 +60,13 @@ class ModelRunner:
         self.masks = MaskBuilder(cfg.vocab_size)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # torch.empty: on the CPU, pages become resident only once written.
-        self.kv_caches = [(torch.empty(shape, dtype=kv_dtype, device=device),
-                           torch.empty(shape, dtype=kv_dtype, device=device))
-                          for _ in range(cfg.num_layers)]
+        self.kv_caches = [
+            (
+                torch.empty(shape, dtype=kv_dtype, device=device),
+                torch.empty(shape, dtype=kv_dtype, device=device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
 
     @staticmethod
     def kv_bytes_per_token(model: LlamaModel, kv_dtype: torch.dtype) -> int:
@@ -72,8 +82,9 @@ class ModelRunner:
     def _tables(self, scheduled: Seq[ScheduledSeq]) -> torch.Tensor:
         """The block tables the scheduled chunks read, zero-padded to one width: [S, blocks]."""
         width = max(-(-(s.start + s.num_new_tokens) // self.block_size) for s in scheduled)
-        return torch.tensor([(s.seq.block_table + [0] * width)[:width] for s in scheduled],
-                            dtype=torch.int64)
+        return torch.tensor(
+            [(s.seq.block_table + [0] * width)[:width] for s in scheduled], dtype=torch.int64
+        )
 
     def prepare(self, plan: SchedulerPlan) -> StepInputs:
         ids: list[int] = []
@@ -86,7 +97,7 @@ class ModelRunner:
         sampled: list[ScheduledSeq] = []
         for s in plan.scheduled:
             row = len(ids)
-            ids.extend(s.seq.token_ids[s.start:s.start + s.num_new_tokens])
+            ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
             positions.extend(range(s.start, s.start + s.num_new_tokens))
             slots.append(self._slots(s.seq, s.start, s.num_new_tokens))
             end = s.start + s.num_new_tokens
@@ -94,8 +105,9 @@ class ModelRunner:
                 decode_rows.append(row)
                 decodes.append(s)
             else:
-                table = torch.tensor(s.seq.block_table[: -(-end // self.block_size)],
-                                     device=self.device)
+                table = torch.tensor(
+                    s.seq.block_table[: -(-end // self.block_size)], device=self.device
+                )
                 mask = None
                 if s.start > 0:
                     q_pos = torch.arange(s.start, end).unsqueeze(1)  # [L, 1]
@@ -104,8 +116,11 @@ class ModelRunner:
             if s.completes:
                 logits_rows.append(row + s.num_new_tokens - 1)
                 sampled.append(s)
-        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(self.device), prefills=prefills,
-                                 block_size=self.block_size)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(self.device),
+            prefills=prefills,
+            block_size=self.block_size,
+        )
         if decodes:
             meta.decode_rows = torch.tensor(decode_rows, device=self.device)
             meta.decode_block_tables = self._tables(decodes).to(self.device)
@@ -129,8 +144,9 @@ class ModelRunner:
         dev = self.device
         params = [s.params for s in seqs]
         V = self.vocab_size
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                             device=dev)
+        temps = torch.tensor(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev
+        )
         greedy = torch.tensor([p.greedy for p in params], device=dev)
         any_sampling = not all(p.greedy for p in params)
         top_k = top_p = min_p = None
@@ -160,9 +176,13 @@ class ModelRunner:
             batch.presence = torch.tensor([p.presence_penalty for p in params], device=dev)
             batch.frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)
             batch.repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)
-        banned_rows = [i for i, s in enumerate(seqs)  # (a grammar decides when EOS may come)
-                       if s.num_output_tokens < s.params.min_tokens and not s.params.ignore_eos
-                       and s.matcher is None]
+        banned_rows = [
+            i
+            for i, s in enumerate(seqs)  # (a grammar decides when EOS may come)
+            if s.num_output_tokens < s.params.min_tokens
+            and not s.params.ignore_eos
+            and s.matcher is None
+        ]
         if banned_rows and eos:
             banned = torch.zeros(len(seqs), V, dtype=torch.bool, device=dev)
             stop_ids = list(eos)
@@ -182,8 +202,9 @@ class ModelRunner:
         inputs = self.prepare(plan)
         seqs = [s.seq for s in inputs.sampled]
         masks = self.masks.start([s.matcher for s in seqs])  # overlaps the forward pass
-        logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta,
-                            inputs.logits_rows)  # [len(sampled), vocab]
+        logits = self.model(
+            inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_rows
+        )  # [len(sampled), vocab]
         if not inputs.sampled:
             return []
         batch = self.sampling_batch(seqs, eos)
@@ -200,9 +221,11 @@ class ModelRunner:
             chosen_l, vals_l, ids_l = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
             for j, i in enumerate(want):
                 kk = seqs[i].params.logprobs or 0
-                results[i].logprob = TokenLogprob(int(token_ids[i]), chosen_l[j],
-                                                  list(zip(ids_l[j][:kk], vals_l[j][:kk],
-                                                           strict=True)))
+                results[i].logprob = TokenLogprob(
+                    int(token_ids[i]),
+                    chosen_l[j],
+                    list(zip(ids_l[j][:kk], vals_l[j][:kk], strict=True)),
+                )
         for r, t in zip(results, token_ids.tolist(), strict=True):
             r.token_id = t
         return results

@@ -58,22 +58,32 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
-            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int)
-                                                       and self.max_tokens >= 1), "at least 1"),
-            ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0,
-             "at least 0"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int)
-                                                   and 0 <= self.logprobs <= 20), "in [0, 20]"),
+            (
+                "max_tokens",
+                self.max_tokens is None
+                or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+                "at least 1",
+            ),
+            ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0, "at least 0"),
+            (
+                "logprobs",
+                self.logprobs is None
+                or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+                "in [0, 20]",
+            ),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("stop", len(self.stop) <= 16, "at most 16 strings"),
         ]
         for name, ok, want in checks:
             if not ok:
-                raise RequestError(f"{name} must be {want}, got {getattr(self, name)!r}",
-                                   param=name)
+                raise RequestError(
+                    f"{name} must be {want}, got {getattr(self, name)!r}", param=name
+                )
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise RequestError(f"min_tokens ({self.min_tokens}) must not exceed "
-                               f"max_tokens ({self.max_tokens})", param="min_tokens")
+            raise RequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                param="min_tokens",
+            )
         self._check_constraint()
 
     def _check_constraint(self) -> None:
@@ -83,33 +93,52 @@ class SamplingParams:
             try:
                 self.json_schema = json.loads(self.json_schema)
             except json.JSONDecodeError as exc:
-                raise RequestError(f"json_schema is not valid JSON: {exc}",
-                                   param="json_schema") from exc
+                raise RequestError(
+                    f"json_schema is not valid JSON: {exc}", param="json_schema"
+                ) from exc
         checks = [
-            ("json_schema", self.json_schema is None or isinstance(self.json_schema, dict),
-             "a JSON object (dict)"),
+            (
+                "json_schema",
+                self.json_schema is None or isinstance(self.json_schema, dict),
+                "a JSON object (dict)",
+            ),
             ("json_object", isinstance(self.json_object, bool), "a bool"),
-            ("regex", self.regex is None or (isinstance(self.regex, str) and self.regex != ""),
-             "a non-empty string"),
-            ("grammar", self.grammar is None or (isinstance(self.grammar, str)
-                                                 and self.grammar.strip() != ""),
-             "a non-empty Lark grammar"),
-            ("choice", self.choice is None or (isinstance(self.choice, list | tuple)
-                                               and len(self.choice) > 0
-                                               and all(isinstance(c, str) and c
-                                                       for c in self.choice)),
-             "a non-empty list of non-empty strings"),
+            (
+                "regex",
+                self.regex is None or (isinstance(self.regex, str) and self.regex != ""),
+                "a non-empty string",
+            ),
+            (
+                "grammar",
+                self.grammar is None
+                or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
+                "a non-empty Lark grammar",
+            ),
+            (
+                "choice",
+                self.choice is None
+                or (
+                    isinstance(self.choice, list | tuple)
+                    and len(self.choice) > 0
+                    and all(isinstance(c, str) and c for c in self.choice)
+                ),
+                "a non-empty list of non-empty strings",
+            ),
         ]
         for name, ok, want in checks:
             if not ok:
-                raise RequestError(f"{name} must be {want}, got {getattr(self, name)!r}",
-                                   param=name)
+                raise RequestError(
+                    f"{name} must be {want}, got {getattr(self, name)!r}", param=name
+                )
         if self.choice is not None:
             self.choice = list(self.choice)
         used = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
         if len(used) > 1:
-            raise RequestError(f"{used[1]}: at most one of {', '.join(_CONSTRAINTS)} may be set "
-                               f"(got {' and '.join(used)})", param=used[1])
+            raise RequestError(
+                f"{used[1]}: at most one of {', '.join(_CONSTRAINTS)} may be set "
+                f"(got {' and '.join(used)})",
+                param=used[1],
+            )
 
     @property
     def constrained(self) -> bool:
@@ -122,8 +151,11 @@ class SamplingParams:
 
     @property
     def needs_penalties(self) -> bool:
-        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.repetition_penalty != 1.0)
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
 
 @dataclass(slots=True)
@@ -177,8 +209,9 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Ten
     return logits.masked_fill(drop.scatter(1, order, drop), _MASK)
 
 
-def uniform_draws(rows: int, generators: list[torch.Generator | None],
-                  device: torch.device) -> torch.Tensor:
+def uniform_draws(
+    rows: int, generators: list[torch.Generator | None], device: torch.device
+) -> torch.Tensor:
     """One U[0, 1) draw per row; a row with its own generator draws from it alone."""
     u = torch.rand(rows, device=device)
     for row, gen in enumerate(generators):
@@ -208,8 +241,9 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return torch.where(b.greedy, logits.argmax(-1), sampled) if any_greedy else sampled
 
 
-def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor,
-                top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logprobs_of(
+    logits: torch.Tensor, token_ids: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The model's own log-probabilities (before sampling settings): chosen [B], top [B, k]."""
     logp = logits.log_softmax(-1)
     chosen = logp.gather(1, token_ids.unsqueeze(1)).squeeze(1)

@@ -59,8 +59,9 @@ class SchedulerConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be at least 1, "
-                             f"got {self.max_num_batched_tokens}")
+            raise ValueError(
+                f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
+            )
         if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
             raise ValueError(f"max_prefill_chunk must be at least 1, got {self.max_prefill_chunk}")
         bad = {u: w for u, w in self.user_weights.items() if not w > 0}
@@ -98,8 +99,9 @@ class Scheduler:
         if victim.user == seq.user:
             return False
         held = sum(1 for s in self.running if s.user == victim.user)
-        return (held > self._fair_slots(victim.user)
-                and self.vtime.get(seq.user, 0.0) < self.vtime.get(victim.user, 0.0))
+        return held > self._fair_slots(victim.user) and self.vtime.get(
+            seq.user, 0.0
+        ) < self.vtime.get(victim.user, 0.0)
 
     # -- queues ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -183,8 +185,12 @@ class Scheduler:
                 budget -= n
 
         # 2. Admit waiting sequences in rank order while budget, seats and blocks allow.
-        while (self.waiting and budget > 0 and not ran_out
-               and len(self.running) < self.config.max_num_seqs):
+        while (
+            self.waiting
+            and budget > 0
+            and not ran_out
+            and len(self.running) < self.config.max_num_seqs
+        ):
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq)
             cached = len(hits) * self.blocks.block_size
@@ -207,8 +213,9 @@ class Scheduler:
             user = s.seq.user
             self.vtime[user] = self.vtime.get(user, 0.0) + s.num_new_tokens / self.weight(user)
             self.tokens_by_user[user] = self.tokens_by_user.get(user, 0) + s.num_new_tokens
-        return SchedulerPlan(tuple(scheduled), tuple(preempted),
-                             tuple(self.blocks.take_new_blocks()))
+        return SchedulerPlan(
+            tuple(scheduled), tuple(preempted), tuple(self.blocks.take_new_blocks())
+        )
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Retire a sequence (stopped, cut at length, or aborted) and free its blocks; a
@@ -221,8 +228,11 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if seq.retain is not None and seq.index == 0 and status is not \
-                SequenceStatus.FINISHED_ABORTED:
+        if (
+            seq.retain is not None
+            and seq.index == 0
+            and status is not SequenceStatus.FINISHED_ABORTED
+        ):
             self.blocks.pin(seq.retain, seq)
         self.blocks.free(seq)
         self._active[seq.user] -= 1

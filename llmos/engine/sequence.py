@@ -25,8 +25,11 @@ class SequenceStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+        return self in (
+            SequenceStatus.FINISHED_STOPPED,
+            SequenceStatus.FINISHED_LENGTH,
+            SequenceStatus.FINISHED_ABORTED,
+        )
 
 
 @dataclass(slots=True)
@@ -42,9 +45,19 @@ _ids = count()
 class Sequence:
     """One stream of tokens: a prompt and what has been generated after it."""
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 detokenizer: IncrementalDetokenizer, *, index: int = 0, priority: int = 0,
-                 user: str | None = None, max_tokens: int, retain: str | None = None) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        detokenizer: IncrementalDetokenizer,
+        *,
+        index: int = 0,
+        priority: int = 0,
+        user: str | None = None,
+        max_tokens: int,
+        retain: str | None = None,
+    ) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n outputs
@@ -85,7 +98,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def finish_reason(self) -> str | None:
@@ -100,8 +113,10 @@ class Sequence:
         return self.text[: max(0, len(self.text) - hold)] if hold else self.text
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, {self.status.name}, "
-                f"computed={self.num_computed_tokens}/{self.num_tokens})")
+        return (
+            f"Sequence(id={self.seq_id}, req={self.request_id!r}, {self.status.name}, "
+            f"computed={self.num_computed_tokens}/{self.num_tokens})"
+        )
 
 
 @dataclass(slots=True)
@@ -128,8 +143,11 @@ class ToolCall:
         return json.loads(self.function.arguments)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type,
-                "function": {"name": self.function.name, "arguments": self.function.arguments}}
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.function.name, "arguments": self.function.arguments},
+        }
 
 
 @dataclass(slots=True)

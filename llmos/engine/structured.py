@@ -33,8 +33,19 @@ from llmos.models.tokenizer import Tokenizer
 # room for runaway whitespace, which small models otherwise fall into.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 NUMBER_STEP, NUMBER_LIMIT = 1e-9, 10**16 - 1  # see `tighten`
-_SUBSCHEMA = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then",
-              "else", "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+_SUBSCHEMA = (
+    "items",
+    "additionalProperties",
+    "not",
+    "contains",
+    "propertyNames",
+    "if",
+    "then",
+    "else",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "additionalItems",
+)
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
 
@@ -64,8 +75,15 @@ def tighten(schema: Any) -> Any:
     for key in ("anyOf", "oneOf", "prefixItems"):
         if isinstance(out.get(key), list):
             out[key] = [tighten(v) for v in out[key]]
-    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf",
-                 "anyOf", "oneOf", "$ref")
+    open_keys = (
+        "additionalProperties",
+        "patternProperties",
+        "unevaluatedProperties",
+        "allOf",
+        "anyOf",
+        "oneOf",
+        "$ref",
+    )
     if "properties" in out and not any(k in out for k in open_keys):
         out["additionalProperties"] = False
     types = out.get("type")
@@ -84,8 +102,10 @@ def styled_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """The schema as llmos enforces it: closed objects, our JSON layout (a schema's own
     `x-guidance` options win)."""
     closed = tighten(schema)
-    return {"x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})},
-            **{k: v for k, v in closed.items() if k != "x-guidance"}}
+    return {
+        "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})},
+        **{k: v for k, v in closed.items() if k != "x-guidance"},
+    }
 
 
 @lru_cache(maxsize=512)
@@ -171,19 +191,26 @@ def schema_error(error: str, schema: dict[str, Any], param: str) -> RequestError
     error = error.replace("min/maxProperties", "minProperties/maxProperties")
     hit = next(((p, k) for k in wanted for p, k2, _ in entries if k2 == k), None)
     if hit is None:  # otherwise the first keyword that the message names
-        hit = next(((p, k) for p, k, _ in entries
-                    if re.search(rf"(?<![\w$]){re.escape(k)}(?!\w)", error)), None)
+        hit = next(
+            ((p, k) for p, k, _ in entries if re.search(rf"(?<![\w$]){re.escape(k)}(?!\w)", error)),
+            None,
+        )
     if hit is None:
-        hit = next(((p, k) for p, k, v in entries if k == "pattern" and isinstance(v, str)
-                    and v in error), None)
+        hit = next(
+            ((p, k) for p, k, v in entries if k == "pattern" and isinstance(v, str) and v in error),
+            None,
+        )
     detail = " ".join(error.split())[:300]
     if hit is None:
         return RequestError(f"{param}: this schema cannot be enforced: {detail}", param=param)
     path, keyword = hit
     where = f" (at {path})" if path else ""
-    return RequestError(f"{param}: the keyword '{keyword}'{where} cannot be enforced by "
-                        f"structured output ({detail}); see README 'Structured output' for the "
-                        "supported subset", param=".".join(p for p in (param, path, keyword) if p))
+    return RequestError(
+        f"{param}: the keyword '{keyword}'{where} cannot be enforced by "
+        f"structured output ({detail}); see README 'Structured output' for the "
+        "supported subset",
+        param=".".join(p for p in (param, path, keyword) if p),
+    )
 
 
 # -- per engine: matchers ------------------------------------------------------------------------
@@ -197,8 +224,11 @@ class GrammarCompiler:
 
     @cached_property
     def llg_tokenizer(self) -> llguidance.LLTokenizer:
-        return llguidance.LLTokenizer(self.tokenizer.hf.to_str(), n_vocab=self.vocab_size,
-                                      eos_token=list(self.tokenizer.eos_token_ids))
+        return llguidance.LLTokenizer(
+            self.tokenizer.hf.to_str(),
+            n_vocab=self.vocab_size,
+            eos_token=list(self.tokenizer.eos_token_ids),
+        )
 
     def matchers(self, params: SamplingParams) -> list[llguidance.LLMatcher] | None:
         """`params.n` fresh matchers, or None for an unconstrained request."""
@@ -208,8 +238,9 @@ class GrammarCompiler:
         grammar, param = found
         first = llguidance.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
         if first.is_error():
-            raise RequestError(f"{param}: llguidance cannot use it: {first.get_error().strip()}",
-                               param=param)
+            raise RequestError(
+                f"{param}: llguidance cannot use it: {first.get_error().strip()}", param=param
+            )
         return [first] + [first.deep_copy() for _ in range(params.n - 1)]
 
 
@@ -241,8 +272,9 @@ class MaskBuilder:
         self._executor.unsafe_compute_mask_ptr(rows, bits.data_ptr(), self.words * 4, batch)
         return bits
 
-    def banned(self, job: Future[torch.Tensor], eos: tuple[int, ...],
-               device: torch.device) -> torch.Tensor:
+    def banned(
+        self, job: Future[torch.Tensor], eos: tuple[int, ...], device: torch.device
+    ) -> torch.Tensor:
         """[B, V] bool: the tokens each row's grammar forbids now."""
         bits = job.result().numpy().view(np.uint8)
         allowed = np.unpackbits(bits, axis=1, bitorder="little")[:, : self.vocab_size]

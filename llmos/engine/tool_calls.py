@@ -42,8 +42,16 @@ from llmos.models.tokenizer import Tokenizer
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
-_PROBE = [{"type": "function", "function": {"name": "llmos_probe", "description": "probe",
-                                             "parameters": {"type": "object"}}}]
+_PROBE = [
+    {
+        "type": "function",
+        "function": {
+            "name": "llmos_probe",
+            "description": "probe",
+            "parameters": {"type": "object"},
+        },
+    }
+]
 _NATIVE: dict[str, bool] = {}  # chat template source → whether it renders `tools`
 
 
@@ -59,8 +67,9 @@ def renders_tools(tokenizer: Tokenizer) -> bool:
     if source not in _NATIVE:
         probe = [{"role": "user", "content": "hi"}]
         try:
-            _NATIVE[source] = (tokenizer.apply_chat_template(probe, tools=_PROBE)
-                               != tokenizer.apply_chat_template(probe))
+            _NATIVE[source] = tokenizer.apply_chat_template(
+                probe, tools=_PROBE
+            ) != tokenizer.apply_chat_template(probe)
         except Exception:  # noqa: BLE001 - a template that chokes on tools does not render them
             _NATIVE[source] = False
     return _NATIVE[source]
@@ -70,21 +79,28 @@ def renders_tools(tokenizer: Tokenizer) -> bool:
 def check_tools(tools: Any) -> list[dict[str, Any]]:
     """OpenAI's `tools`, checked (each bad field named), with `parameters` defaulted."""
     if not isinstance(tools, list):
-        raise RequestError("tools must be a list of {'type': 'function', 'function': {...}}",
-                           param="tools")
+        raise RequestError(
+            "tools must be a list of {'type': 'function', 'function': {...}}", param="tools"
+        )
     out, seen = [], set()
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or tool.get("type", "function") != "function":
-            raise RequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}",
-                               param=f"tools[{i}]")
+            raise RequestError(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}",
+                param=f"tools[{i}]",
+            )
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise RequestError(f"tools[{i}].function.name must be 1-64 letters, digits, '_' or "
-                               f"'-', got {name!r}", param=f"tools[{i}].function.name")
+            raise RequestError(
+                f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-', got {name!r}",
+                param=f"tools[{i}].function.name",
+            )
         if name in seen:
-            raise RequestError(f"tools[{i}].function.name: {name!r} is defined twice",
-                               param=f"tools[{i}].function.name")
+            raise RequestError(
+                f"tools[{i}].function.name: {name!r} is defined twice",
+                param=f"tools[{i}].function.name",
+            )
         seen.add(name)
         parameters = fn.get("parameters") or {"type": "object", "properties": {}}
         json_schema_grammar(parameters, f"tools[{i}].function.parameters")
@@ -99,13 +115,18 @@ def check_tool_choice(tool_choice: Any, names: list[str]) -> str | None:
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")
         if tool_choice.get("type", "function") != "function" or name not in names:
-            raise RequestError(f"tool_choice names no tool in `tools` (got {name!r}; tools: "
-                               f"{names})", param="tool_choice")
+            raise RequestError(
+                f"tool_choice names no tool in `tools` (got {name!r}; tools: {names})",
+                param="tool_choice",
+            )
         return name
     if tool_choice not in ("auto", "none", "required"):
-        raise RequestError("tool_choice must be 'auto', 'none', 'required' or "
-                           "{'type': 'function', 'function': {'name': ...}}, got "
-                           f"{tool_choice!r}", param="tool_choice")
+        raise RequestError(
+            "tool_choice must be 'auto', 'none', 'required' or "
+            "{'type': 'function', 'function': {'name': ...}}, got "
+            f"{tool_choice!r}",
+            param="tool_choice",
+        )
     if tool_choice == "required" and not names:
         raise RequestError("tool_choice 'required' needs tools", param="tool_choice")
     return None if tool_choice == "none" or not names else tool_choice
@@ -123,28 +144,37 @@ def _arguments(raw: Any) -> Any:
 
 
 def _calls_text(calls: list[dict[str, Any]], hermes: bool) -> str:
-    items = [{"name": (c.get("function") or {}).get("name"),
-              "arguments": _arguments((c.get("function") or {}).get("arguments"))}
-             for c in calls]
+    items = [
+        {
+            "name": (c.get("function") or {}).get("name"),
+            "arguments": _arguments((c.get("function") or {}).get("arguments")),
+        }
+        for c in calls
+    ]
     if hermes:
         return "\n".join(f"{OPEN}\n{json.dumps(item)}\n{CLOSE}" for item in items)
     return f"{OPEN}{json.dumps(items)}{CLOSE}"
 
 
 def _tool_prompt(tools: list[dict[str, Any]], parallel: bool) -> str:
-    lines = ["You can call these tools:",
-             f"<tools>{json.dumps([t['function'] for t in tools])}</tools>",
-             f"To call tools, reply with only a JSON list of calls between {OPEN} and {CLOSE}:",
-             f'{OPEN}[{{"name": "tool_name", "arguments": {{"arg": "value"}}}}]{CLOSE}',
-             "Otherwise, answer the user directly."]
+    lines = [
+        "You can call these tools:",
+        f"<tools>{json.dumps([t['function'] for t in tools])}</tools>",
+        f"To call tools, reply with only a JSON list of calls between {OPEN} and {CLOSE}:",
+        f'{OPEN}[{{"name": "tool_name", "arguments": {{"arg": "value"}}}}]{CLOSE}',
+        "Otherwise, answer the user directly.",
+    ]
     if not parallel:
         lines.append("Make one call at a time.")
     return "\n".join(lines)
 
 
-def render_messages(tokenizer: Tokenizer, messages: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None,
-                    calls: ChatTools | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def render_messages(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    calls: ChatTools | None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(messages, template kwargs) ready for the chat template, tools and past calls included."""
     native = renders_tools(tokenizer)
     hermes = native and OPEN in (tokenizer.chat_template or "")
@@ -153,9 +183,16 @@ def render_messages(tokenizer: Tokenizer, messages: list[dict[str, Any]],
         m = {**m, "content": m.get("content") or ""}
         past = m.pop("tool_calls", None)
         if past and native:
-            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments":
-                                                  _arguments(c["function"].get("arguments"))}}
-                               for c in past]
+            m["tool_calls"] = [
+                {
+                    **c,
+                    "function": {
+                        **c["function"],
+                        "arguments": _arguments(c["function"].get("arguments")),
+                    },
+                }
+                for c in past
+            ]
         elif past:
             m["content"] += _calls_text(past, hermes)
         out.append(m)
@@ -170,9 +207,13 @@ def render_messages(tokenizer: Tokenizer, messages: list[dict[str, Any]],
     return out, {}
 
 
-def prepare_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: Any = None,
-                 tool_choice: Any = "auto", parallel_tool_calls: bool = True,
-                 ) -> tuple[list[dict[str, Any]], dict[str, Any], ChatTools | None]:
+def prepare_chat(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    tools: Any = None,
+    tool_choice: Any = "auto",
+    parallel_tool_calls: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any], ChatTools | None]:
     """Everything a chat request with tools needs: (messages and template kwargs for the chat
     template, and the callable tools, None when no call may be made)."""
     checked = check_tools(tools) if tools is not None else None
@@ -192,8 +233,13 @@ class ChatTools:
     hermes: bool = False
 
     @classmethod
-    def build(cls, tokenizer: Tokenizer, tools: list[dict[str, Any]] | None,
-              tool_choice: Any = "auto", parallel_tool_calls: bool = True) -> ChatTools | None:
+    def build(
+        cls,
+        tokenizer: Tokenizer,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: Any = "auto",
+        parallel_tool_calls: bool = True,
+    ) -> ChatTools | None:
         """From checked tools; None when no call can be made (no tools, or tool_choice 'none')."""
         choice = check_tool_choice(tool_choice, [t["function"]["name"] for t in tools or []])
         if choice is None or not tools:
@@ -204,21 +250,30 @@ class ChatTools:
     def grammar(self, answer: dict[str, Any] | None = None) -> str:
         """Lark: a call list (each call its own `%json`, so `$ref`s stay local), or else an answer
         (free text without `<tool_call>`, or JSON of the `answer` schema)."""
-        tools = [t for t in self.tools if self.choice in ("auto", "required")
-                 or t["function"]["name"] == self.choice]
+        tools = [
+            t
+            for t in self.tools
+            if self.choice in ("auto", "required") or t["function"]["name"] == self.choice
+        ]
         lines = [f"start: {'answer | calls' if self.choice == 'auto' else 'calls'}"]
         if self.hermes:
             one = f'"{OPEN}\\n" call "\\n{CLOSE}"'
-            lines.append(f'calls: {one}' + (f' ("\\n" {one})*' if self.parallel else ""))
+            lines.append(f"calls: {one}" + (f' ("\\n" {one})*' if self.parallel else ""))
         else:
-            lines.append(f'calls: "{OPEN}[" call' + (' (", " call)*' if self.parallel else "")
-                         + f' "]{CLOSE}"')
+            lines.append(
+                f'calls: "{OPEN}[" call'
+                + (' (", " call)*' if self.parallel else "")
+                + f' "]{CLOSE}"'
+            )
         lines.append("call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
         for i, t in enumerate(tools):
             fn = t["function"]
-            schema = {"type": "object", "properties": {"name": {"const": fn["name"]},
-                                                       "arguments": fn["parameters"]},
-                      "required": ["name", "arguments"], "additionalProperties": False}
+            schema = {
+                "type": "object",
+                "properties": {"name": {"const": fn["name"]}, "arguments": fn["parameters"]},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
             lines.append(f"call_{i}: %json {json.dumps(styled_schema(schema))}")
         if answer is not None:
             lines.append(f"answer: %json {json.dumps(styled_schema(answer))}")
@@ -229,11 +284,16 @@ class ChatTools:
     def constrain(self, params: SamplingParams) -> SamplingParams:
         """The params with this grammar; a JSON answer format becomes the answer branch."""
         if params.regex is not None or params.grammar is not None or params.choice is not None:
-            raise RequestError("tools cannot be combined with a regex, grammar or choice "
-                               "constraint; send tool_choice 'none' or drop the constraint",
-                               param="tool_choice")
-        answer = params.json_schema if params.json_schema is not None else (
-            {"type": "object"} if params.json_object else None)
+            raise RequestError(
+                "tools cannot be combined with a regex, grammar or choice "
+                "constraint; send tool_choice 'none' or drop the constraint",
+                param="tool_choice",
+            )
+        answer = (
+            params.json_schema
+            if params.json_schema is not None
+            else ({"type": "object"} if params.json_object else None)
+        )
         lark = self.grammar(answer)  # type: ignore[arg-type]
         checked_grammar("lark", lark, "tools")
         return replace(params, json_schema=None, json_object=False, grammar=lark)
@@ -242,7 +302,7 @@ class ChatTools:
         """(content, None) for an answer; (None, calls) for a complete call list."""
         if not text.startswith(OPEN):
             return text, None
-        calls = scan_calls(text[len(OPEN):])
+        calls = scan_calls(text[len(OPEN) :])
         if not calls or not all(c.done for c in calls) or not text.rstrip().endswith(CLOSE):
             return text, None
         return None, [ToolCall(new_call_id(), FunctionCall(c.name, c.arguments)) for c in calls]
@@ -270,7 +330,7 @@ def scan_calls(body: str) -> list[CallProgress]:
     while (m := _HEAD.search(body, pos)) is not None:
         end = _value_end(body, m.end())
         name = json.loads(f'"{m.group(1)}"')
-        calls.append(CallProgress(name, body[m.end():end or len(body)], end is not None))
+        calls.append(CallProgress(name, body[m.end() : end or len(body)], end is not None))
         if end is None:
             break
         pos = end

@@ -7,5 +7,16 @@ from llmos.kernel.process import Process, Status
 from llmos.kernel.program import Limits, Program, ProgramError
 from llmos.kernel.tools import Policy, ToolResult, execute, tool
 
-__all__ = ["Kernel", "KernelError", "Limits", "Policy", "Process", "Program", "ProgramError",
-           "Status", "ToolResult", "execute", "tool"]
+__all__ = [
+    "Kernel",
+    "KernelError",
+    "Limits",
+    "Policy",
+    "Process",
+    "Program",
+    "ProgramError",
+    "Status",
+    "ToolResult",
+    "execute",
+    "tool",
+]

@@ -48,7 +48,7 @@ def read_file(path: str, ctx: ToolContext, start_line: int = 1, max_lines: int =
     """
     lines = _read_text(ctx, path).splitlines()
     start = max(1, start_line)
-    shown = lines[start - 1:start - 1 + max(1, max_lines)]
+    shown = lines[start - 1 : start - 1 + max(1, max_lines)]
     more = len(lines) - (start - 1 + len(shown))
     return "\n".join(shown) + (f"\n[... {more} more lines]" if more > 0 else "")
 
@@ -138,8 +138,9 @@ def _check_argv(argv: list[str], ctx: ToolContext) -> None:
     if not _PROGRAM_NAME.match(program):
         raise Refused(f"command {program!r} must be a bare program name (no paths, no shell)")
     if program not in ctx.policy.commands:
-        raise Refused(f"command {program!r} is not on this program's allow-list "
-                      f"{sorted(ctx.policy.commands)}")
+        raise Refused(
+            f"command {program!r} is not on this program's allow-list {sorted(ctx.policy.commands)}"
+        )
     for arg in argv[1:]:
         if "\x00" in arg:
             raise Refused("an argument contains a NUL byte")
@@ -164,10 +165,16 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
     cap = ctx.policy.max_output_chars
     runaway = max(4 * cap, 1 << 20)  # bytes read before a writer counts as runaway
     try:
-        proc = subprocess.Popen(argv, cwd=ctx.workspace, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True,
-                                preexec_fn=_limits(ctx.policy.command_timeout))
+        proc = subprocess.Popen(
+            argv,
+            cwd=ctx.workspace,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_limits(ctx.policy.command_timeout),
+        )
     except FileNotFoundError:
         raise Refused(f"command {argv[0]!r} is not installed") from None
     chunks: list[bytes] = []
@@ -196,16 +203,20 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
     if size[0] > cap:
         out += f"\n[... output cut at {cap} of {size[0]}+ bytes]"
     if size[0] > runaway:
-        raise Refused(f"{argv[0]} wrote more than {runaway} bytes and was stopped; output "
-                      f"starts:\n{out}")
+        raise Refused(
+            f"{argv[0]} wrote more than {runaway} bytes and was stopped; output starts:\n{out}"
+        )
     if code is None:
-        raise Refused(f"{argv[0]} ran past its {ctx.policy.command_timeout:g}s timeout and was "
-                      f"killed; output so far:\n{out}")
+        raise Refused(
+            f"{argv[0]} ran past its {ctx.policy.command_timeout:g}s timeout and was "
+            f"killed; output so far:\n{out}"
+        )
     return f"exit code {code}\n{out}"
 
 
 def _limits(timeout: float):  # noqa: ANN202 - a preexec function
     """CPU seconds and the size of any file the command writes, capped in the child."""
+
     def apply() -> None:
         cpu = int(timeout) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))

@@ -13,16 +13,37 @@ from llmos.kernel.program import Program
 from llmos.kernel.store import Store
 
 
-def create(store: Store, program: Program, input: str, workspace: str, owner: str | None,
-           priority: int, backend: str | None) -> int:
+def create(
+    store: Store,
+    program: Program,
+    input: str,
+    workspace: str,
+    owner: str | None,
+    priority: int,
+    backend: str | None,
+) -> int:
     now = time.time()
     with store.transaction() as db:
         cur = db.execute(
             "INSERT INTO processes (program, program_name, program_version, prompt_hash, input,"
             " workspace, owner, priority, backend, status, created_at, updated_at, runner_pid)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (program.to_json(), program.name, program.version, program.prompt_hash, input,
-             workspace, owner, priority, backend, Status.READY.value, now, now, os.getpid()))
+            (
+                program.to_json(),
+                program.name,
+                program.version,
+                program.prompt_hash,
+                input,
+                workspace,
+                owner,
+                priority,
+                backend,
+                Status.READY.value,
+                now,
+                now,
+                os.getpid(),
+            ),
+        )
         assert cur.lastrowid is not None
         return cur.lastrowid
 
@@ -33,27 +54,51 @@ def append(store: Store, proc: Process, step: Step, *, model: str | None = None)
     now = time.time()
     sha = getattr(step, "sha256", None)
     with store.transaction() as db:
-        db.execute("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?)",
-                   (proc.pid, seq, step.kind, step_to_json(step), sha, now))
+        db.execute(
+            "INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?)",
+            (proc.pid, seq, step.kind, step_to_json(step), sha, now),
+        )
         if isinstance(step, ModelTurn):
-            db.execute("INSERT INTO usage (pid, seq, user, model, prompt_tokens, cached_tokens,"
-                       " completion_tokens, engine_seconds, cost, created_at)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (proc.pid, seq, proc.owner, model or "unknown", step.prompt_tokens,
-                        step.cached_tokens, step.completion_tokens, step.engine_seconds,
-                        step.cost, now))
-        db.execute("UPDATE processes SET status = ?, elapsed = ?, updated_at = ? WHERE pid = ?",
-                   (proc.status.value, proc.elapsed, now, proc.pid))
+            db.execute(
+                "INSERT INTO usage (pid, seq, user, model, prompt_tokens, cached_tokens,"
+                " completion_tokens, engine_seconds, cost, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    proc.pid,
+                    seq,
+                    proc.owner,
+                    model or "unknown",
+                    step.prompt_tokens,
+                    step.cached_tokens,
+                    step.completion_tokens,
+                    step.engine_seconds,
+                    step.cost,
+                    now,
+                ),
+            )
+        db.execute(
+            "UPDATE processes SET status = ?, elapsed = ?, updated_at = ? WHERE pid = ?",
+            (proc.status.value, proc.elapsed, now, proc.pid),
+        )
     proc.steps.append(step)
 
 
 def save_status(store: Store, proc: Process) -> None:
     report = json.dumps(proc.report) if proc.report is not None else None
     with store.transaction() as db:
-        db.execute("UPDATE processes SET status = ?, answer = ?, reason = ?, report = ?,"
-                   " elapsed = ?, updated_at = ? WHERE pid = ?",
-                   (proc.status.value, proc.answer, proc.reason, report, proc.elapsed,
-                    time.time(), proc.pid))
+        db.execute(
+            "UPDATE processes SET status = ?, answer = ?, reason = ?, report = ?,"
+            " elapsed = ?, updated_at = ? WHERE pid = ?",
+            (
+                proc.status.value,
+                proc.answer,
+                proc.reason,
+                report,
+                proc.elapsed,
+                time.time(),
+                proc.pid,
+            ),
+        )
 
 
 def load(store: Store, pid: int, program: Program | None = None) -> Process:
@@ -62,15 +107,26 @@ def load(store: Store, pid: int, program: Program | None = None) -> Process:
         raise KeyError(f"no process with pid {pid}")
     if program is None:
         spec = Program.from_dict(json.loads(row["program"]))
-        program = Program.load(spec.source) if spec.source and os.path.isfile(spec.source) \
-            else spec
-    steps = [step_from_json(r["kind"], r["data"]) for r in
-             store.query("SELECT kind, data FROM steps WHERE pid = ? ORDER BY seq", (pid,))]
-    return Process(pid=pid, program=program, input=row["input"], workspace=row["workspace"],
-                   owner=row["owner"], priority=row["priority"], status=Status(row["status"]),
-                   steps=steps, answer=row["answer"],
-                   report=json.loads(row["report"]) if row["report"] else None,
-                   reason=row["reason"], created_at=row["created_at"], elapsed=row["elapsed"])
+        program = Program.load(spec.source) if spec.source and os.path.isfile(spec.source) else spec
+    steps = [
+        step_from_json(r["kind"], r["data"])
+        for r in store.query("SELECT kind, data FROM steps WHERE pid = ? ORDER BY seq", (pid,))
+    ]
+    return Process(
+        pid=pid,
+        program=program,
+        input=row["input"],
+        workspace=row["workspace"],
+        owner=row["owner"],
+        priority=row["priority"],
+        status=Status(row["status"]),
+        steps=steps,
+        answer=row["answer"],
+        report=json.loads(row["report"]) if row["report"] else None,
+        reason=row["reason"],
+        created_at=row["created_at"],
+        elapsed=row["elapsed"],
+    )
 
 
 def runner_alive(row: Any) -> bool:
@@ -95,8 +151,10 @@ def runner_alive(row: Any) -> bool:
 
 def claim(store: Store, pid: int) -> None:
     with store.transaction() as db:
-        db.execute("UPDATE processes SET runner_pid = ?, kill_requested = 0 WHERE pid = ?",
-                   (os.getpid(), pid))
+        db.execute(
+            "UPDATE processes SET runner_pid = ?, kill_requested = 0 WHERE pid = ?",
+            (os.getpid(), pid),
+        )
 
 
 def release(store: Store, pid: int) -> None:
@@ -117,8 +175,10 @@ def kill_requested(store: Store, pid: int) -> bool:
 
 def decide(store: Store, pid: int, call_id: str, allow: bool) -> None:
     with store.transaction() as db:
-        db.execute("INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?)",
-                   (pid, call_id, int(allow), time.time()))
+        db.execute(
+            "INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?)",
+            (pid, call_id, int(allow), time.time()),
+        )
 
 
 def decision(store: Store, pid: int, call_id: str) -> bool | None:

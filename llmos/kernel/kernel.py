@@ -26,8 +26,13 @@ class KernelError(RuntimeError):
 
 
 class Kernel:
-    def __init__(self, backend: Backend | str | None = None, db: str | Path | None = None, *,
-                 prices: dict[str, Price] | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend | str | None = None,
+        db: str | Path | None = None,
+        *,
+        prices: dict[str, Price] | None = None,
+    ) -> None:
         self.store = Store(db if db is not None else default_db_path())
         self.meter = Meter(self.store, prices)
         # a name is resolved on first use, so a kernel that only reads the store loads nothing
@@ -40,20 +45,27 @@ class Kernel:
         self._contexts: dict[int, loop.Context] = {}
         self._events: dict[int, asyncio.Event] = {}
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="llmos-kernel",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="llmos-kernel", daemon=True
+        )
         self._thread.start()
 
     # -- processes ------------------------------------------------------------------------
-    def spawn(self, program: Program | str | Path, input: str = "", user: str | None = None,
-              priority: int = 0, *, workspace: str | Path | None = None) -> int:
+    def spawn(
+        self,
+        program: Program | str | Path,
+        input: str = "",
+        user: str | None = None,
+        priority: int = 0,
+        *,
+        workspace: str | Path | None = None,
+    ) -> int:
         """Start a process; returns its pid at once."""
         if not isinstance(program, Program):
             program = Program.load(program)
         missing = [t for t in program.tools if t not in TOOLS]
         if missing:
-            raise ProgramError(f"tools: {missing} are not registered tools; known: "
-                               f"{sorted(TOOLS)}")
+            raise ProgramError(f"tools: {missing} are not registered tools; known: {sorted(TOOLS)}")
         backend = self._backend_for(program)
         ws = str(Path(workspace or os.getcwd()).resolve())
         if not Path(ws).is_dir():
@@ -106,8 +118,11 @@ class Kernel:
             return  # its runner sees the request at its next step
         proc = journal.load(self.store, pid)
         if not proc.status.finished:  # nothing runs it: record the kill now
-            loop.give_up(proc, self._context(proc, self.backend), loop.GiveUp(
-                "killed", "killed by a person (kill)"))
+            loop.give_up(
+                proc,
+                self._context(proc, self.backend),
+                loop.GiveUp("killed", "killed by a person (kill)"),
+            )
             journal.save_status(self.store, proc)
 
     def approve(self, pid: int, call_id: str, allow: bool = True) -> None:
@@ -118,12 +133,14 @@ class Kernel:
             self._loop.call_soon_threadsafe(event.set)
 
     def ps(self) -> list[Process]:
-        return [self.get(r["pid"]) for r in
-                self.store.query("SELECT pid FROM processes ORDER BY pid")]
+        return [
+            self.get(r["pid"]) for r in self.store.query("SELECT pid FROM processes ORDER BY pid")
+        ]
 
     # -- metering -------------------------------------------------------------------------
-    def set_budget(self, user: str, max_tokens: int | None = None,
-                   max_cost: float | None = None) -> None:
+    def set_budget(
+        self, user: str, max_tokens: int | None = None, max_cost: float | None = None
+    ) -> None:
         self.meter.set_budget(user, max_tokens, max_cost)
 
     def usage(self, user: str | None = None) -> list[dict[str, Any]]:
@@ -159,13 +176,18 @@ class Kernel:
 
     def _backend_for(self, program: Program) -> Backend:
         name = os.environ.get("LLMOS_BACKEND") or program.model
-        if self.backend is None and self._default_name is not None and \
-                name in (None, self._default_name):
+        if (
+            self.backend is None
+            and self._default_name is not None
+            and name in (None, self._default_name)
+        ):
             self.backend = resolve(self._default_name)
         if name is None:
             if self.backend is None:
-                raise ProgramError("model: the program names no backend and the kernel has "
-                                   "no default; pass Kernel(backend=...)")
+                raise ProgramError(
+                    "model: the program names no backend and the kernel has "
+                    "no default; pass Kernel(backend=...)"
+                )
             return self.backend
         if self.backend is not None and name in (self.backend.name, self._default_name):
             return self.backend
@@ -174,8 +196,13 @@ class Kernel:
         return self._backends[name]
 
     def _context(self, proc: Process, backend: Backend | None) -> loop.Context:
-        return loop.Context(backend, self.store, self.meter,  # type: ignore[arg-type]
-                            self._decide, lambda p: journal.kill_requested(self.store, p.pid))
+        return loop.Context(
+            backend,
+            self.store,
+            self.meter,  # type: ignore[arg-type]
+            self._decide,
+            lambda p: journal.kill_requested(self.store, p.pid),
+        )
 
     def _start(self, proc: Process, backend: Backend) -> None:
         self._procs[proc.pid] = proc

@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import jsonschema
+
 from llmos.backends.base import Backend, ChatRequest, ToolCall
 from llmos.kernel import journal, memory, report
 from llmos.kernel.meter import Meter
@@ -127,8 +129,10 @@ def check_limits(proc: Process, ctx: Context) -> GiveUp | None:
     if ctx.killed(proc):
         return GiveUp("killed", "killed by a person (kill)")
     if proc.num_turns >= lim.max_steps:
-        return GiveUp("step_limit", f"step limit: {proc.num_turns} model turns of "
-                      f"{lim.max_steps}, with no final answer")
+        return GiveUp(
+            "step_limit",
+            f"step limit: {proc.num_turns} model turns of {lim.max_steps}, with no final answer",
+        )
     if proc.elapsed >= lim.max_seconds:
         return GiveUp("time_limit", f"time limit: {proc.elapsed:.1f}s of {lim.max_seconds:g}s")
     why = ctx.meter.over_budget(proc.owner, proc.usage, lim)
@@ -144,28 +148,49 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
     msgs = memory.to_messages(proc)
     if ctx.backend.context_window:
         room = ctx.backend.context_window - int(prog.sampling.get("max_tokens") or 256) - 8
-        msgs = memory.fit(msgs, memory.counter(ctx.backend.count_tokens, tools), room,
-                          summarize_dropped=prog.summarize)
+        msgs = memory.fit(
+            msgs,
+            memory.counter(ctx.backend.count_tokens, tools),
+            room,
+            summarize_dropped=prog.summarize,
+        )
     choice = prog.tool_choice_for(proc.num_turns) if tools else "none"
-    request = ChatRequest(msgs, tools, choice, dict(prog.sampling),
-                          proc.priority, proc.owner, f"p{proc.pid}-s{len(proc.steps)}",
-                          retain=retain_key(proc))
+    request = ChatRequest(
+        msgs,
+        tools,
+        choice,
+        dict(prog.sampling),
+        proc.priority,
+        proc.owner,
+        f"p{proc.pid}-s{len(proc.steps)}",
+        retain=retain_key(proc),
+    )
     proc.status = Status.RUNNING
     journal.save_status(ctx.store, proc)
     try:
-        result = await asyncio.wait_for(ctx.backend.chat(request),
-                                        max(0.01, prog.limits.max_seconds - proc.elapsed))
+        result = await asyncio.wait_for(
+            ctx.backend.chat(request), max(0.01, prog.limits.max_seconds - proc.elapsed)
+        )
     except TimeoutError:
-        return GiveUp("time_limit", f"time limit: {prog.limits.max_seconds:g}s ran out "
-                      "during a model call")
+        return GiveUp(
+            "time_limit", f"time limit: {prog.limits.max_seconds:g}s ran out during a model call"
+        )
     except Exception as exc:  # noqa: BLE001 - a failed backend stops the run with a report
-        return GiveUp("backend", f"backend {ctx.backend.name} failed: "
-                      f"{type(exc).__name__}: {exc}")
+        return GiveUp("backend", f"backend {ctx.backend.name} failed: {type(exc).__name__}: {exc}")
     cost = ctx.meter.price(ctx.backend.kind, ctx.backend.name).cost(result)
     u = result.usage
-    turn = ModelTurn(result.content, result.tool_calls, result.raw, u.prompt_tokens,
-                     u.cached_tokens, u.completion_tokens, result.engine_seconds, cost,
-                     result.finish_reason, result.malformed)
+    turn = ModelTurn(
+        result.content,
+        result.tool_calls,
+        result.raw,
+        u.prompt_tokens,
+        u.cached_tokens,
+        u.completion_tokens,
+        result.engine_seconds,
+        cost,
+        result.finish_reason,
+        result.malformed,
+    )
     journal.append(ctx.store, proc, turn, model=ctx.backend.name)
     return classify(proc, turn)
 
@@ -199,10 +224,6 @@ def _problem(proc: Process, turn: ModelTurn) -> tuple[str, str] | None:
         except json.JSONDecodeError as exc:
             return "bad_answer", f"the final answer is not JSON ({exc.msg})"
         try:
-            import jsonschema
-        except ImportError:  # pragma: no cover - JSON-ness is all we can check then
-            return None
-        try:
             jsonschema.validate(value, schema)
         except jsonschema.ValidationError as exc:
             return "bad_answer", f"the final answer does not match the schema: {exc.message}"
@@ -221,38 +242,58 @@ async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
         if call.id in started:  # it was running when the kernel stopped
             tool = TOOLS.get(call.name)
             if tool is None or not tool.read_only:
-                _observe(ctx, proc, call, ToolResult(False, error=(
-                    "interrupted: the kernel stopped while this call ran; it may or may not "
-                    "have taken effect. Check before repeating it.")))
+                _observe(
+                    ctx,
+                    proc,
+                    call,
+                    ToolResult(
+                        False,
+                        error=(
+                            "interrupted: the kernel stopped while this call ran; it may or may "
+                            "not have taken effect. Check before repeating it."
+                        ),
+                    ),
+                )
                 continue
         elif _times_requested(proc, call) >= lim.stuck_after:
-            return GiveUp("stuck", f"stuck: {call.name}({call.arguments}) was requested "
-                          f"{lim.stuck_after} times with the same arguments")
+            return GiveUp(
+                "stuck",
+                f"stuck: {call.name}({call.arguments}) was requested "
+                f"{lim.stuck_after} times with the same arguments",
+            )
         if call.name in policy.needs_approval:
             allow = await _approval(proc, ctx, call)
             if not allow:
-                _observe(ctx, proc, call, ToolResult(False, error=(
-                    "refused: a person denied this call")))
+                _observe(
+                    ctx, proc, call, ToolResult(False, error=("refused: a person denied this call"))
+                )
                 continue
         if call.id not in started:
             proc.status = Status.WAITING_TOOL
             journal.append(ctx.store, proc, ToolCallStep(call.id, call.name, call.arguments))
-        result = await asyncio.to_thread(execute, call.name, call.arguments, proc.workspace,
-                                         policy)
+        result = await asyncio.to_thread(execute, call.name, call.arguments, proc.workspace, policy)
         _observe(ctx, proc, call, result)
     proc.status = Status.RUNNING
     return CallModel()
 
 
 def _observe(ctx: Context, proc: Process, call: ToolCall, result: ToolResult) -> None:
-    journal.append(ctx.store, proc, ToolResultStep(call.id, call.name, result.ok, result.output,
-                                                   result.error, result.sha256))
+    journal.append(
+        ctx.store,
+        proc,
+        ToolResultStep(call.id, call.name, result.ok, result.output, result.error, result.sha256),
+    )
 
 
 def _times_requested(proc: Process, call: ToolCall) -> int:
     key = (call.name, _canonical(call.arguments))
-    return sum(1 for s in proc.steps if isinstance(s, ModelTurn)
-               for c in s.tool_calls if (c.name, _canonical(c.arguments)) == key)
+    return sum(
+        1
+        for s in proc.steps
+        if isinstance(s, ModelTurn)
+        for c in s.tool_calls
+        if (c.name, _canonical(c.arguments)) == key
+    )
 
 
 def _canonical(arguments: str) -> str:
@@ -264,8 +305,9 @@ def _canonical(arguments: str) -> str:
 
 async def _approval(proc: Process, ctx: Context, call: ToolCall) -> bool:
     if any(isinstance(s, ApprovalStep) and s.call_id == call.id for s in proc.steps):
-        return next(s.allow for s in proc.steps
-                    if isinstance(s, ApprovalStep) and s.call_id == call.id)
+        return next(
+            s.allow for s in proc.steps if isinstance(s, ApprovalStep) and s.call_id == call.id
+        )
     proc.status = Status.WAITING_APPROVAL
     journal.save_status(ctx.store, proc)
     t0 = time.monotonic()

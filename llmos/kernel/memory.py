@@ -13,21 +13,27 @@ from llmos.backends.base import Message
 from llmos.kernel.process import ErrorStep, ModelTurn, Process, ToolResultStep
 
 KEEP_RECENT = 4  # messages at the end that are never trimmed
-REPAIR = ("Your last reply could not be used: {why}. Reply again: either only a JSON tool call "
-          "object, or your final answer as plain text.")
+REPAIR = (
+    "Your last reply could not be used: {why}. Reply again: either only a JSON tool call "
+    "object, or your final answer as plain text."
+)
 
 
 def system_prompt(proc: Process) -> str:
     text = proc.program.system_prompt
     if proc.program.output_schema is not None:
-        text += ("\n\nYour final answer must be only a JSON value that matches this JSON "
-                 f"schema:\n{json.dumps(proc.program.output_schema)}")
+        text += (
+            "\n\nYour final answer must be only a JSON value that matches this JSON "
+            f"schema:\n{json.dumps(proc.program.output_schema)}"
+        )
     return text
 
 
 def to_messages(proc: Process) -> list[Message]:
-    msgs: list[Message] = [{"role": "system", "content": system_prompt(proc)},
-                           {"role": "user", "content": proc.input}]
+    msgs: list[Message] = [
+        {"role": "system", "content": system_prompt(proc)},
+        {"role": "user", "content": proc.input},
+    ]
     for step in proc.steps:
         if isinstance(step, ModelTurn):
             m: Message = {"role": "assistant", "content": step.content, "raw": step.raw}
@@ -37,8 +43,14 @@ def to_messages(proc: Process) -> list[Message]:
                 m["content"] = step.raw
             msgs.append(m)
         elif isinstance(step, ToolResultStep):
-            msgs.append({"role": "tool", "tool_call_id": step.call_id, "name": step.name,
-                         "content": step.observation()})
+            msgs.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": step.call_id,
+                    "name": step.name,
+                    "content": step.observation(),
+                }
+            )
         elif isinstance(step, ErrorStep) and step.what in ("malformed_output", "bad_answer"):
             msgs.append({"role": "user", "content": REPAIR.format(why=step.message)})
     return msgs
@@ -67,8 +79,13 @@ def summarize(dropped: list[Message]) -> str:
     return "Summary of earlier steps (trimmed to fit the context):\n" + "\n".join(lines)
 
 
-def fit(msgs: list[Message], count: Callable[[list[Message]], int], limit: int, *,
-        summarize_dropped: bool = False) -> list[Message]:
+def fit(
+    msgs: list[Message],
+    count: Callable[[list[Message]], int],
+    limit: int,
+    *,
+    summarize_dropped: bool = False,
+) -> list[Message]:
     """The messages, trimmed until `count(messages) <= limit` where that is possible."""
     if count(msgs) <= limit:
         return msgs
@@ -84,14 +101,18 @@ def fit(msgs: list[Message], count: Callable[[list[Message]], int], limit: int, 
     trial = head + body
     while len(groups) > 1 and sum(map(len, groups[1:])) >= KEEP_RECENT - 1:  # 2: drop oldest
         dropped += groups.pop(0)
-        note = summarize(dropped) if summarize_dropped else \
-            f"[{len(dropped)} earlier messages were dropped to fit the context]"
+        note = (
+            summarize(dropped)
+            if summarize_dropped
+            else f"[{len(dropped)} earlier messages were dropped to fit the context]"
+        )
         trial = head + [{"role": "user", "content": note}] + [m for g in groups for m in g]
         if count(trial) <= limit:
             break
     return trial  # the best it can do: the newest messages are kept whole
 
 
-def counter(count_tokens: Callable[[list[Message], list[dict[str, Any]]], int],
-            tools: list[dict[str, Any]]) -> Callable[[list[Message]], int]:
+def counter(
+    count_tokens: Callable[[list[Message], list[dict[str, Any]]], int], tools: list[dict[str, Any]]
+) -> Callable[[list[Message]], int]:
     return lambda msgs: count_tokens(msgs, tools)

@@ -23,10 +23,11 @@ class Price:
 
     def cost(self, result: ChatResult) -> float:
         u = result.usage
-        return ((u.prompt_tokens - u.cached_tokens) * self.prompt_per_mtok
-                + u.cached_tokens * self.cached_per_mtok
-                + u.completion_tokens * self.completion_per_mtok) / 1e6 \
-            + result.engine_seconds * self.per_engine_second
+        return (
+            (u.prompt_tokens - u.cached_tokens) * self.prompt_per_mtok
+            + u.cached_tokens * self.cached_per_mtok
+            + u.completion_tokens * self.completion_per_mtok
+        ) / 1e6 + result.engine_seconds * self.per_engine_second
 
 
 # Backend kind → price. Local: a 2-core machine at about $0.10 an hour.
@@ -46,29 +47,35 @@ class Meter:
         """A price for the exact backend name first, then for its kind."""
         return self.prices.get(name) or self.prices.get(kind) or Price()
 
-    def set_budget(self, user: str, max_tokens: int | None = None,
-                   max_cost: float | None = None) -> None:
+    def set_budget(
+        self, user: str, max_tokens: int | None = None, max_cost: float | None = None
+    ) -> None:
         with self.store.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO budgets VALUES (?, ?, ?)",
-                       (user, max_tokens, max_cost))
+            db.execute(
+                "INSERT OR REPLACE INTO budgets VALUES (?, ?, ?)", (user, max_tokens, max_cost)
+            )
 
     def user_totals(self, user: str) -> tuple[int, float]:
-        row = self.store.one("SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0),"
-                             " COALESCE(SUM(cost), 0) FROM usage WHERE user = ?", (user,))
+        row = self.store.one(
+            "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0),"
+            " COALESCE(SUM(cost), 0) FROM usage WHERE user = ?",
+            (user,),
+        )
         assert row is not None
         return int(row[0]), float(row[1])
 
     def over_budget(self, user: str | None, usage: ProcessUsage, limits: Limits) -> str | None:
         """Why no more work may be done, or None."""
         if limits.max_tokens is not None and usage.total_tokens >= limits.max_tokens:
-            return (f"token budget: the process used {usage.total_tokens} tokens of its "
-                    f"{limits.max_tokens}")
+            return (
+                f"token budget: the process used {usage.total_tokens} tokens of its "
+                f"{limits.max_tokens}"
+            )
         if limits.max_cost is not None and usage.cost >= limits.max_cost:
             return f"cost budget: the process spent ${usage.cost:.6f} of its ${limits.max_cost}"
         if user is None:
             return None
-        budget = self.store.one("SELECT max_tokens, max_cost FROM budgets WHERE user = ?",
-                                (user,))
+        budget = self.store.one("SELECT max_tokens, max_cost FROM budgets WHERE user = ?", (user,))
         if budget is None:
             return None
         tokens, cost = self.user_totals(user)
@@ -86,5 +93,7 @@ class Meter:
             f"SELECT {by}, COUNT(*) AS calls, SUM(prompt_tokens) AS prompt_tokens,"
             " SUM(cached_tokens) AS cached_tokens, SUM(completion_tokens) AS completion_tokens,"
             " SUM(engine_seconds) AS engine_seconds, SUM(cost) AS cost"
-            f" FROM usage {where} GROUP BY {by} ORDER BY {by}", args)
+            f" FROM usage {where} GROUP BY {by} ORDER BY {by}",
+            args,
+        )
         return [dict(r) for r in rows]

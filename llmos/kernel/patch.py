@@ -56,8 +56,11 @@ def parse(text: str) -> list[FilePatch]:
             files[-1].hunks.append(hunk)
             i += 1
             while i < len(lines) and (lines[i][:1] in (" ", "-", "+", "\\") or lines[i] == ""):
-                if lines[i].startswith(("--- ", "+++ ")) and i + 1 < len(lines) and \
-                        lines[i + 1].startswith(("+++ ", "@@")):
+                if (
+                    lines[i].startswith(("--- ", "+++ "))
+                    and i + 1 < len(lines)
+                    and lines[i + 1].startswith(("+++ ", "@@"))
+                ):
                     break
                 if not lines[i].startswith("\\"):
                     hunk.lines.append(lines[i] if lines[i] else " ")
@@ -78,10 +81,12 @@ def _apply(original: list[str], fp: FilePatch, name: str) -> list[str]:
         start = max(0, hunk.old_start - 1) if old else hunk.old_start
         # the stated line first, then the nearest place the context matches
         candidates = sorted(range(pos, len(original) - len(old) + 1), key=lambda s: abs(s - start))
-        at = next((s for s in candidates if original[s:s + len(old)] == old), None)
+        at = next((s for s in candidates if original[s : s + len(old)] == old), None)
         if at is None:
-            raise Refused(f"patch: hunk {n} for {name!r} does not match the file's current "
-                          "text; read the file again and make a new diff")
+            raise Refused(
+                f"patch: hunk {n} for {name!r} does not match the file's current "
+                "text; read the file again and make a new diff"
+            )
         out += original[pos:at] + new
         pos = at + len(old)
     return out + original[pos:]

@@ -88,8 +88,10 @@ class FinalAnswer:
 
 
 Step = ModelTurn | ToolCallStep | ToolResultStep | ApprovalStep | ErrorStep | FinalAnswer
-STEP_TYPES: dict[str, type] = {t.kind: t for t in (ModelTurn, ToolCallStep, ToolResultStep,
-                                                    ApprovalStep, ErrorStep, FinalAnswer)}
+STEP_TYPES: dict[str, type] = {
+    t.kind: t
+    for t in (ModelTurn, ToolCallStep, ToolResultStep, ApprovalStep, ErrorStep, FinalAnswer)
+}
 
 
 def step_to_json(step: Step) -> str:
@@ -154,8 +156,10 @@ class Process:
 
     def pending_calls(self) -> list[ToolCall]:
         """Calls of the last model turn that have no result yet (what a resume must do)."""
-        last = next((i for i in range(len(self.steps) - 1, -1, -1)
-                     if isinstance(self.steps[i], ModelTurn)), None)
+        last = next(
+            (i for i in range(len(self.steps) - 1, -1, -1) if isinstance(self.steps[i], ModelTurn)),
+            None,
+        )
         if last is None:
             return []
         turn = self.steps[last]

@@ -64,8 +64,10 @@ class Program:
         choices = [self.tool_choice] if isinstance(self.tool_choice, str) else self.tool_choice
         bad = [c for c in choices if c not in ("auto", "required", "none", *self.tools)]
         if not choices or bad:
-            raise ProgramError(f"tool_choice: {bad or choices} must be 'auto', 'required', "
-                               f"'none' or one of the program's tools {self.tools}")
+            raise ProgramError(
+                f"tool_choice: {bad or choices} must be 'auto', 'required', "
+                f"'none' or one of the program's tools {self.tools}"
+            )
         if not isinstance(self.sampling, dict):
             raise ProgramError("sampling must be a mapping like {temperature: 0}")
 

@@ -29,8 +29,11 @@ def check_relative(path: str, field: str = "path") -> PurePosixPath:
         raise Refused(f"{field} must be a non-empty relative path")
     if "\x00" in path:
         raise Refused(f"{field} contains a NUL byte")
-    if path.startswith(("/", "~", "\\")) or os.path.isabs(path) or (len(path) > 1
-                                                                      and path[1] == ":"):
+    if (
+        path.startswith(("/", "~", "\\"))
+        or os.path.isabs(path)
+        or (len(path) > 1 and path[1] == ":")
+    ):
         raise Refused(f"{field} {path!r} is absolute; use a path relative to the workspace")
     pure = PurePosixPath(path.replace("\\", "/"))
     if ".." in pure.parts:
@@ -38,8 +41,9 @@ def check_relative(path: str, field: str = "path") -> PurePosixPath:
     return pure
 
 
-def resolve(workspace: str | Path, path: str, *, field: str = "path",
-            must_exist: bool = True) -> Path:
+def resolve(
+    workspace: str | Path, path: str, *, field: str = "path", must_exist: bool = True
+) -> Path:
     """`path` inside the workspace, with every symlink on the way resolved and checked."""
     root = workspace_root(workspace)
     pure = check_relative(path, field)
@@ -54,8 +58,7 @@ def resolve(workspace: str | Path, path: str, *, field: str = "path",
         return target
     st = target.stat()
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        raise Refused(f"{field} {path!r} is not a regular file or folder (device, FIFO or "
-                      "socket)")
+        raise Refused(f"{field} {path!r} is not a regular file or folder (device, FIFO or socket)")
     if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
         raise Refused(f"{field} {path!r} is a hard link, which may lead outside the workspace")
     return target
@@ -66,8 +69,9 @@ def read_bytes(workspace: str | Path, target: Path) -> bytes:
     actually opened must still be inside the workspace."""
     fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
-        opened = Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists("/proc/self/fd") \
-            else target
+        opened = (
+            Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists("/proc/self/fd") else target
+        )
         root = workspace_root(workspace)
         if root not in opened.parents or not stat.S_ISREG(os.fstat(fd).st_mode):
             raise Refused("the file changed into a link leading outside the workspace")

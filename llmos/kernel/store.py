@@ -97,8 +97,9 @@ class Store:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
-                                  timeout=30.0)
+        self.db = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=30.0
+        )
         self.db.row_factory = sqlite3.Row
         self.lock = threading.RLock()
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -108,8 +109,10 @@ class Store:
 
     def migrate(self) -> list[str]:
         with self.transaction() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, "
-                       "applied_at REAL NOT NULL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, "
+                "applied_at REAL NOT NULL)"
+            )
             done = {r[0] for r in db.execute("SELECT name FROM _migrations")}
             applied = []
             for fn in MIGRATIONS:

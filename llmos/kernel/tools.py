@@ -21,8 +21,14 @@ from typing import Any, Literal
 
 from llmos.kernel.sandbox import Refused, workspace_root
 
-_JSON_TYPES: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean",
-                               dict: "object", list: "array"}
+_JSON_TYPES: dict[Any, str] = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    dict: "object",
+    list: "array",
+}
 
 
 @dataclass(slots=True, frozen=True)
@@ -56,8 +62,7 @@ class Policy:
         if self.command_timeout <= 0:
             raise ValueError(f"command_timeout must be positive, got {self.command_timeout}")
         if self.max_output_chars < 100:
-            raise ValueError(f"max_output_chars must be at least 100, got "
-                             f"{self.max_output_chars}")
+            raise ValueError(f"max_output_chars must be at least 100, got {self.max_output_chars}")
 
 
 @dataclass(slots=True, frozen=True)
@@ -78,8 +83,14 @@ class Tool:
     context_param: str | None = None
 
     def to_openai(self) -> dict[str, Any]:
-        return {"type": "function", "function": {"name": self.name,
-                "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
 
 
 TOOLS: dict[str, Tool] = {}
@@ -92,8 +103,9 @@ def _schema_of(annotation: Any) -> dict[str, Any]:
         return {"enum": list(args)}
     if origin in (types.UnionType, typing.Union):
         inner = [a for a in args if a is not type(None)]
-        return _schema_of(inner[0]) if len(inner) == 1 else {"anyOf": [_schema_of(a)
-                                                                       for a in inner]}
+        return (
+            _schema_of(inner[0]) if len(inner) == 1 else {"anyOf": [_schema_of(a) for a in inner]}
+        )
     if origin in (list, tuple):
         return {"type": "array", **({"items": _schema_of(args[0])} if args else {})}
     if origin is dict or annotation is dict:
@@ -111,8 +123,9 @@ def _doc_parts(doc: str) -> tuple[str, dict[str, str]]:
     return " ".join(summary.split()), params
 
 
-def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
-         read_only: bool = False) -> Any:
+def tool(
+    fn: Callable[..., Any] | None = None, *, name: str | None = None, read_only: bool = False
+) -> Any:
     """Register a function as a tool: `@tool` or `@tool(read_only=True)`."""
 
     def register(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,11 +141,16 @@ def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
             if pname not in hints:
                 raise TypeError(f"@tool {f.__name__}: parameter {pname!r} needs a type hint")
             props[pname] = _schema_of(hints[pname]) | (
-                {"description": docs[pname]} if pname in docs else {})
+                {"description": docs[pname]} if pname in docs else {}
+            )
             if param.default is inspect.Parameter.empty:
                 required.append(pname)
-        schema = {"type": "object", "properties": props, "required": required,
-                  "additionalProperties": False}
+        schema = {
+            "type": "object",
+            "properties": props,
+            "required": required,
+            "additionalProperties": False,
+        }
         t = Tool(name or f.__name__, summary, schema, f, read_only, context_param)
         TOOLS[t.name] = t
         f.tool = t  # type: ignore[attr-defined]
@@ -151,16 +169,26 @@ def _check_args(t: Tool, args: dict[str, Any]) -> None:
         raise Refused(f"{t.name}: missing required argument(s) {missing}")
     for key, value in args.items():
         want = props[key].get("type")
-        ok = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
-              "array": list, "object": dict}.get(want, object)
-        if not isinstance(value, ok) or (want in ("integer", "number")
-                                         and isinstance(value, bool)):
+        ok = {
+            "string": str,
+            "integer": int,
+            "number": (int, float),
+            "boolean": bool,
+            "array": list,
+            "object": dict,
+        }.get(want, object)
+        if not isinstance(value, ok) or (want in ("integer", "number") and isinstance(value, bool)):
             raise Refused(f"{t.name}: argument {key!r} must be of type {want}")
 
 
-def execute(name: str, arguments: str | dict[str, Any] | None, workspace: str | Path,
-            policy: Policy | None = None, *,
-            table: dict[str, Tool] | None = None) -> ToolResult:
+def execute(
+    name: str,
+    arguments: str | dict[str, Any] | None,
+    workspace: str | Path,
+    policy: Policy | None = None,
+    *,
+    table: dict[str, Tool] | None = None,
+) -> ToolResult:
     """Run one tool call. A refusal or a failure is a ToolResult with ok=False and the reason."""
     policy = policy or Policy()
     table = TOOLS if table is None else table
@@ -184,14 +212,14 @@ def execute(name: str, arguments: str | dict[str, Any] | None, workspace: str | 
         text = out if isinstance(out, str) else json.dumps(out, default=str)
         if len(text) > policy.max_output_chars:
             cut = len(text) - policy.max_output_chars
-            text = text[:policy.max_output_chars] + f"\n[... {cut} more characters cut]"
+            text = text[: policy.max_output_chars] + f"\n[... {cut} more characters cut]"
         return ToolResult(True, text)
     except Refused as exc:
-        return ToolResult(False, error=f"refused: {exc}"[:policy.max_output_chars])
+        return ToolResult(False, error=f"refused: {exc}"[: policy.max_output_chars])
     except json.JSONDecodeError as exc:
         return ToolResult(False, error=f"refused: arguments are not valid JSON ({exc.msg})")
     except Exception as exc:  # noqa: BLE001 - a failed tool is an observation, not a crash
-        return ToolResult(False, error=f"{type(exc).__name__}: {exc}"[:policy.max_output_chars])
+        return ToolResult(False, error=f"{type(exc).__name__}: {exc}"[: policy.max_output_chars])
 
 
 async def _await(awaitable: Any) -> Any:

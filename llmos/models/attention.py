@@ -47,8 +47,13 @@ class AttentionMetadata:
     derived: dict[str, Any] = field(default_factory=dict)  # per-step data other kernels build
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slots: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
     """Store the new tokens' keys and values. k, v: [T, n_kv_heads, head_dim]."""
     n_kv, dim = k.shape[1], k.shape[2]
     k_cache.view(-1, n_kv, dim).index_copy_(0, slots, k.to(k_cache.dtype))
@@ -60,9 +65,15 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     return cache[block_table].flatten(0, 1)[:length]
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] (already written to the cache). Returns [T, H, D]."""
     out = torch.empty_like(q)
     for chunk in meta.prefills:
@@ -77,26 +88,37 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             vc = _gather(v_cache, chunk.block_table, chunk.context_len)
             causal, mask = False, chunk.mask
         o = F.scaled_dot_product_attention(
-            qc, kc.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            qc,
+            kc.transpose(0, 1).unsqueeze(0).to(q.dtype),
             vc.transpose(0, 1).unsqueeze(0).to(q.dtype),
-            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
+        )
         out[rows] = o.squeeze(0).transpose(0, 1)
     if meta.decode_rows is None:
         return out
     assert meta.decode_block_tables is not None and meta.decode_lens is not None
     native = kernels() if q.device.type == "cpu" and q.dtype == torch.float32 else None
     if native is not None:  # straight from the blocks: no padded copy of the keys and values
-        out[meta.decode_rows] = native.paged_decode(q[meta.decode_rows], k_cache, v_cache,
-                                                    meta.decode_block_tables, meta.decode_lens,
-                                                    scale)
+        out[meta.decode_rows] = native.paged_decode(
+            q[meta.decode_rows], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale
+        )
     else:
-        out[meta.decode_rows] = decode_attention_torch(q[meta.decode_rows], k_cache, v_cache,
-                                                       meta, scale)
+        out[meta.decode_rows] = decode_attention_torch(
+            q[meta.decode_rows], k_cache, v_cache, meta, scale
+        )
     return out
 
 
-def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """The decode rows' attention in plain torch (CUDA, or without the native kernels): each
     sequence's blocks gathered and padded, masked past its length. q: [Bd, H, D]."""
     assert meta.decode_block_tables is not None and meta.decode_lens is not None
@@ -107,6 +129,12 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         meta.decode_mask = mask[:, None, None, :]
     kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, S, D]
     vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),
-                                       attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        kd.to(q.dtype),
+        vd.to(q.dtype),
+        attn_mask=meta.decode_mask,
+        scale=scale,
+        enable_gqa=True,
+    )
     return o.squeeze(2)

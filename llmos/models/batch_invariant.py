@@ -26,8 +26,9 @@ TILE = 16
 KV_CHUNK = 64
 
 
-def tiled_linear(x: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+def tiled_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x: [T, K] @ weight.T [K, N] in fixed [TILE, K] tiles → [T, N]."""
     rows, k = x.shape
     if rows == 0:
@@ -47,12 +48,21 @@ def _query_tiles(meta: AttentionMetadata, device: torch.device) -> dict[str, tor
         first = chunk.context_len - chunk.length
         for off in range(0, chunk.length, TILE):
             n = min(TILE, chunk.length - off)
-            tiles.append((list(range(chunk.start + off, chunk.start + off + n)),
-                          list(range(first + off, first + off + n)), table))
+            tiles.append(
+                (
+                    list(range(chunk.start + off, chunk.start + off + n)),
+                    list(range(first + off, first + off + n)),
+                    table,
+                )
+            )
     if meta.decode_rows is not None:
         assert meta.decode_block_tables is not None and meta.decode_lens is not None
-        for row, table, ctx in zip(meta.decode_rows.tolist(), meta.decode_block_tables.tolist(),
-                                   meta.decode_lens.tolist(), strict=True):
+        for row, table, ctx in zip(
+            meta.decode_rows.tolist(),
+            meta.decode_block_tables.tolist(),
+            meta.decode_lens.tolist(),
+            strict=True,
+        ):
             tiles.append(([row], [ctx - 1], table))
     bs = meta.block_size
     n_chunks = max(-(-(max(pos) + 1) // KV_CHUNK) for _, pos, _ in tiles)
@@ -70,13 +80,24 @@ def _query_tiles(meta: AttentionMetadata, device: torch.device) -> dict[str, tor
         t = torch.tensor(table, dtype=torch.int64)
         slots[i, :reach] = t[key_pos[:reach] // bs] * bs + key_pos[:reach] % bs
     mask = key_pos.view(1, 1, -1) <= pos.unsqueeze(-1)  # [NT, TILE, span]
-    return {"rows": rows.to(device), "valid": valid.to(device), "slots": slots.to(device),
-            "mask": mask.to(device), "n_chunks": torch.tensor(n_chunks)}
+    return {
+        "rows": rows.to(device),
+        "valid": valid.to(device),
+        "slots": slots.to(device),
+        "mask": mask.to(device),
+        "n_chunks": torch.tensor(n_chunks),
+    }
 
 
-def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """q: [T, H, D]; new k, v already in the cache. Returns [T, H, D]."""
     t = meta.derived.get("tiles")
     if t is None:

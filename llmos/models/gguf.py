@@ -19,9 +19,14 @@ from gguf.quants import dequantize
 from llmos.models.config import ModelConfig
 
 SUPPORTED_TYPES = {
-    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K,
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q6_K,
 }
 LLAMA_ARCHS = {"llama", "mistral", "qwen2"}
 
@@ -67,8 +72,10 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
 def _config_from_metadata(meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in LLAMA_ARCHS:
-        raise ValueError(f"general.architecture: {arch!r} is not a Llama-family model "
-                         f"(supported: {', '.join(sorted(LLAMA_ARCHS))})")
+        raise ValueError(
+            f"general.architecture: {arch!r} is not a Llama-family model "
+            f"(supported: {', '.join(sorted(LLAMA_ARCHS))})"
+        )
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -104,8 +111,10 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _tensor_to_numpy(tensor: Any) -> np.ndarray:
     qtype = GGMLQuantizationType(tensor.tensor_type)
     if qtype not in SUPPORTED_TYPES:
-        raise ValueError(f"tensor {tensor.name}: quantization {qtype.name} is not supported "
-                         f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
+        raise ValueError(
+            f"tensor {tensor.name}: quantization {qtype.name} is not supported "
+            f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})"
+        )
     if qtype == GGMLQuantizationType.F32:
         return np.asarray(tensor.data)
     if qtype == GGMLQuantizationType.F16:

@@ -56,16 +56,24 @@ class Layer(nn.Module):
         self.qkv = nn.Parameter(torch.empty(q + 2 * kv, cfg.hidden_size), requires_grad=False)
         self.qkv_bias: nn.Parameter | None = None
         self.o = nn.Parameter(torch.empty(cfg.hidden_size, q), requires_grad=False)
-        self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, cfg.hidden_size),
-                                    requires_grad=False)
-        self.down = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size),
-                                 requires_grad=False)
+        self.gate_up = nn.Parameter(
+            torch.empty(2 * cfg.intermediate_size, cfg.hidden_size), requires_grad=False
+        )
+        self.down = nn.Parameter(
+            torch.empty(cfg.hidden_size, cfg.intermediate_size), requires_grad=False
+        )
         self.linear: LinearFn = F.linear
         self.attention: AttentionFn = paged_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         cfg = self.cfg
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)  # [T, hidden]
         q, k, v = self.linear(h, self.qkv, self.qkv_bias).split(self.split, dim=-1)
@@ -114,14 +122,20 @@ class LlamaModel(nn.Module):
             if pre + "self_attn.q_proj.bias" in w:
                 layer.qkv_bias = p(torch.cat([w[pre + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
             layer.o = p(w[pre + "self_attn.o_proj.weight"])
-            layer.gate_up = p(torch.cat([w[pre + "mlp.gate_proj.weight"],
-                                         w[pre + "mlp.up_proj.weight"]]))
+            layer.gate_up = p(
+                torch.cat([w[pre + "mlp.gate_proj.weight"], w[pre + "mlp.up_proj.weight"]])
+            )
             layer.down = p(w[pre + "mlp.down_proj.weight"])
         return model
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                logits_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        logits_rows: torch.Tensor,
+    ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns logits [len(logits_rows), vocab] in fp32."""
         x = F.embedding(input_ids, self.embed)  # [T, hidden]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]

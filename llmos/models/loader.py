@@ -74,8 +74,9 @@ def _load_gguf_with_meta(path: Path) -> tuple[Checkpoint, dict]:
 
     ckpt = load_gguf(path)
     tokenizer_meta = {k: v for k, v in ckpt.metadata.items() if k.startswith("tokenizer.")}
-    return Checkpoint(ckpt.config, ckpt.weights, Tokenizer.from_gguf_metadata(ckpt.metadata)), \
-        tokenizer_meta
+    return Checkpoint(
+        ckpt.config, ckpt.weights, Tokenizer.from_gguf_metadata(ckpt.metadata)
+    ), tokenizer_meta
 
 
 def _load_gguf(path: Path) -> Checkpoint:
@@ -86,8 +87,9 @@ def _write_cache(entry: Path, ckpt: Checkpoint, tokenizer_meta: dict) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
     try:
-        save_file({k: v.contiguous() for k, v in ckpt.weights.items()},
-                  str(tmp / "weights.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in ckpt.weights.items()}, str(tmp / "weights.safetensors")
+        )
         meta = {"config": asdict(ckpt.config), "tokenizer": tokenizer_meta}
         (tmp / "meta.json").write_text(json.dumps(meta))
         if entry.exists():

@@ -89,8 +89,12 @@ class QuantWeight:
         q, scales = panels_of(self.levels()), panels_of(self.scales)
         if self.fmt == "q4":
             assert self.mins is not None
-            return (5, (q[..., :16] | (q[..., 16:] << 4)).contiguous(), scales,
-                    panels_of(self.mins))
+            return (
+                5,
+                (q[..., :16] | (q[..., 16:] << 4)).contiguous(),
+                scales,
+                panels_of(self.mins),
+            )
         return (9, q, scales, scales)
 
     @property
@@ -185,8 +189,9 @@ class Kernels:
 
 
 def quant_linear(chosen: Kernels, native) -> LinearFn:  # noqa: ANN001
-    def linear(x: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         spec = chosen.spec(weight, x.shape[0]) if x.dtype == torch.float32 else None
         if spec is None:
             return F.linear(x, weight, bias)
@@ -215,8 +220,7 @@ class FusedDecodeLayer(nn.Module):
     are read in the form `Kernels` picks for the step's size (fp32 matmul where there is none).
     Other steps (long prefills) go to the wrapped layer unchanged."""
 
-    def __init__(self, layer: Layer, chosen: Kernels,
-                 native: Any) -> None:  # noqa: ANN401 - the compiled module
+    def __init__(self, layer: Layer, chosen: Kernels, native: Any) -> None:  # noqa: ANN401 - the compiled module
         super().__init__()
         self.inner = layer
         self.max_rows = chosen.max_rows
@@ -225,22 +229,43 @@ class FusedDecodeLayer(nn.Module):
         self.weights = [chosen.small.get(w.data_ptr(), (0, w, w, w)) for w in mats]
         self.dense = [chosen.big.get(w.data_ptr(), (0, w, w, w)) for w in mats]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         if meta.row_lens is None or x.dtype != torch.float32:
             return self.inner(x, cos, sin, k_cache, v_cache, meta)
         layer, cfg = self.inner, self.inner.cfg
         qkv, o, gate_up, down = self.weights if x.shape[0] <= self.max_rows else self.dense
         return self.native.decode_layer(
-            x.contiguous(), layer.input_norm, layer.post_norm, cfg.rms_norm_eps, qkv,
-            layer.qkv_bias, o, gate_up, down, cos.contiguous(), sin.contiguous(), k_cache,
-            v_cache, meta.slot_mapping, meta.row_block_tables, meta.row_lens,
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim**-0.5)
+            x.contiguous(),
+            layer.input_norm,
+            layer.post_norm,
+            cfg.rms_norm_eps,
+            qkv,
+            layer.qkv_bias,
+            o,
+            gate_up,
+            down,
+            cos.contiguous(),
+            sin.contiguous(),
+            k_cache,
+            v_cache,
+            meta.slot_mapping,
+            meta.row_block_tables,
+            meta.row_lens,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim**-0.5,
+        )
 
 
-def quantize(model: LlamaModel, mode: str = "auto",
-             max_rows: int | None = None) -> dict[str, int]:
+def quantize(model: LlamaModel, mode: str = "auto", max_rows: int | None = None) -> dict[str, int]:
     """Swap `model`'s linear hooks for quantized kernels. Returns {format: weights} counts."""
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")

@@ -45,10 +45,13 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
             state.metrics.count(status)
 
     errors.install(app, count)
-    app.add_middleware(Guard, api_key=state.config.api_key,
-                       max_body_bytes=state.config.max_body_bytes,
-                       is_draining=lambda: state.draining,
-                       on_refused=lambda _path, status: state.metrics.count(status))
+    app.add_middleware(
+        Guard,
+        api_key=state.config.api_key,
+        max_body_bytes=state.config.max_body_bytes,
+        is_draining=lambda: state.draining,
+        on_refused=lambda _path, status: state.metrics.count(status),
+    )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -88,8 +91,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
 
 def _card(state: ServerState) -> ModelCard:
-    return ModelCard(id=state.model_name, created=state.created,
-                     max_model_len=state.max_model_len)
+    return ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
 
 
 def server_state(app: FastAPI) -> ServerState:

@@ -26,20 +26,27 @@ from llmos.server.state import ServerState
 from llmos.server.streaming import Deltas, ToolCallStream, event, sse_response, usage_of
 
 
-def prompt_ids(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int],
-                                                                         ChatTools | None]:
+def prompt_ids(
+    state: ServerState, req: ChatCompletionRequest
+) -> tuple[list[int], ChatTools | None]:
     """The prompt, with tools and past calls rendered; and the tools the reply may call."""
     tokenizer = state.engine.tokenizer
     messages, kwargs, calls = prepare_chat(
-        tokenizer, [m.for_template(i) for i, m in enumerate(req.messages)], req.tools,
-        req.tool_choice, req.parallel_tool_calls)
+        tokenizer,
+        [m.for_template(i) for i, m in enumerate(req.messages)],
+        req.tools,
+        req.tool_choice,
+        req.parallel_tool_calls,
+    )
     state.check_text_fits(sum(len(m["content"]) for m in messages), "messages")
     try:
-        ids = tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt,
-                                    **kwargs)
+        ids = tokenizer.encode_chat(
+            messages, add_generation_prompt=req.add_generation_prompt, **kwargs
+        )
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
-        raise APIError(400, f"messages: the chat template cannot render them: {exc}",
-                       param="messages") from exc
+        raise APIError(
+            400, f"messages: the chat template cannot render them: {exc}", param="messages"
+        ) from exc
     return ids, calls
 
 
@@ -49,74 +56,105 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     req.check()
     ids, calls = prompt_ids(state, req)
     # None: the engine gives the room left in the context and the KV cache
-    params = req.sampling_params(max_tokens=req.requested_max_tokens,
-                                 logprobs=req.num_logprobs)
+    params = req.sampling_params(max_tokens=req.requested_max_tokens, logprobs=req.num_logprobs)
     if calls is not None:
         params = calls.constrain(params)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    gen = await Generation.start(state, request, [PromptJob(ids, params)], request_id=rid,
-                                 priority=req.priority, user=req.user)
+    gen = await Generation.start(
+        state,
+        request,
+        [PromptJob(ids, params)],
+        request_id=rid,
+        priority=req.priority,
+        user=req.user,
+    )
     if req.stream:
         return sse_response(state, gen, ChatStream(state, rid, req, calls is not None), rid)
     (out,) = await collect(request, gen)
-    body = ChatCompletion(id=rid, model=state.model_name, usage=usage_of([out]),
-                          choices=[_choice(o, state.texts, req.logprobs, calls)
-                                   for o in out.outputs])
+    body = ChatCompletion(
+        id=rid,
+        model=state.model_name,
+        usage=usage_of([out]),
+        choices=[_choice(o, state.texts, req.logprobs, calls) for o in out.outputs],
+    )
     state.metrics.count(200)
     return JSONResponse(body.model_dump(), headers={"x-request-id": rid})
 
 
-def _choice(o: CompletionOutput, texts: TokenTexts, logprobs: bool,
-            calls: ChatTools | None) -> ChatChoice:
+def _choice(
+    o: CompletionOutput, texts: TokenTexts, logprobs: bool, calls: ChatTools | None
+) -> ChatChoice:
     if calls is not None:
         calls.finish(o)
-    message = ChatMessageOut(content=o.text, tool_calls=None) if not o.tool_calls else \
-        ChatMessageOut(content=o.text or None, tool_calls=[c.to_dict() for c in o.tool_calls])
-    return ChatChoice(index=o.index, message=message, finish_reason=o.finish_reason,
-                      logprobs=chat_logprobs(o.logprobs or [], texts) if logprobs else None)
+    message = (
+        ChatMessageOut(content=o.text, tool_calls=None)
+        if not o.tool_calls
+        else ChatMessageOut(content=o.text or None, tool_calls=[c.to_dict() for c in o.tool_calls])
+    )
+    return ChatChoice(
+        index=o.index,
+        message=message,
+        finish_reason=o.finish_reason,
+        logprobs=chat_logprobs(o.logprobs or [], texts) if logprobs else None,
+    )
 
 
 class ChatStream:
     """Chunks as OpenAI sends them: a role delta per choice first, content deltas, then a
     finish reason, and a usage chunk when `stream_options.include_usage` asks for it."""
 
-    def __init__(self, state: ServerState, rid: str, req: ChatCompletionRequest,
-                 tools: bool = False) -> None:
+    def __init__(
+        self, state: ServerState, rid: str, req: ChatCompletionRequest, tools: bool = False
+    ) -> None:
         self.texts = state.texts
         self.tools: dict[int, ToolCallStream] | None = {} if tools else None
         self.n = req.n
         self.logprobs = req.logprobs
         self.include_usage = req.include_usage
         self.deltas = Deltas(req.n)
-        self.base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                     "model": state.model_name}
+        self.base = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": state.model_name,
+        }
         if self.include_usage:
             self.base["usage"] = None
 
-    def _chunk(self, index: int, delta: dict[str, Any], logprobs: object = None,
-               finish_reason: str | None = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs,
-                  "finish_reason": finish_reason}
+    def _chunk(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        logprobs: object = None,
+        finish_reason: str | None = None,
+    ) -> str:
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
         return event({**self.base, "choices": [choice]})
 
     def head(self) -> str:
-        return "".join(self._chunk(i, {"role": "assistant", "content": ""})
-                       for i in range(self.n))
+        return "".join(self._chunk(i, {"role": "assistant", "content": ""}) for i in range(self.n))
 
     def update(self, prompt_index: int, out: RequestOutput) -> str:
         chunks = []
         for d in self.deltas(prompt_index, out):
             if not d.text and not d.logprobs and d.finish_reason is None:
                 continue
-            logprobs = (chat_logprobs(d.logprobs or [], self.texts).model_dump()
-                        if self.logprobs else None)
+            logprobs = (
+                chat_logprobs(d.logprobs or [], self.texts).model_dump() if self.logprobs else None
+            )
             delta, finish_reason = self._delta(d.index, d.text, d.finish_reason)
             if delta or logprobs or finish_reason is not None:
                 chunks.append(self._chunk(d.index, delta, logprobs, finish_reason))
         return "".join(chunks)
 
-    def _delta(self, index: int, text: str,
-               finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+    def _delta(
+        self, index: int, text: str, finish_reason: str | None
+    ) -> tuple[dict[str, Any], str | None]:
         """A choice's delta, as content or as tool calls, and its finish reason."""
         if self.tools is None:
             return ({"content": text} if text else {}), finish_reason

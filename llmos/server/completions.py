@@ -25,8 +25,12 @@ def _jobs(state: ServerState, req: CompletionRequest) -> tuple[list[PromptJob], 
     """One job per prompt, and each prompt's text (for `echo`)."""
     prompts = req.prompts()
     if len(prompts) > state.config.max_prompts:
-        raise APIError(400, f"prompt: at most {state.config.max_prompts} prompts in one request, "
-                       f"got {len(prompts)}", param="prompt")
+        raise APIError(
+            400,
+            f"prompt: at most {state.config.max_prompts} prompts in one request, "
+            f"got {len(prompts)}",
+            param="prompt",
+        )
     tokenizer = state.engine.tokenizer
     jobs, texts = [], []
     for prompt in prompts:
@@ -48,8 +52,9 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     req.check()
     jobs, prompt_texts = _jobs(state, req)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    gen = await Generation.start(state, request, jobs, request_id=rid, priority=req.priority,
-                                 user=req.user)
+    gen = await Generation.start(
+        state, request, jobs, request_id=rid, priority=req.priority, user=req.user
+    )
     render = CompletionRender(state, rid, req, prompt_texts)
     if req.stream:
         return sse_response(state, gen, render, rid)
@@ -61,43 +66,62 @@ async def create_completion(state: ServerState, request: Request) -> Response:
 class CompletionRender:
     """Choices for the whole response or for stream chunks, with echo and logprobs."""
 
-    def __init__(self, state: ServerState, rid: str, req: CompletionRequest,
-                 prompt_texts: list[str]) -> None:
+    def __init__(
+        self, state: ServerState, rid: str, req: CompletionRequest, prompt_texts: list[str]
+    ) -> None:
         self.texts = state.texts
         self.req = req
         self.prompt_texts = prompt_texts
         self.deltas = Deltas(req.n)
         self.offsets: dict[int, int] = {}  # choice → text offset of its next token
-        self.base = {"id": rid, "object": "text_completion", "created": int(time.time()),
-                     "model": state.model_name}
+        self.base = {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": state.model_name,
+        }
         if req.include_usage:
             self.base["usage"] = None
 
-    def _choice(self, index: int, text: str, logprobs: list | None,
-                finish_reason: str | None, first: bool) -> CompletionChoice:
+    def _choice(
+        self, index: int, text: str, logprobs: list | None, finish_reason: str | None, first: bool
+    ) -> CompletionChoice:
         echo = self.prompt_texts[index // self.req.n] if self.req.echo and first else ""
         lp = None
         if self.req.logprobs is not None:
             offset = self.offsets.get(index, 0)
             lp, self.offsets[index] = completion_logprobs(logprobs or [], self.texts, offset)
-        return CompletionChoice(index=index, text=echo + text, logprobs=lp,
-                                finish_reason=finish_reason)
+        return CompletionChoice(
+            index=index, text=echo + text, logprobs=lp, finish_reason=finish_reason
+        )
 
     def whole(self, outs: list[RequestOutput]) -> Completion:
-        choices = [self._choice(i * self.req.n + o.index, o.text, o.logprobs, o.finish_reason,
-                                first=True)
-                   for i, out in enumerate(outs) for o in out.outputs]
-        return Completion(id=self.base["id"], model=self.base["model"], choices=choices,
-                          usage=usage_of(outs))
+        choices = [
+            self._choice(i * self.req.n + o.index, o.text, o.logprobs, o.finish_reason, first=True)
+            for i, out in enumerate(outs)
+            for o in out.outputs
+        ]
+        return Completion(
+            id=self.base["id"], model=self.base["model"], choices=choices, usage=usage_of(outs)
+        )
 
     def head(self) -> str:
         return ""
 
     def update(self, prompt_index: int, out: RequestOutput) -> str:
         return "".join(
-            event({**self.base, "choices": [self._choice(d.index, d.text, d.logprobs,
-                                                         d.finish_reason, d.first).model_dump()]})
-            for d in self.deltas(prompt_index, out))
+            event(
+                {
+                    **self.base,
+                    "choices": [
+                        self._choice(
+                            d.index, d.text, d.logprobs, d.finish_reason, d.first
+                        ).model_dump()
+                    ],
+                }
+            )
+            for d in self.deltas(prompt_index, out)
+        )
 
     def tail(self, usage: Usage) -> str:
         if not self.req.include_usage:

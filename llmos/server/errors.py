@@ -22,17 +22,28 @@ from llmos.errors import RequestError
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-          404: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 class APIError(Exception):
     """A refusal with an HTTP status; `body()` is what the client reads."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -42,8 +53,14 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -58,8 +75,11 @@ class APIError(Exception):
 
     @classmethod
     def internal(cls, exc: BaseException) -> APIError:
-        return cls(500, f"the engine failed on this request: {type(exc).__name__}: {exc}",
-                   code="internal_error")
+        return cls(
+            500,
+            f"the engine failed on this request: {type(exc).__name__}: {exc}",
+            code="internal_error",
+        )
 
 
 class ClientDisconnected(Exception):
@@ -112,8 +132,9 @@ def install(app: FastAPI, on_error: Callable[[Request, int], None]) -> None:
         return reply(request, from_validation(exc.errors()))
 
     @app.exception_handler(RequestValidationError)
-    async def fastapi_validation_error(request: Request,
-                                       exc: RequestValidationError) -> JSONResponse:
+    async def fastapi_validation_error(
+        request: Request, exc: RequestValidationError
+    ) -> JSONResponse:
         return reply(request, from_validation(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)

@@ -48,8 +48,12 @@ def as_api_error(exc: BaseException) -> APIError:
 
 
 class Generation:
-    def __init__(self, streams: list[AsyncIterator[RequestOutput]],
-                 trackers: list[RequestTracker], ticket: Ticket) -> None:
+    def __init__(
+        self,
+        streams: list[AsyncIterator[RequestOutput]],
+        trackers: list[RequestTracker],
+        ticket: Ticket,
+    ) -> None:
         self._streams = streams
         self._trackers = trackers
         self._ticket = ticket
@@ -57,18 +61,34 @@ class Generation:
         self._pumps: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def start(cls, state: ServerState, request: Request, jobs: Sequence[PromptJob], *,
-                    request_id: str, priority: int = 0, user: str | None = None) -> Generation:
+    async def start(
+        cls,
+        state: ServerState,
+        request: Request,
+        jobs: Sequence[PromptJob],
+        *,
+        request_id: str,
+        priority: int = 0,
+        user: str | None = None,
+    ) -> Generation:
         """Admit the jobs and wait for each one's first output (or the first refusal)."""
         ticket = state.admission.enter(sum(job.params.n for job in jobs))
-        streams = [state.engine.generate(job.prompt, job.params, priority=priority, user=user,
-                                         request_id=request_id if len(jobs) == 1
-                                         else f"{request_id}-{i}")
-                   for i, job in enumerate(jobs)]
+        streams = [
+            state.engine.generate(
+                job.prompt,
+                job.params,
+                priority=priority,
+                user=user,
+                request_id=request_id if len(jobs) == 1 else f"{request_id}-{i}",
+            )
+            for i, job in enumerate(jobs)
+        ]
         self = cls(streams, [state.metrics.track() for _ in jobs], ticket)
         try:
-            firsts = await unless_disconnected(request.receive, asyncio.gather(
-                *(anext(s) for s in streams), return_exceptions=True))
+            firsts = await unless_disconnected(
+                request.receive,
+                asyncio.gather(*(anext(s) for s in streams), return_exceptions=True),
+            )
         except BaseException:
             await self.close()
             raise

@@ -28,9 +28,13 @@ class Server(uvicorn.Server):
 
 
 def make_server(app: FastAPI, *, grace: float = 30.0, verbose: bool = False) -> Server:
-    config = uvicorn.Config(app, log_level="info" if verbose else "warning",
-                            access_log=verbose, lifespan="on",
-                            timeout_graceful_shutdown=max(1, round(grace)))
+    config = uvicorn.Config(
+        app,
+        log_level="info" if verbose else "warning",
+        access_log=verbose,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, round(grace)),
+    )
     return Server(config)
 
 
@@ -73,13 +77,20 @@ class RunningServer:
 
 
 @contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *,
-                    grace: float = 30.0, start_timeout: float = 60.0) -> Iterator[RunningServer]:
+def serve_in_thread(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    grace: float = 30.0,
+    start_timeout: float = 60.0,
+) -> Iterator[RunningServer]:
     """Serve `app` on a background thread until the block ends."""
     sock = bind(host, port)
     server = make_server(app, grace=grace)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                              name="llmos-uvicorn", daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="llmos-uvicorn", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + start_timeout
     while not server.started:

@@ -22,9 +22,15 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 class Guard:
     """ASGI middleware: API key (on /v1), body size limit, and refusal while draining."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int,
-                 is_draining: Callable[[], bool],
-                 on_refused: Callable[[str, int], None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        is_draining: Callable[[], bool],
+        on_refused: Callable[[str, int], None],
+    ) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
@@ -55,14 +61,20 @@ class Guard:
         auth = headers.get(b"authorization", b"")
         scheme, _, key = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key):
-            message = ("Incorrect API key provided." if auth else
-                       "Missing API key: send it as 'Authorization: Bearer KEY'.")
+            message = (
+                "Incorrect API key provided."
+                if auth
+                else "Missing API key: send it as 'Authorization: Bearer KEY'."
+            )
             return APIError(401, message, code="invalid_api_key")
         return None
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, APIError | None]:
-        too_big = APIError(413, f"the request body is over the limit of {self.max_body_bytes} "
-                           "bytes", code="request_too_large")
+        too_big = APIError(
+            413,
+            f"the request body is over the limit of {self.max_body_bytes} bytes",
+            code="request_too_large",
+        )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return b"", too_big
@@ -104,8 +116,9 @@ class Admission:
     holds those waiting for KV room).
     """
 
-    def __init__(self, max_waiting: int | None, max_running: int,
-                 engine_waiting: Callable[[], int]) -> None:
+    def __init__(
+        self, max_waiting: int | None, max_running: int, engine_waiting: Callable[[], int]
+    ) -> None:
         self.max_waiting = max_waiting
         self.max_running = max_running
         self.engine_waiting = engine_waiting
@@ -114,12 +127,17 @@ class Admission:
     def enter(self, num_seqs: int) -> Ticket:
         if self.max_waiting is not None:
             queued = self.engine_waiting()
-            waiting = max(self.in_flight + num_seqs - self.max_running,
-                          queued + num_seqs if queued else 0)
+            waiting = max(
+                self.in_flight + num_seqs - self.max_running, queued + num_seqs if queued else 0
+            )
             if waiting > self.max_waiting:
-                raise APIError(429, f"the server is busy: {waiting} sequences would be waiting "
-                               f"(the limit is {self.max_waiting}); retry shortly",
-                               code="server_busy", headers={"Retry-After": "1"})
+                raise APIError(
+                    429,
+                    f"the server is busy: {waiting} sequences would be waiting "
+                    f"(the limit is {self.max_waiting}); retry shortly",
+                    code="server_busy",
+                    headers={"Retry-After": "1"},
+                )
         self.in_flight += num_seqs
         return Ticket(self, num_seqs)
 

@@ -15,8 +15,11 @@ from llmos.server.protocol import ChatLogprobs, ChatLogprobToken, ChatLogprobTop
 
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte ↔ printable character map, reversed: vocabulary character → byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = list(printable)
     extra = 0
     for b in range(256):
@@ -48,8 +51,12 @@ class TokenTexts:
     def _lookup(self, token_id: int) -> tuple[str, list[int]]:
         text = self._tokenizer.decode([token_id], skip_special_tokens=False)
         piece = self._tokenizer.id_to_token(token_id)
-        if self._byte_level and token_id not in self._special and piece is not None \
-                and all(c in _BYTE_OF for c in piece):
+        if (
+            self._byte_level
+            and token_id not in self._special
+            and piece is not None
+            and all(c in _BYTE_OF for c in piece)
+        ):
             return text, [_BYTE_OF[c] for c in piece]
         return text, list(text.encode())
 
@@ -58,15 +65,19 @@ def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> ChatLogprob
     content = []
     for e in entries:
         token, raw = texts(e.token_id)
-        top = [ChatLogprobTop(token=t, logprob=lp, bytes=b)
-               for t, b, lp in ((*texts(tid), lp) for tid, lp in e.top)]
-        content.append(ChatLogprobToken(token=token, logprob=e.logprob, bytes=raw,
-                                        top_logprobs=top))
+        top = [
+            ChatLogprobTop(token=t, logprob=lp, bytes=b)
+            for t, b, lp in ((*texts(tid), lp) for tid, lp in e.top)
+        ]
+        content.append(
+            ChatLogprobToken(token=token, logprob=e.logprob, bytes=raw, top_logprobs=top)
+        )
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts,
-                        offset: int) -> tuple[CompletionLogprobs, int]:
+def completion_logprobs(
+    entries: list[TokenLogprob], texts: TokenTexts, offset: int
+) -> tuple[CompletionLogprobs, int]:
     """The logprobs, with `text_offset` counted from `offset`; also the offset after them."""
     tokens: list[str] = []
     offsets: list[int] = []
@@ -76,5 +87,9 @@ def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts,
         offsets.append(offset)
         offset += len(token)
     top = [{texts(tid)[0]: lp for tid, lp in e.top} for e in entries]
-    return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries],
-                              top_logprobs=top, text_offset=offsets), offset
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=top,
+        text_offset=offsets,
+    ), offset

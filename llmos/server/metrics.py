@@ -34,31 +34,44 @@ class _EngineCollector(Collector):
         stats = self._stats()
         for key, doc in _GAUGES.items():
             yield GaugeMetricFamily(f"llmos_{key}", doc, value=stats[key])
-        yield CounterMetricFamily("llmos_num_preemptions", "Sequences preempted for KV room.",
-                                  value=stats.get("num_preemptions", 0))
-        yield CounterMetricFamily("llmos_prefix_cache_queries",
-                                  "Prompt tokens looked up in the prefix cache.",
-                                  value=stats.get("prefix_cache_queries", 0))
-        yield CounterMetricFamily("llmos_prefix_cache_hits",
-                                  "Prompt tokens found in the prefix cache (not recomputed).",
-                                  value=stats.get("prefix_cache_hits", 0))
+        yield CounterMetricFamily(
+            "llmos_num_preemptions",
+            "Sequences preempted for KV room.",
+            value=stats.get("num_preemptions", 0),
+        )
+        yield CounterMetricFamily(
+            "llmos_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            value=stats.get("prefix_cache_queries", 0),
+        )
+        yield CounterMetricFamily(
+            "llmos_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not recomputed).",
+            value=stats.get("prefix_cache_hits", 0),
+        )
 
 
 class Metrics:
     def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("llmos_requests", "HTTP requests by status (499: client left).",
-                                ["status"], registry=r)
-        self.prompt_tokens = Counter("llmos_prompt_tokens", "Prompt tokens processed.",
-                                     registry=r)
-        self.generation_tokens = Counter("llmos_generation_tokens", "Tokens generated.",
-                                         registry=r)
-        self.ttft = Histogram("llmos_time_to_first_token_seconds",
-                              "Arrival to first token.", buckets=_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("llmos_inter_token_latency_seconds",
-                             "Time between a request's successive outputs.",
-                             buckets=_ITL_BUCKETS, registry=r)
+        self.requests = Counter(
+            "llmos_requests", "HTTP requests by status (499: client left).", ["status"], registry=r
+        )
+        self.prompt_tokens = Counter("llmos_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("llmos_generation_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram(
+            "llmos_time_to_first_token_seconds",
+            "Arrival to first token.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "llmos_inter_token_latency_seconds",
+            "Time between a request's successive outputs.",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
         r.register(_EngineCollector(stats))
 
     def count(self, status: int) -> None:

@@ -72,10 +72,18 @@ class SamplingRequest(_Request):
 
     def constraint(self) -> tuple[dict[str, Any], dict[str, str]]:
         """(SamplingParams fields, their names in this request) of the structured output asked."""
-        fields = {"json_schema": self.guided_json, "regex": self.guided_regex,
-                  "choice": self.guided_choice, "grammar": self.guided_grammar}
-        names = {"json_schema": "guided_json", "regex": "guided_regex",
-                 "choice": "guided_choice", "grammar": "guided_grammar"}
+        fields = {
+            "json_schema": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        names = {
+            "json_schema": "guided_json",
+            "regex": "guided_regex",
+            "choice": "guided_choice",
+            "grammar": "guided_grammar",
+        }
         return {k: v for k, v in fields.items() if v is not None}, names
 
     def check_common(self) -> None:
@@ -83,32 +91,47 @@ class SamplingRequest(_Request):
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         if self.stream_options is not None and not self.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true",
-                           param="stream_options")
+            raise APIError(
+                400, "stream_options is only allowed when stream is true", param="stream_options"
+            )
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams with OpenAI's defaults; it names the field of any bad value."""
-        extras: dict[str, Any] = {k: v for k, v in (
-            ("top_k", self.top_k), ("min_p", self.min_p),
-            ("repetition_penalty", self.repetition_penalty)) if v is not None}
+        extras: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("top_k", self.top_k),
+                ("min_p", self.min_p),
+                ("repetition_penalty", self.repetition_penalty),
+            )
+            if v is not None
+        }
         constraint, names = self.constraint()
         with _renamed(names):
             params = self._sampling_params(max_tokens, logprobs, {**extras, **constraint})
             grammar_of(params)  # compile now (cached for the engine) to name a bad field
         return params
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         extras: dict[str, Any]) -> SamplingParams:
+    def _sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, extras: dict[str, Any]
+    ) -> SamplingParams:
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
-            stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-            seed=self.seed, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, **extras)
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos,
+            seed=self.seed,
+            logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            **extras,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -125,8 +148,9 @@ def _renamed(names: dict[str, str]) -> Iterator[None]:
         if head not in names:
             raise
         message = str(exc).replace(head, names[head], 1)
-        raise APIError(400, message, param=names[head] + (f".{rest}" if rest else ""),
-                       code=exc.code) from exc
+        raise APIError(
+            400, message, param=names[head] + (f".{rest}" if rest else ""), code=exc.code
+        ) from exc
 
 
 # -- chat --------------------------------------------------------------------------------------
@@ -158,8 +182,12 @@ class ChatMessage(_Request):
         if isinstance(self.content, list):
             bad = next((p.type for p in self.content if p.type != "text"), None)
             if bad is not None:
-                raise APIError(400, f"messages[{index}].content: '{bad}' parts are not supported;"
-                               " this model reads text only", param=f"messages[{index}].content")
+                raise APIError(
+                    400,
+                    f"messages[{index}].content: '{bad}' parts are not supported;"
+                    " this model reads text only",
+                    param=f"messages[{index}].content",
+                )
             content = "\n".join(p.text or "" for p in self.content)
         else:
             content = self.content or ""
@@ -186,12 +214,18 @@ class ChatCompletionRequest(SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
-            raise APIError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
-                           param="top_logprobs")
+            raise APIError(
+                400,
+                f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
+                param="top_logprobs",
+            )
         for i, m in enumerate(self.messages):
             if m.tool_calls and m.role != "assistant":
-                raise APIError(400, f"messages[{i}].tool_calls: only assistant messages call "
-                               "tools", param=f"messages[{i}].tool_calls")
+                raise APIError(
+                    400,
+                    f"messages[{i}].tool_calls: only assistant messages call tools",
+                    param=f"messages[{i}].tool_calls",
+                )
 
     def constraint(self) -> tuple[dict[str, Any], dict[str, str]]:
         """`response_format` (json_object, or json_schema with `strict`) as SamplingParams fields;
@@ -204,27 +238,43 @@ class ChatCompletionRequest(SamplingRequest):
         elif kind == "json_schema":
             spec = fmt.get("json_schema")
             if not isinstance(spec, dict):
-                raise APIError(400, "response_format.json_schema must be an object with a "
-                               "'schema'", param="response_format.json_schema")
+                raise APIError(
+                    400,
+                    "response_format.json_schema must be an object with a 'schema'",
+                    param="response_format.json_schema",
+                )
             if spec.get("schema") is None:
                 fields["json_object"] = True
             else:
                 fields["json_schema"] = spec["schema"]
         elif kind != "text":
-            raise APIError(400, f"response_format.type must be 'text', 'json_object' or "
-                           f"'json_schema', got {kind!r}", param="response_format.type")
+            raise APIError(
+                400,
+                f"response_format.type must be 'text', 'json_object' or "
+                f"'json_schema', got {kind!r}",
+                param="response_format.type",
+            )
         if kind != "text" and len(fields) > 1:
-            raise APIError(400, "response_format cannot be combined with guided_* fields",
-                           param="response_format")
+            raise APIError(
+                400,
+                "response_format cannot be combined with guided_* fields",
+                param="response_format",
+            )
         if kind != "text":
-            names = {**names, "json_schema": "response_format.json_schema.schema",
-                     "json_object": "response_format"}
+            names = {
+                **names,
+                "json_schema": "response_format.json_schema.schema",
+                "json_object": "response_format",
+            }
         return fields, names
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None \
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
             else self.max_tokens
+        )
 
     @property
     def num_logprobs(self) -> int | None:
@@ -266,8 +316,11 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class _Response(BaseModel):
@@ -297,11 +350,15 @@ class CompletionRequest(SamplingRequest):
         if self.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
-            raise APIError(400, "best_of must equal n (or be left out) on this server",
-                           param="best_of")
+            raise APIError(
+                400, "best_of must equal n (or be left out) on this server", param="best_of"
+            )
         if self.echo and self.logprobs is not None:
-            raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does "
-                           "not compute yet", param="echo")
+            raise APIError(
+                400,
+                "echo with logprobs needs prompt logprobs, which this server does not compute yet",
+                param="echo",
+            )
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a batch: one string or token list per prompt."""

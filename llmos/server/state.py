@@ -24,14 +24,18 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if self.max_waiting is not None and self.max_waiting < 0:
-            raise RequestError(f"max_waiting must be at least 0, got {self.max_waiting}",
-                               param="max_waiting")
+            raise RequestError(
+                f"max_waiting must be at least 0, got {self.max_waiting}", param="max_waiting"
+            )
         if self.max_body_bytes < 1024:
-            raise RequestError(f"max_body_bytes must be at least 1024, got "
-                               f"{self.max_body_bytes}", param="max_body_bytes")
+            raise RequestError(
+                f"max_body_bytes must be at least 1024, got {self.max_body_bytes}",
+                param="max_body_bytes",
+            )
         if self.max_prompts < 1:
-            raise RequestError(f"max_prompts must be at least 1, got {self.max_prompts}",
-                               param="max_prompts")
+            raise RequestError(
+                f"max_prompts must be at least 1, got {self.max_prompts}", param="max_prompts"
+            )
 
 
 @dataclass(slots=True)
@@ -49,8 +53,11 @@ class ServerState:
     def __post_init__(self) -> None:
         llm = self.engine.engine
         self.metrics = Metrics(llm.stats)
-        self.admission = Admission(self.config.max_waiting, llm.config.max_num_seqs,
-                                   lambda: llm.stats()["num_requests_waiting"])
+        self.admission = Admission(
+            self.config.max_waiting,
+            llm.config.max_num_seqs,
+            lambda: llm.stats()["num_requests_waiting"],
+        )
         self.texts = TokenTexts(llm.tokenizer)
         self.model_name = self.config.served_model_name or llm.model_name
         self.longest_token = max(map(len, llm.tokenizer.hf.get_vocab()), default=1)
@@ -65,14 +72,22 @@ class ServerState:
             return
         if model == self.engine.engine.config.model:
             return
-        raise APIError(404, f"The model '{model}' does not exist; this server serves "
-                       f"'{self.model_name}'", param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves '{self.model_name}'",
+            param="model",
+            code="model_not_found",
+        )
 
     def check_text_fits(self, num_chars: int, param: str) -> None:
         """Refuse text too long for the context without tokenizing it: tokenizing holds the GIL,
         so a huge prompt would stall every stream for seconds only to be refused."""
         at_least = num_chars // self.longest_token
         if at_least > self.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
-                           f"tokens, but the prompt has at least {at_least} tokens.",
-                           param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} "
+                f"tokens, but the prompt has at least {at_least} tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )

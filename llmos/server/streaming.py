@@ -30,8 +30,10 @@ def event(data: Any) -> str:
 
 def usage_of(outputs: list[RequestOutput]) -> Usage:
     """Prompt tokens of every prompt; completion tokens of every choice."""
-    return Usage.of(sum(len(out.prompt_token_ids) for out in outputs),
-                    sum(len(o.token_ids) for out in outputs for o in out.outputs))
+    return Usage.of(
+        sum(len(out.prompt_token_ids) for out in outputs),
+        sum(len(o.token_ids) for out in outputs for o in out.outputs),
+    )
 
 
 @dataclass(slots=True)
@@ -99,15 +101,16 @@ class ToolCallStream:
         if not self.calling:
             return text, []
         deltas: list[dict[str, Any]] = []
-        for i, call in enumerate(scan_calls(self.text[len(OPEN):])):
+        for i, call in enumerate(scan_calls(self.text[len(OPEN) :])):
             delta: dict[str, Any] = {"index": i, "function": {}}
             if i == len(self.ids):
                 self.ids.append(new_call_id())
                 self.sent.append(0)
-                delta.update(id=self.ids[i], type="function",
-                             function={"name": call.name, "arguments": ""})
+                delta.update(
+                    id=self.ids[i], type="function", function={"name": call.name, "arguments": ""}
+                )
             if len(call.arguments) > self.sent[i]:
-                delta["function"]["arguments"] = call.arguments[self.sent[i]:]
+                delta["function"]["arguments"] = call.arguments[self.sent[i] :]
                 self.sent[i] = len(call.arguments)
             if delta["function"]:
                 deltas.append(delta)
@@ -146,8 +149,15 @@ async def _events(state: ServerState, gen: Generation, render: Renderer) -> Asyn
         await gen.close()
 
 
-def sse_response(state: ServerState, gen: Generation, render: Renderer,
-                 request_id: str) -> StreamingResponse:
-    return StreamingResponse(_events(state, gen, render), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                      "x-request-id": request_id})
+def sse_response(
+    state: ServerState, gen: Generation, render: Renderer, request_id: str
+) -> StreamingResponse:
+    return StreamingResponse(
+        _events(state, gen, render),
+        media_type="text/event-stream",
+        headers={
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            "x-request-id": request_id,
+        },
+    )

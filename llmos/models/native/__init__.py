@@ -57,8 +57,12 @@ def _load() -> ModuleType | None:
     import torch
     from torch.utils import cpp_extension
 
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
-                         + sys.version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        SOURCE.read_bytes()
+        + _cpu_flags().encode()
+        + torch.__version__.encode()
+        + sys.version.encode()
+    ).hexdigest()[:16]
     name = f"llmos_native_{key}"
     build = _build_dir(key)
     try:
@@ -66,15 +70,22 @@ def _load() -> ModuleType | None:
         if not any(build.glob(f"{name}*.so")):
             log.info("building native CPU kernels in %s (once per machine)", build)
         module = cpp_extension.load(
-            name=name, sources=[str(SOURCE)], build_directory=str(build),
+            name=name,
+            sources=[str(SOURCE)],
+            build_directory=str(build),
             # -fopenmp: at::parallel_for is OpenMP inlined from ATen's headers; the loader maps
             # libgomp.so.1 to the copy torch has already loaded, so there is one thread pool
             # -ffast-math: reductions vectorize, and expf gets glibc's vector variants
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
-            extra_ldflags=["-fopenmp"], verbose=False)
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the torch paths remain
-        log.warning("native CPU kernels unavailable (%s: %s); using the torch paths",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.warning(
+            "native CPU kernels unavailable (%s: %s); using the torch paths",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         return None
     return module
 
