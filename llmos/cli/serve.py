@@ -44,6 +44,12 @@ def serve(
     no_prefix_caching: bool = typer.Option(
         False, "--no-prefix-caching", help="Recompute shared prefixes."
     ),
+    strict_fields: bool = typer.Option(
+        False,
+        "--strict-fields",
+        help="Refuse (400) a request with a field the server does not read, as OpenAI does; "
+        "by default such fields are named in the x-llmos-ignored-fields header and the log.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
     model: str = MODEL,
     max_model_len: int | None = MAX_MODEL_LEN,
@@ -64,6 +70,7 @@ def serve(
             api_key=api_key or None,
             max_waiting=max_waiting,
             max_body_bytes=parse_bytes(max_body_size),
+            strict_fields=strict_fields,
         )
         sock = bind(host, port)  # before loading the model: a busy port fails at once
     except RequestError as exc:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from llmos.engine.sequence import CompletionOutput, RequestOutput
 from llmos.engine.tool_calls import ChatTools, prepare_chat
+from llmos.server import fields
 from llmos.server.errors import APIError
 from llmos.server.generation import Generation, PromptJob, collect
 from llmos.server.logprobs import TokenTexts, chat_logprobs
@@ -33,7 +34,7 @@ def prompt_ids(
     tokenizer = state.engine.tokenizer
     messages, kwargs, calls = prepare_chat(
         tokenizer,
-        [m.for_template(i) for i, m in enumerate(req.messages)],
+        [m.for_template() for m in req.messages],
         req.tools,
         req.tool_choice,
         req.parallel_tool_calls,
@@ -52,6 +53,7 @@ def prompt_ids(
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
     req = ChatCompletionRequest.model_validate_json(await request.body())
+    headers = fields.check(request, req, strict=state.config.strict_fields)
     state.check_model(req.model)
     req.check()
     ids, calls = prompt_ids(state, req)
@@ -69,7 +71,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         user=req.user,
     )
     if req.stream:
-        return sse_response(state, gen, ChatStream(state, rid, req, calls is not None), rid)
+        stream = ChatStream(state, rid, req, calls is not None)
+        return sse_response(state, gen, stream, rid, headers)
     (out,) = await collect(request, gen)
     body = ChatCompletion(
         id=rid,
@@ -78,7 +81,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         choices=[_choice(o, state.texts, req.logprobs, calls) for o in out.outputs],
     )
     state.metrics.count(200)
-    return JSONResponse(body.model_dump(), headers={"x-request-id": rid})
+    return JSONResponse(body.model_dump(), headers={"x-request-id": rid, **headers})
 
 
 def _choice(

@@ -13,6 +13,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from llmos.engine.sequence import RequestOutput
+from llmos.server import fields
 from llmos.server.errors import APIError
 from llmos.server.generation import Generation, PromptJob, collect
 from llmos.server.logprobs import completion_logprobs
@@ -48,6 +49,7 @@ def _jobs(state: ServerState, req: CompletionRequest) -> tuple[list[PromptJob], 
 
 async def create_completion(state: ServerState, request: Request) -> Response:
     req = CompletionRequest.model_validate_json(await request.body())
+    headers = fields.check(request, req, strict=state.config.strict_fields)
     state.check_model(req.model)
     req.check()
     jobs, prompt_texts = _jobs(state, req)
@@ -57,10 +59,10 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     )
     render = CompletionRender(state, rid, req, prompt_texts)
     if req.stream:
-        return sse_response(state, gen, render, rid)
+        return sse_response(state, gen, render, rid, headers)
     outs = await collect(request, gen)
     state.metrics.count(200)
-    return JSONResponse(render.whole(outs).model_dump(), headers={"x-request-id": rid})
+    return JSONResponse(render.whole(outs).model_dump(), headers={"x-request-id": rid, **headers})
 
 
 class CompletionRender:

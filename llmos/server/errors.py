@@ -117,7 +117,10 @@ def install(app: FastAPI, on_error: Callable[[Request, int], None]) -> None:
 
     def reply(request: Request, err: APIError) -> JSONResponse:
         on_error(request, err.status)
-        return err.response()
+        response = err.response()
+        # headers every response to this request carries (x-llmos-ignored-fields)
+        response.headers.update(getattr(request.state, "llmos_headers", {}))
+        return response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -21,6 +21,7 @@ class ServerConfig:
     max_waiting: int | None = None  # None: no limit on waiting sequences
     max_body_bytes: int = 4 * 1024 * 1024
     max_prompts: int = 64  # prompts in one /v1/completions batch
+    strict_fields: bool = False  # refuse (400) a request with fields the server does not read
 
     def __post_init__(self) -> None:
         if self.max_waiting is not None and self.max_waiting < 0:
@@ -52,11 +53,12 @@ class ServerState:
 
     def __post_init__(self) -> None:
         llm = self.engine.engine
-        self.metrics = Metrics(llm.stats)
+        # (engine state is read only through the snapshot the engine thread publishes)
+        self.metrics = Metrics(self.engine.stats)
         self.admission = Admission(
             self.config.max_waiting,
             llm.config.max_num_seqs,
-            lambda: llm.stats()["num_requests_waiting"],
+            lambda: self.engine.stats().num_requests_waiting,
         )
         self.texts = TokenTexts(llm.tokenizer)
         self.model_name = self.config.served_model_name or llm.model_name

@@ -150,7 +150,11 @@ async def _events(state: ServerState, gen: Generation, render: Renderer) -> Asyn
 
 
 def sse_response(
-    state: ServerState, gen: Generation, render: Renderer, request_id: str
+    state: ServerState,
+    gen: Generation,
+    render: Renderer,
+    request_id: str,
+    headers: dict[str, str] | None = None,
 ) -> StreamingResponse:
     return StreamingResponse(
         _events(state, gen, render),
@@ -159,5 +163,6 @@ def sse_response(
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
             "x-request-id": request_id,
+            **(headers or {}),
         },
     )
