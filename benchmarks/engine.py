@@ -273,7 +273,7 @@ def bench_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         "token_ids": [d.token_ids for d in done],
     }
     if isinstance(runner, LlmosRunner):
-        result["stats"] = runner.llm.engine.stats()
+        result["stats"] = runner.llm.engine.stats().as_dict()
         result["cached_tokens"] = runner.cached_tokens
     if isinstance(runner, HFRunner):
         b = runner.batch_size

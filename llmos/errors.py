@@ -17,3 +17,19 @@ class ContextLengthExceeded(RequestError):
         super().__init__(message, param=param, code="context_length_exceeded")
         self.prompt_tokens = prompt_tokens
         self.limit = limit
+
+
+class EngineError(RuntimeError):
+    """The engine could not finish a request for a reason of its own, not the request's."""
+
+
+class EngineDeadError(EngineError):
+    """The engine thread stopped; no request can be served."""
+
+
+class StepFailed(EngineError):
+    """An engine step raised; the requests it touched were aborted and gave back their blocks."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"the engine step failed ({type(cause).__name__}: {cause})")
+        self.request_ids = request_ids

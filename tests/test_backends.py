@@ -119,7 +119,7 @@ def test_end_to_end_smollm2_reads_a_file_and_answers(llm: LLM, ws: Path, tmp_pat
     # tool prompt is the same for tool_choice "required" and "auto".
     history = turns[0].prompt_tokens + turns[0].completion_tokens
     assert turns[1].cached_tokens >= (history - 1) // 16 * 16 - 16
-    assert llm.engine.stats()["num_pins"] == 0  # released when the process ended
+    assert llm.engine.stats().num_pins == 0  # released when the process ended
     assert p.usage.cost > 0 and p.usage.engine_seconds > 0
 
 

@@ -63,7 +63,7 @@ def test_bitwise_equal_alone_and_under_load(det_llm: LLM) -> None:
             )
         )
         mixed = run_mixed(engine, target, params, seed)
-        preemptions += engine.stats()["num_preemptions"]
+        preemptions += engine.stats().num_preemptions
         assert mixed.token_ids == alone.token_ids, seed
         assert [(lp.logprob, lp.top) for lp in mixed.logprobs] == [
             (lp.logprob, lp.top) for lp in alone.logprobs

@@ -70,9 +70,9 @@ def test_chunked_prefill_and_preemption_do_not_change_output(llm: LLM) -> None:
     small = LLM(num_kv_blocks=12, max_num_batched_tokens=32)
     outs = small.generate(prompts, params)
     stats = small.engine.stats()
-    assert stats["num_preemptions"] > 0, "the cache was meant to force preemption"
+    assert stats.num_preemptions > 0, "the cache was meant to force preemption"
     assert [o.token_ids for o in outs] == reference
-    assert stats["kv_blocks_used"] == 0
+    assert stats.kv_blocks_used == 0
 
 
 def test_outputs_come_back_in_prompt_order(llm: LLM) -> None:

@@ -78,4 +78,4 @@ def test_high_priority_overtakes_and_preempts() -> None:
     )
     order = drive(llm)
     assert order[0] == "urgent"
-    assert engine.stats()["num_preemptions"] >= 1
+    assert engine.stats().num_preemptions >= 1

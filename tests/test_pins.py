@@ -47,8 +47,8 @@ def test_pinned_turn_survives_other_traffic(small: LLM, retain: str | None) -> N
     history = first + out.outputs[0].token_ids
     stats = small.engine.stats()
     named = (len(history) - 1) // BS  # the last sampled token has no K/V yet
-    assert stats["kv_blocks_pinned"] == (named if retain else 0)
-    assert stats["kv_blocks_used"] == stats["kv_blocks_pinned"]
+    assert stats.kv_blocks_pinned == (named if retain else 0)
+    assert stats.kv_blocks_used == stats.kv_blocks_pinned
     flood(small)
     nxt = run(small, "t2", history + small.tokenizer.encode(" And what next?"))
     if retain:
@@ -56,21 +56,21 @@ def test_pinned_turn_survives_other_traffic(small: LLM, retain: str | None) -> N
     else:
         assert nxt.num_cached_tokens == 0
     assert small.engine.release("p1") is bool(retain)
-    assert small.engine.stats()["kv_blocks_used"] == 0
+    assert small.engine.stats().kv_blocks_used == 0
 
 
 def test_memory_pressure_releases_the_oldest_pin_before_preempting(small: LLM) -> None:
     engine = small.engine
     run(small, "a", conversation(small, "alpha")[:200], retain="pa")
     run(small, "b", conversation(small, "beta")[:200], retain="pb")
-    assert engine.stats()["num_pins"] == 2
-    preemptions = engine.stats()["num_preemptions"]
+    assert engine.stats().num_pins == 2
+    preemptions = engine.stats().num_preemptions
     run(small, "big", conversation(small, "gamma")[:320])  # needs pa's blocks, not pb's
     stats = engine.stats()
-    assert stats["num_preemptions"] == preemptions
-    assert stats["num_pins"] == 1
+    assert stats.num_preemptions == preemptions
+    assert stats.num_pins == 1
     assert not engine.release("pa") and engine.release("pb")
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_next_turn_replaces_the_pin_and_abort_pins_nothing(llm: LLM) -> None:
@@ -79,15 +79,15 @@ def test_next_turn_replaces_the_pin_and_abort_pins_nothing(llm: LLM) -> None:
     out = run(llm, "r1", first, retain="proc")
     history = first + out.outputs[0].token_ids + llm.tokenizer.encode(" More, please.")
     out2 = run(llm, "r2", history, retain="proc")
-    assert engine.stats()["num_pins"] == 1
+    assert engine.stats().num_pins == 1
     total = len(history) + len(out2.outputs[0].token_ids)
-    assert engine.stats()["kv_blocks_pinned"] == (total - 1) // BS
+    assert engine.stats().kv_blocks_pinned == (total - 1) // BS
     assert engine.release("proc") and not engine.release("proc")
 
     engine.add_request("gone", first, TURN, retain="aborted")
     engine.step()
     engine.abort_request("gone")
-    assert engine.stats()["num_pins"] == 0 and engine.blocks.num_used == 0
+    assert engine.stats().num_pins == 0 and engine.blocks.num_used == 0
 
 
 def test_retain_must_be_a_key(llm: LLM) -> None:

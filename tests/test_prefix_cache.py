@@ -23,8 +23,8 @@ def test_second_request_hits_and_output_is_unchanged(llm: LLM) -> None:
     for a, b in zip(cold.logprobs, warm.logprobs, strict=True):
         assert abs(a.logprob - b.logprob) < 1e-4
     after = llm.engine.stats()
-    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == warm.num_cached_tokens
-    assert after["prefix_cache_queries"] - before["prefix_cache_queries"] == 2 * n
+    assert after.prefix_cache_hits - before.prefix_cache_hits == warm.num_cached_tokens
+    assert after.prefix_cache_queries - before.prefix_cache_queries == 2 * n
 
 
 def test_same_output_with_and_without_cache_under_pressure() -> None:
@@ -36,10 +36,10 @@ def test_same_output_with_and_without_cache_under_pressure() -> None:
     first = cached.generate(prompts, params)
     second = cached.generate(prompts[::-1], params)[::-1]
     stats = cached.engine.stats()
-    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
     assert [o.token_ids for o in first] == [o.token_ids for o in plain]
     assert [o.token_ids for o in second] == [o.token_ids for o in plain]
-    assert stats["kv_blocks_used"] == 0
+    assert stats.kv_blocks_used == 0
 
 
 def test_n_and_abort_with_shared_prefix(llm: LLM) -> None:

@@ -5,11 +5,9 @@ and `user`, so the engine's fair scheduling applies to processes."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Any
 
-from llmos.backends import toolprompt
 from llmos.backends.base import ChatRequest, ChatResult, Message, ToolCall, Usage
 from llmos.engine.async_engine import AsyncEngine
 from llmos.engine.llm_engine import LLMEngine
@@ -38,24 +36,10 @@ class LocalBackend:
         llm = self.engine.engine
         self.name = f"local:{llm.model_name}"
         self.context_window: int | None = llm.max_model_len
-        self._seconds: dict[str, float] = {}
-        self._last_step = time.monotonic()
-        self.engine.step_listeners.append(self._on_step)
-
-    def _on_step(self, outputs: list[RequestOutput]) -> None:
-        """Share each step's wall time among the requests it advanced (engine thread)."""
-        now = time.monotonic()
-        dt, self._last_step = now - self._last_step, now
-        ours = [o.request_id for o in outputs if o.request_id in self._seconds]
-        for rid in ours:
-            self._seconds[rid] += dt / max(1, len(outputs))
 
     def _prompt(self, request: ChatRequest, params: SamplingParams) -> tuple[list[int], Any]:
         """Token ids, and the engine's tool-call grammar (None when the model may not call)."""
         tok = self.engine.tokenizer
-        if prepare_chat is None:
-            msgs = toolprompt.render(request.messages, request.tools, request.tool_choice)
-            return tok.encode_chat(msgs), None
         # A past call goes back as the exact text the model wrote, so its KV blocks match.
         msgs = [
             {"role": m["role"], "content": m["raw"]}
@@ -78,29 +62,22 @@ class LocalBackend:
         if calls is not None:
             params = calls.constrain(params)
         rid = request.request_id or uuid.uuid4().hex
-        if self.engine.num_in_flight == 0:
-            self._last_step = time.monotonic()  # the engine was idle until now
-        self._seconds[rid] = 0.0
         final: RequestOutput | None = None
-        try:
-            async for out in self.engine.generate(
-                prompt,
-                params,
-                request_id=rid,
-                priority=request.priority,
-                user=request.user,
-                retain=request.retain,
-            ):
-                final = out
-        finally:
-            seconds = self._seconds.pop(rid, 0.0)
+        async for out in self.engine.generate(
+            prompt,
+            params,
+            request_id=rid,
+            priority=request.priority,
+            user=request.user,
+            retain=request.retain,
+        ):
+            final = out
         assert final is not None and final.finished
         out = final.outputs[0]
         raw = out.text
         usage = Usage(len(final.prompt_token_ids), final.num_cached_tokens, len(out.token_ids))
+        seconds = final.metrics.get("engine_seconds", 0.0)  # its share of the engine's steps
         result = ChatResult(raw, [], usage, seconds, out.finish_reason, raw=raw)
-        if prepare_chat is None:
-            return toolprompt.read_reply(result, request)
         if calls is not None:
             calls.finish(out)
             result.finish_reason = out.finish_reason
@@ -117,6 +94,5 @@ class LocalBackend:
         self.engine.release(key)
 
     async def aclose(self) -> None:
-        self.engine.step_listeners.remove(self._on_step)
         if self._owns:
             await asyncio.to_thread(self.engine.shutdown)

@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from llmos.backends.base import ChatRequest, ChatResult, Message, ToolCall
+from llmos.models.messages import normalize
 
 INSTRUCTIONS = (
     "You can call tools. To call one, reply with only a JSON object, nothing else:\n"
@@ -39,6 +40,7 @@ def render(
     messages: list[Message], tools: list[dict[str, Any]], tool_choice: str | dict[str, Any]
 ) -> list[Message]:
     """Messages with only string contents and the roles every chat template knows."""
+    messages = normalize(messages)
     out: list[Message] = []
     if tools and tool_choice != "none":
         block = INSTRUCTIONS + describe(tools)
@@ -46,13 +48,13 @@ def render(
             block += f"\nCall the tool {tool_choice['function']['name']} now."
         elif tool_choice == "required":
             block += "\nCall one of the tools now."
-        if messages and messages[0]["role"] in ("system", "developer"):
+        if messages and messages[0]["role"] == "system":
             out.append({"role": "system", "content": f"{messages[0]['content']}\n\n{block}"})
             messages = messages[1:]
         else:
             out.append({"role": "system", "content": block})
     for m in messages:
-        role = "system" if m["role"] == "developer" else m["role"]
+        role = m["role"]
         if role == "assistant" and m.get("tool_calls"):
             content = m.get("raw") or "\n".join(
                 json.dumps(

@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from llmos.cli import approve, chat, generate, ps, run, usage
+from llmos.cli import approve, chat, generate, ps, run, serve, usage
 
 app = typer.Typer(
     name="llmos",
@@ -29,10 +29,4 @@ run.register(app)
 ps.register(app)
 approve.register(app)
 usage.register(app)
-
-try:  # the server lands in its own module
-    from llmos.cli import serve
-except ImportError:  # pragma: no cover
-    serve = None  # type: ignore[assignment]
-else:
-    serve.register(app)
+serve.register(app)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import typer
 
 from llmos.models.registry import DEFAULT_MODEL
@@ -15,18 +12,3 @@ MODEL = typer.Option(
 MAX_MODEL_LEN = typer.Option(None, "--max-model-len", help="Context length (default: the model's).")
 KV_CACHE_MEMORY = typer.Option("2GiB", "--kv-cache-memory", help="KV cache size, e.g. 2GiB.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-
-
-@dataclass(slots=True)
-class EngineOptions:
-    model: str
-    max_model_len: int | None
-    kv_cache_memory: str
-    device: str
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {
-            "max_model_len": self.max_model_len,
-            "kv_cache_memory": self.kv_cache_memory,
-            "device": self.device,
-        }

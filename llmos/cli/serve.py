@@ -69,7 +69,7 @@ def serve(
         config = ServerConfig(
             api_key=api_key or None,
             max_waiting=max_waiting,
-            max_body_bytes=parse_bytes(max_body_size),
+            max_body_bytes=parse_bytes(max_body_size, "--max-body-size"),
             strict_fields=strict_fields,
         )
         sock = bind(host, port)  # before loading the model: a busy port fails at once

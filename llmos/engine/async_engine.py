@@ -13,6 +13,7 @@ parks its workers between parallel regions: each step ran 2-3x slower on a 2-cor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -28,12 +29,12 @@ import torch
 from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import RequestOutput
+from llmos.engine.stats import EngineStats
+from llmos.errors import EngineDeadError, StepFailed
+
+__all__ = ["AsyncEngine", "EngineDeadError"]
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped; no request can be served."""
 
 
 @dataclass(slots=True)
@@ -42,7 +43,8 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: it is gone
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 def _deliver(items: list[tuple[_Stream, RequestOutput]]) -> None:
@@ -58,9 +60,11 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._go = threading.Event()
         self._thread: threading.Thread | None = None
-        self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
+        self._dead = False  # set once by the engine thread as it exits; then nothing is queued
+        self._submit_lock = threading.Lock()
         if isinstance(engine, LLMEngine):
             self.engine = engine
+            self._stats = engine.stats()
             return
         # Build on the engine thread (which then waits for start()); errors reach the caller.
         built: Future[LLMEngine] = Future()
@@ -76,6 +80,7 @@ class AsyncEngine:
             self._go.wait()
             if not self._stop.is_set():
                 self._run()
+            self._dead = True
 
         self._thread = threading.Thread(target=build, name="llmos-engine", daemon=True)
         self._thread.start()
@@ -85,6 +90,7 @@ class AsyncEngine:
             self._thread.join()
             self._thread = None
             raise
+        self._stats = self.engine.stats()  # (the engine thread waits for start(): no race)
 
     @property
     def tokenizer(self):  # noqa: ANN201 - the engine's Tokenizer
@@ -115,6 +121,11 @@ class AsyncEngine:
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        """The engine's counters as of its last step. Safe from any thread: the snapshot is
+        made on the engine thread and never changes (live engine state is not read here)."""
+        return self._stats
 
     # -- requests -------------------------------------------------------------------------
     async def generate(
@@ -147,9 +158,9 @@ class AsyncEngine:
                 added.set_exception(exc)
 
         self._submit(add)
-        await asyncio.wrap_future(added)
         finished = False
         try:
+            await asyncio.wrap_future(added)  # (a caller cancelled here still aborts the request)
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -167,11 +178,13 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             self.engine.abort_request(request_id)
 
-        self._submit(do)
+        with contextlib.suppress(EngineDeadError):  # a dead engine aborted everything
+            self._submit(do)
 
     def release(self, key: str) -> None:
         """Unpin the KV blocks kept under `key` (see `LLMEngine.add_request(retain=...)`)."""
-        self._submit(lambda: self.engine.release(key))
+        with contextlib.suppress(EngineDeadError):
+            self._submit(lambda: self.engine.release(key))
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> Future[Any]:
         """Run `fn(engine)` on the engine thread, between steps."""
@@ -183,11 +196,17 @@ class AsyncEngine:
             except BaseException as exc:  # noqa: BLE001
                 fut.set_exception(exc)
 
-        self._submit(do)
+        try:
+            self._submit(do)
+        except EngineDeadError as exc:
+            fut.set_exception(exc)
         return fut
 
     def _submit(self, command: Callable[[], None]) -> None:
-        self._commands.put(command)
+        with self._submit_lock:  # a command queued after the thread's last drain would be lost
+            if self._dead:
+                raise EngineDeadError("the engine is not running")
+            self._commands.put(command)
         self._wake.set()
 
     # -- the engine thread ----------------------------------------------------------------
@@ -203,35 +222,63 @@ class AsyncEngine:
                 log.exception("engine command failed")
 
     def _run(self) -> None:
+        """Step while there is work. Whatever fails here fails the requests it touched with a
+        clear error; if the loop itself dies, every caller gets EngineDeadError: no caller
+        waits forever."""
         engine = self.engine
-        while not self._stop.is_set():
+        try:
+            while not self._stop.is_set():
+                self._drain()
+                if not engine.has_unfinished_requests():
+                    self._stats = engine.stats()
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self._step(engine)
+        except BaseException:
+            log.exception("the engine thread failed")
+            raise
+        finally:
+            with self._submit_lock:
+                self._dead = True
             self._drain()
-            if not engine.has_unfinished_requests():
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = engine.step()
-            except Exception as exc:  # the engine aborted the failed requests; tell their callers
-                for rid in [r for r in self._streams if r not in engine.requests]:
-                    self._streams.pop(rid).put(exc)
-                continue
+            self._fail(list(self._streams), EngineDeadError("the engine stopped"))
+
+    def _step(self, engine: LLMEngine) -> None:
+        touched: list[str] = []
+        try:
+            outputs = engine.step()
             # One wake-up per event loop per step, not one per stream: at 64 streams the
             # loop's self-pipe writes and wake-ups were a visible share of a step.
             batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
             for out in outputs:
+                touched.append(out.request_id)
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     if out.finished:
                         del self._streams[out.request_id]
                     batches.setdefault(stream.loop, []).append((stream, out))
             for loop, items in batches.items():
-                loop.call_soon_threadsafe(_deliver, items)
-            for listener in self.step_listeners:
-                listener(outputs)
-        self._drain()
-        dead = EngineDeadError("the engine stopped")
-        for rid, stream in list(self._streams.items()):
-            engine.abort_request(rid)
-            stream.put(dead)
-        self._streams.clear()
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # that loop is closed: its callers are gone
+                    for _stream, out in items:
+                        self._fail([out.request_id], EngineDeadError("the caller's loop closed"))
+            self._stats = engine.stats()
+        except StepFailed as exc:  # the engine aborted the step's requests
+            self._fail(exc.request_ids, exc)
+        except Exception as exc:  # not the step's own failure: fail what it touched, or all
+            log.exception("engine step failed outside the model")
+            failed = touched or list(self._streams)
+            self._fail(failed, StepFailed(failed, exc))
+
+    def _fail(self, request_ids: list[str], exc: BaseException) -> None:
+        """Abort these requests (their blocks go back) and hand `exc` to their callers."""
+        for rid in request_ids:
+            try:
+                self.engine.abort_request(rid)
+            except Exception:  # noqa: BLE001 - the callers must still hear of it
+                log.exception("abort of %s failed", rid)
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream.put(exc)

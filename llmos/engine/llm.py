@@ -14,6 +14,7 @@ from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import RequestOutput
 from llmos.engine.tool_calls import prepare_chat
 from llmos.errors import RequestError
+from llmos.models.messages import ROLES
 from llmos.models.registry import DEFAULT_MODEL
 from llmos.models.tokenizer import Tokenizer
 
@@ -155,9 +156,10 @@ def _check_messages(messages: Seq[dict[str, Any]]) -> None:
             raise RequestError(
                 f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]"
             )
-        if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
+        if m["role"] not in ROLES:
             raise RequestError(
-                f"messages[{i}].role: unknown role {m['role']!r}", param=f"messages[{i}].role"
+                f"messages[{i}].role: unknown role {m['role']!r}; expected one of {list(ROLES)}",
+                param=f"messages[{i}].role",
             )
         calls = m.get("tool_calls")
         if calls is not None and (

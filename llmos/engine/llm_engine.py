@@ -15,8 +15,9 @@ from llmos.engine.runner import ModelRunner, StepResult
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
 from llmos.engine.sequence import CompletionOutput, RequestOutput, Sequence, SequenceStatus
+from llmos.engine.stats import EngineStats
 from llmos.engine.structured import GrammarCompiler
-from llmos.errors import ContextLengthExceeded, RequestError
+from llmos.errors import ContextLengthExceeded, RequestError, StepFailed
 from llmos.models.batch_invariant import make_batch_invariant
 from llmos.models.llama import LlamaModel
 from llmos.models.loader import load_checkpoint
@@ -27,20 +28,22 @@ from llmos.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 
 
-def parse_bytes(value: int | str) -> int:
-    """`2147483648`, `"2GiB"`, `"512MB"` → bytes."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE.match(value)
-    if not m:
-        raise RequestError(
-            f"kv_cache_memory: cannot read {value!r} as a size like '2GiB'", param="kv_cache_memory"
-        )
-    unit = m.group(2).lower().rstrip("b").rstrip("i")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
+def parse_bytes(value: int | str, field: str = "kv_cache_memory") -> int:
+    """`2147483648`, `"2GiB"`, `"512MB"` → bytes. Errors name `field`, the setting being read."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RequestError(f"{field}: expected a size like '2GiB', got {value!r}", param=field)
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if isinstance(value, str) and not m:
+        raise RequestError(f"{field}: cannot read {value!r} as a size like '2GiB'", param=field)
+    if m:
+        unit = m.group(2).lower().rstrip("b").rstrip("i")
+        value = int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
+    if value < 1:
+        raise RequestError(f"{field}: a size must be at least 1 byte, got {value}", param=field)
+    return value
 
 
 @dataclass(slots=True)
@@ -259,21 +262,26 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan:
             return []
+        started = time.perf_counter()
         try:
             results = self.runner.run(plan, self.tokenizer.eos_token_ids)
-        except Exception:
+            self.num_steps += 1
+            return self._postprocess(plan, results, time.perf_counter() - started)
+        except Exception as exc:
             # A failed step fails the requests in it, gives back their blocks, and lives on.
-            log.exception("engine step failed; aborting the %d requests in it", len(plan.scheduled))
-            failed = {s.seq.request_id for s in plan.scheduled}
+            failed = sorted({s.seq.request_id for s in plan.scheduled})
+            log.exception("engine step failed; aborting the %d requests in it", len(failed))
             for rid in failed:
                 self.abort_request(rid)
-            raise
-        self.num_steps += 1
-        return self._postprocess(plan, results)
+            raise StepFailed(failed, exc) from exc
 
-    def _postprocess(self, plan: SchedulerPlan, results: list[StepResult]) -> list[RequestOutput]:
+    def _postprocess(
+        self, plan: SchedulerPlan, results: list[StepResult], seconds: float
+    ) -> list[RequestOutput]:
+        share = seconds / len(plan.scheduled)  # the step's time, shared by what it advanced
         for s in plan.scheduled:
             s.seq.num_computed_tokens = s.start + s.num_new_tokens
+            s.seq.engine_seconds += share
             self.blocks.commit(s.seq)
         touched: dict[str, None] = {}
         now = time.monotonic()
@@ -303,10 +311,8 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
         p = seq.params
         n_out = seq.num_output_tokens
-        # (the sampler bans EOS and stop tokens until min_tokens are out)
-        if (
-            token in self.tokenizer.eos_token_ids and not p.ignore_eos
-        ) or token in p.stop_token_ids:
+        # (the sampler banned these until min_tokens were out: `Sequence.banned_stop_tokens`)
+        if token in seq.stop_tokens(self.tokenizer.eos_token_ids):
             seq.text += seq.detokenizer.add([], final=True)
             return SequenceStatus.FINISHED_STOPPED
         delta = seq.detokenizer.add([token])
@@ -354,7 +360,7 @@ class LLMEngine:
             )
             for s in seqs
         ]
-        metrics = {"arrival": first.arrival}
+        metrics = {"arrival": first.arrival, "engine_seconds": sum(s.engine_seconds for s in seqs)}
         if first.first_token_time is not None:
             metrics["first_token"] = first.first_token_time
         return RequestOutput(
@@ -367,16 +373,18 @@ class LLMEngine:
         )
 
     # -- introspection --------------------------------------------------------------------
-    def stats(self) -> dict[str, int]:
-        return {
-            "num_requests_running": len(self.scheduler.running),
-            "num_requests_waiting": len(self.scheduler.waiting),
-            "kv_blocks_used": self.blocks.num_used,
-            "kv_blocks_total": self.blocks.num_blocks,
-            "kv_blocks_pinned": self.blocks.num_pinned,
-            "num_pins": self.blocks.num_pins,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "prefix_cache_queries": self.blocks.queried_tokens,
-            "prefix_cache_hits": self.blocks.hit_tokens,
-            "num_steps": self.num_steps,
-        }
+    def stats(self) -> EngineStats:
+        """A snapshot of the counters. Call it on the thread that steps the engine; other
+        threads read the one `AsyncEngine` publishes after each step."""
+        return EngineStats(
+            num_requests_running=len(self.scheduler.running),
+            num_requests_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.num_used,
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_pinned=self.blocks.num_pinned,
+            num_pins=self.blocks.num_pins,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.blocks.queried_tokens,
+            prefix_cache_hits=self.blocks.hit_tokens,
+            num_steps=self.num_steps,
+        )

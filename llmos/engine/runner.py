@@ -176,18 +176,11 @@ class ModelRunner:
             batch.presence = torch.tensor([p.presence_penalty for p in params], device=dev)
             batch.frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)
             batch.repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)
-        banned_rows = [
-            i
-            for i, s in enumerate(seqs)  # (a grammar decides when EOS may come)
-            if s.num_output_tokens < s.params.min_tokens
-            and not s.params.ignore_eos
-            and s.matcher is None
-        ]
-        if banned_rows and eos:
+        bans = [s.banned_stop_tokens(eos) for s in seqs]
+        if any(bans):
             banned = torch.zeros(len(seqs), V, dtype=torch.bool, device=dev)
-            stop_ids = list(eos)
-            for i in banned_rows:
-                banned[i, stop_ids + seqs[i].params.stop_token_ids] = True
+            for i, ids in enumerate(bans):
+                banned[i, list(ids)] = True
             batch.banned = banned
         return batch
 

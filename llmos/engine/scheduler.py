@@ -39,10 +39,6 @@ class SchedulerPlan:
     preempted: tuple[Sequence, ...]
     new_blocks: tuple[int, ...] = ()  # handed out by this plan: to be zeroed before use
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
     def __bool__(self) -> bool:
         return bool(self.scheduled)
 

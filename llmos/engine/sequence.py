@@ -70,6 +70,7 @@ class Sequence:
         self.retain = retain  # pin key: keep this conversation's blocks when it finishes
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
+        self.engine_seconds = 0.0  # its share of the engine steps that advanced it
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
@@ -99,6 +100,23 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def stop_tokens(self, eos: tuple[int, ...]) -> tuple[int, ...]:
+        """The tokens that end this sequence when sampled: EOS (unless `ignore_eos`) and
+        `stop_token_ids`. The one place that says so, for the sampler and the stop check."""
+        ids = (
+            self.params.stop_token_ids
+            if self.params.ignore_eos
+            else (*eos, *self.params.stop_token_ids)
+        )
+        return tuple(dict.fromkeys(ids))
+
+    def banned_stop_tokens(self, eos: tuple[int, ...]) -> tuple[int, ...]:
+        """The stop tokens the sampler must not pick now: all of them until `min_tokens` are
+        out. A grammar, where there is one, decides instead when the sequence may end."""
+        if self.num_output_tokens >= self.params.min_tokens or self.matcher is not None:
+            return ()
+        return self.stop_tokens(eos)
 
     @property
     def finish_reason(self) -> str | None:
@@ -179,6 +197,23 @@ class RequestOutput:
     @property
     def token_ids(self) -> list[int]:
         return self.outputs[0].token_ids
+
+    def stop_tokens(self, eos: tuple[int, ...]) -> tuple[int, ...]:
+        """The tokens that end this sequence when sampled: EOS (unless `ignore_eos`) and
+        `stop_token_ids`. The one place that says so, for the sampler and the stop check."""
+        ids = (
+            self.params.stop_token_ids
+            if self.params.ignore_eos
+            else (*eos, *self.params.stop_token_ids)
+        )
+        return tuple(dict.fromkeys(ids))
+
+    def banned_stop_tokens(self, eos: tuple[int, ...]) -> tuple[int, ...]:
+        """The stop tokens the sampler must not pick now: all of them until `min_tokens` are
+        out. A grammar, where there is one, decides instead when the sequence may end."""
+        if self.num_output_tokens >= self.params.min_tokens or self.matcher is not None:
+            return ()
+        return self.stop_tokens(eos)
 
     @property
     def finish_reason(self) -> str | None:

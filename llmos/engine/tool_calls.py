@@ -37,6 +37,7 @@ from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import CompletionOutput, FunctionCall, ToolCall
 from llmos.engine.structured import checked_grammar, json_schema_grammar, styled_schema
 from llmos.errors import RequestError
+from llmos.models.messages import normalize
 from llmos.models.tokenizer import Tokenizer
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -179,7 +180,7 @@ def render_messages(
     native = renders_tools(tokenizer)
     hermes = native and OPEN in (tokenizer.chat_template or "")
     out = []
-    for m in messages:
+    for m in normalize(messages):
         m = {**m, "content": m.get("content") or ""}
         past = m.pop("tool_calls", None)
         if past and native:
@@ -200,7 +201,7 @@ def render_messages(
         return out, ({"tools": tools} if tools else {})
     if calls is not None:
         prompt = _tool_prompt(calls.tools, calls.parallel)
-        if out and out[0]["role"] in ("system", "developer"):
+        if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}".lstrip()}
         else:
             out.insert(0, {"role": "system", "content": prompt})

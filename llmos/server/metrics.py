@@ -1,7 +1,8 @@
 """Prometheus metrics, in a registry of the app's own (so two apps in one process never clash).
 
 Counters and latency histograms are fed by the routes as outputs arrive; the engine gauges are
-read from `engine.stats()` at scrape time, so they are never stale.
+read at scrape time from the snapshot the engine thread publishes after each step
+(`AsyncEngine.stats()`), never from live engine state.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmos.engine.sequence import RequestOutput
+from llmos.engine.stats import EngineStats
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
@@ -27,11 +29,11 @@ _GAUGES = {
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = self._stats()
+        stats = self._stats().as_dict()
         for key, doc in _GAUGES.items():
             yield GaugeMetricFamily(f"llmos_{key}", doc, value=stats[key])
         yield CounterMetricFamily(
@@ -52,7 +54,7 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(

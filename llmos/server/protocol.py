@@ -177,23 +177,10 @@ class ChatMessage(_Request):
     tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
     tool_call_id: str | None = None  # a tool turn: which call this answers
 
-    def for_template(self, index: int) -> dict[str, Any]:
-        """The message as chat templates expect it: text content, `developer` as `system`."""
-        if isinstance(self.content, list):
-            bad = next((p.type for p in self.content if p.type != "text"), None)
-            if bad is not None:
-                raise APIError(
-                    400,
-                    f"messages[{index}].content: '{bad}' parts are not supported;"
-                    " this model reads text only",
-                    param=f"messages[{index}].content",
-                )
-            content = "\n".join(p.text or "" for p in self.content)
-        else:
-            content = self.content or ""
-        message = self.model_dump(exclude_none=True)
-        message.update(role="system" if self.role == "developer" else self.role, content=content)
-        return message
+    def for_template(self) -> dict[str, Any]:
+        """The message as sent; `llmos.models.messages.normalize` (on every path to the chat
+        template) maps `developer` to `system` and text parts to text."""
+        return self.model_dump(exclude_none=True)
 
 
 class ChatCompletionRequest(SamplingRequest):
