@@ -77,7 +77,7 @@ def program(steps: int) -> Program:
         name="researcher",
         version="1",
         system_prompt=SYSTEM,
-        tools=["lookup"],
+        tools=[lookup],
         tool_choice=["lookup"] * steps + ["none"],
         limits={
             "max_steps": steps + 1,

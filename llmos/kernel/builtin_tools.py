@@ -3,17 +3,18 @@ unified diff) and `write_file` (new files only); `run_command` runs an allow-lis
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import threading
-import time
 
 from llmos.kernel import patch, sandbox
 from llmos.kernel.sandbox import Refused
-from llmos.kernel.tools import ToolContext, tool
+from llmos.kernel.toolspec import Tool, ToolContext, tool, tool_of
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PROGRAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -22,7 +23,6 @@ _PROGRAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _SHELL_SYNTAX = re.compile(r"[;|&$`<>!\n\r]")
 MAX_LISTING = 500
 MAX_SEARCHED_FILES = 5000
-MAX_WRITTEN_BYTES = 64 << 20  # the largest file a command may write
 
 
 def _read_text(ctx: ToolContext, path: str) -> str:
@@ -161,19 +161,23 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
         argv: The program and its arguments, e.g. ["pytest", "-q"].
     """
     _check_argv(argv, ctx)
+    policy = ctx.policy
+    if shutil.which(argv[0], path=SAFE_PATH) is None:
+        raise Refused(f"command {argv[0]!r} is not installed")
     env = {"PATH": SAFE_PATH, "HOME": str(ctx.workspace), "LANG": "C.UTF-8", "TERM": "dumb"}
-    cap = ctx.policy.max_output_chars
+    cap = policy.max_output_chars
     runaway = max(4 * cap, 1 << 20)  # bytes read before a writer counts as runaway
+    isolate = [] if policy.network else network_isolation()
     try:
         proc = subprocess.Popen(
-            argv,
+            (isolate or []) + argv,
             cwd=ctx.workspace,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_limits(ctx.policy.command_timeout),
+            start_new_session=True,  # its own process group, killed whole at the end
+            preexec_fn=_limits(policy.command_timeout, policy.max_written_bytes),
         )
     except FileNotFoundError:
         raise Refused(f"command {argv[0]!r} is not installed") from None
@@ -192,13 +196,12 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
-    deadline = time.monotonic() + ctx.policy.command_timeout
     try:
-        code = proc.wait(timeout=ctx.policy.command_timeout)
+        code = proc.wait(timeout=policy.command_timeout)
     except subprocess.TimeoutExpired:
-        _kill(proc)
         code = None
-    reader.join(max(0.1, deadline - time.monotonic() + 1))
+    _kill(proc)  # always: what it left running in its group (a daemon, a stray child) goes too
+    reader.join(5)
     out = b"".join(chunks)[:cap].decode("utf-8", errors="replace")
     if size[0] > cap:
         out += f"\n[... output cut at {cap} of {size[0]}+ bytes]"
@@ -208,19 +211,40 @@ def run_command(argv: list[str], ctx: ToolContext) -> str:
         )
     if code is None:
         raise Refused(
-            f"{argv[0]} ran past its {ctx.policy.command_timeout:g}s timeout and was "
+            f"{argv[0]} ran past its {policy.command_timeout:g}s timeout and was "
             f"killed; output so far:\n{out}"
         )
-    return f"exit code {code}\n{out}"
+    why = {
+        -signal.SIGXFSZ: f" (stopped: it wrote a file past the {policy.max_written_bytes}-byte "
+        "limit, policy.max_written_bytes)",
+        -signal.SIGXCPU: " (stopped: it used up its CPU time limit)",
+    }.get(code, "")
+    note = "" if policy.network or isolate else "\n[note: the network is not isolated here]"
+    return f"exit code {code}{why}{note}\n{out}"
 
 
-def _limits(timeout: float):  # noqa: ANN202 - a preexec function
+@functools.cache
+def network_isolation() -> list[str] | None:
+    """The argv prefix that runs a command in a new, empty network namespace (only a loopback
+    that is down: no connection anywhere), or None where this machine does not allow one."""
+    unshare = shutil.which("unshare", path=SAFE_PATH)
+    if unshare is None:
+        return None
+    prefix = [unshare, "--net"] if os.geteuid() == 0 else [unshare, "--map-root-user", "--net"]
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [*prefix, "--"] if probe.returncode == 0 else None
+
+
+def _limits(timeout: float, max_written: int):  # noqa: ANN202 - a preexec function
     """CPU seconds and the size of any file the command writes, capped in the child."""
 
     def apply() -> None:
         cpu = int(timeout) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_WRITTEN_BYTES, MAX_WRITTEN_BYTES))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_written, max_written))
 
     return apply
 
@@ -228,6 +252,13 @@ def _limits(timeout: float):  # noqa: ANN202 - a preexec function
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+
+
+BUILTINS: dict[str, Tool] = {
+    t.name: t
+    for t in map(tool_of, (read_file, list_dir, search_files, write_file, apply_patch, run_command))
+    if t is not None
+}

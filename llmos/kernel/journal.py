@@ -105,9 +105,8 @@ def load(store: Store, pid: int, program: Program | None = None) -> Process:
     row = store.one("SELECT * FROM processes WHERE pid = ?", (pid,))
     if row is None:
         raise KeyError(f"no process with pid {pid}")
-    if program is None:
-        spec = Program.from_dict(json.loads(row["program"]))
-        program = Program.load(spec.source) if spec.source and os.path.isfile(spec.source) else spec
+    if program is None:  # the stored spec: loading a process runs none of its program's code
+        program = Program.from_dict(json.loads(row["program"]))
     steps = [
         step_from_json(r["kind"], r["data"])
         for r in store.query("SELECT kind, data FROM steps WHERE pid = ? ORDER BY seq", (pid,))

@@ -16,7 +16,6 @@ from llmos.kernel.meter import Meter, Price
 from llmos.kernel.process import Process, Status
 from llmos.kernel.program import Program, ProgramError
 from llmos.kernel.store import Store, default_db_path
-from llmos.kernel.tools import TOOLS
 
 APPROVAL_POLL = 0.5  # seconds between looks at the store for a decision made elsewhere
 
@@ -63,9 +62,13 @@ class Kernel:
         """Start a process; returns its pid at once."""
         if not isinstance(program, Program):
             program = Program.load(program)
-        missing = [t for t in program.tools if t not in TOOLS]
+        known = program.tool_table
+        missing = [t for t in program.tools if t not in known]
         if missing:
-            raise ProgramError(f"tools: {missing} are not registered tools; known: {sorted(TOOLS)}")
+            raise ProgramError(
+                f"tools: {missing} are neither built-in nor the program's own tools; "
+                f"known: {sorted(known)}"
+            )
         backend = self._backend_for(program)
         ws = str(Path(workspace or os.getcwd()).resolve())
         if not Path(ws).is_dir():
@@ -84,6 +87,9 @@ class Kernel:
             return pid
         if journal.runner_alive(row) and row["runner_pid"] != os.getpid():
             raise KernelError(f"process {pid} is running in OS process {row['runner_pid']}")
+        source = proc.program.source
+        if source and os.path.isfile(source):  # running it again: now its code may load
+            proc.program = Program.load(source)
         journal.claim(self.store, pid)
         self._start(proc, self._backend_for(proc.program))
         return pid

@@ -31,7 +31,7 @@ from llmos.kernel.process import (
     ToolResultStep,
 )
 from llmos.kernel.store import Store
-from llmos.kernel.tools import TOOLS, ToolResult, execute
+from llmos.kernel.tools import ToolResult, execute
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +144,8 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
     if stop is not None:
         return stop
     prog = proc.program
-    tools = [TOOLS[name].to_openai() for name in prog.tools if name in TOOLS]
+    table = prog.tool_table
+    tools = [table[name].to_openai() for name in prog.tools if name in table]
     msgs = memory.to_messages(proc)
     if ctx.backend.context_window:
         room = ctx.backend.context_window - int(prog.sampling.get("max_tokens") or 256) - 8
@@ -231,7 +232,7 @@ def _problem(proc: Process, turn: ModelTurn) -> tuple[str, str] | None:
 
 
 async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
-    policy, lim = proc.program.policy, proc.program.limits
+    policy, lim, table = proc.program.policy, proc.program.limits, proc.program.tool_table
     started = {s.call_id for s in proc.steps if isinstance(s, ToolCallStep)}
     done = {s.call_id for s in proc.steps if isinstance(s, ToolResultStep)}
     for call in calls:
@@ -240,7 +241,7 @@ async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
         if ctx.killed(proc):
             return GiveUp("killed", "killed by a person (kill)")
         if call.id in started:  # it was running when the kernel stopped
-            tool = TOOLS.get(call.name)
+            tool = table.get(call.name)
             if tool is None or not tool.read_only:
                 _observe(
                     ctx,
@@ -271,7 +272,9 @@ async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
         if call.id not in started:
             proc.status = Status.WAITING_TOOL
             journal.append(ctx.store, proc, ToolCallStep(call.id, call.name, call.arguments))
-        result = await asyncio.to_thread(execute, call.name, call.arguments, proc.workspace, policy)
+        result = await asyncio.to_thread(
+            execute, call.name, call.arguments, proc.workspace, policy, table=table
+        )
         _observe(ctx, proc, call, result)
     proc.status = Status.RUNNING
     return CallModel()

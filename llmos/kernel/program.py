@@ -8,13 +8,13 @@ import hashlib
 import importlib.util
 import json
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llmos.kernel.tools import Policy
+from llmos.kernel.tools import Policy, Tool, table, tool_of
 
 
 class ProgramError(ValueError):
@@ -51,6 +51,9 @@ class Program:
     tool_choice: str | list[str] = "auto"
     summarize: bool = False  # summarize what trimming drops from the context, else elide it
     source: str | None = None  # the .py file that defines it (its custom tools)
+    # The program's own tools (@tool functions listed in `tools`, or defined in its .py file);
+    # not stored: a process loaded from the store has only their names until it runs again.
+    own_tools: dict[str, Tool] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, dict):
@@ -58,7 +61,15 @@ class Program:
         if isinstance(self.limits, dict):
             self.limits = _build(Limits, self.limits, "limits")
         self.version = str(self.version)
-        self.tools = [t.tool.name if hasattr(t, "tool") else t for t in self.tools]
+        names = []
+        for entry in self.tools:
+            t = tool_of(entry)
+            if t is not None:
+                self.own_tools[t.name] = t
+            elif not isinstance(entry, str):
+                raise ProgramError(f"tools: {entry!r} is neither a tool name nor a @tool function")
+            names.append(t.name if t is not None else entry)
+        self.tools = names
         if self.policy.allowed_tools is None:
             self.policy.allowed_tools = list(self.tools)
         choices = [self.tool_choice] if isinstance(self.tool_choice, str) else self.tool_choice
@@ -83,8 +94,18 @@ class Program:
         """Identifies the exact system prompt a process ran with, beside its version."""
         return hashlib.sha256(self.system_prompt.encode()).hexdigest()[:12]
 
+    @property
+    def tool_table(self) -> dict[str, Tool]:
+        """The tools its calls can reach: the built-ins plus its own."""
+        return table(self.own_tools.values())
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            f.name: asdict(v) if is_dataclass(v) else v
+            for f in fields(self)
+            if f.name != "own_tools"
+            for v in [getattr(self, f.name)]
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Program:
@@ -111,7 +132,7 @@ class Program:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls) if f.name != "own_tools"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ProgramError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
@@ -135,4 +156,6 @@ def _load_python(path: Path) -> Program:
     if not isinstance(program, Program):
         raise ProgramError(f"{path}: define `program = Program(...)` at module level")
     program.source = str(path.resolve())
+    own = {t.name: t for t in map(tool_of, vars(module).values()) if t is not None}
+    program.own_tools = {**own, **program.own_tools}
     return program
