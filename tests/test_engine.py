@@ -173,6 +173,25 @@ def test_min_tokens_holds_off_eos(llm: LLM) -> None:
     assert len(out.token_ids) >= 40
 
 
+@pytest.mark.parametrize("no_eos", [False, True], ids=["ignore_eos", "tokenizer-without-eos"])
+def test_min_tokens_holds_off_stop_token_ids_too(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch, no_eos: bool
+) -> None:
+    """With EOS out of play (ignored, or a tokenizer with none), stop_token_ids must still wait
+    for min_tokens: the sampler's ban and the stop check decide from one list."""
+    first = llm.generate(PROMPTS[0], GREEDY)[0].token_ids
+    stop = first[0]  # what greedy decoding picks first: without the ban it would end at once
+    if no_eos:
+        monkeypatch.setattr(llm.engine.tokenizer, "eos_token_ids", ())
+    params = SamplingParams(
+        temperature=0, max_tokens=12, min_tokens=4, stop_token_ids=[stop], ignore_eos=not no_eos
+    )
+    out = llm.generate(PROMPTS[0], params)[0]
+    assert len(out.token_ids) >= 4, out.token_ids
+    assert stop not in out.token_ids[:4]
+    assert out.finish_reason == "length" or out.token_ids[-1] == stop
+
+
 def test_penalties_reduce_repetition(llm: LLM) -> None:
     prompt = "one one one one one one one one"
     plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
@@ -242,3 +261,24 @@ def test_kv_memory_follows_tokens_in_use() -> None:
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("field", ["kv_cache_memory", "--max-body-size"])
+def test_parse_bytes_names_the_field_it_reads(field: str) -> None:
+    from llmos.engine.llm_engine import parse_bytes
+
+    assert parse_bytes("2GiB", field) == 2 << 30 and parse_bytes("512kb", field) == 512 << 10
+    for bad in ("lots", "1.2.3MB", "-5", "0", True):
+        with pytest.raises(RequestError) as err:
+            parse_bytes(bad, field)  # type: ignore[arg-type]
+        assert err.value.param == field and str(err.value).startswith(f"{field}:")
+
+
+def test_serve_names_max_body_size_in_its_error() -> None:
+    from typer.testing import CliRunner
+
+    from llmos.cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", "--port", "0", "--max-body-size", "huge"])
+    assert result.exit_code == 2
+    assert "--max-body-size" in result.output and "kv_cache_memory" not in result.output
