@@ -19,7 +19,6 @@ ADVICE = {
     "try a larger model, constrained tool calls, or a simpler output schema.",
     "backend": "The model backend failed: check that it is reachable, then `llmos resume PID`.",
     "killed": "A person stopped the process. Nothing more runs; start it again if needed.",
-    "denied": "A person denied a call the program needed; change the task or the policy.",
 }
 
 

@@ -78,10 +78,6 @@ def read_bytes(workspace: str | Path, target: Path) -> bytes:
         return f.read()
 
 
-def relative(workspace: str | Path, path: Path) -> str:
-    return path.relative_to(workspace_root(workspace)).as_posix() or "."
-
-
 def write_new(target: Path, data: bytes) -> None:
     """Create a file that must not exist yet; never follows a symlink."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
