@@ -41,7 +41,7 @@ class ChatRequest:
     tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI `tools` entries
     tool_choice: str | dict[str, Any] = "auto"
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, max_tokens, seed...
-    priority: int = 0  # lower runs first, as in the engine
+    priority: int = 0  # higher runs first (and may preempt lower), as in the engine
     user: str | None = None
     request_id: str | None = None
     # A key (the process) under which the backend may keep this conversation's KV cache after

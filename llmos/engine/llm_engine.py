@@ -202,6 +202,8 @@ class LLMEngine:
     ) -> list[int]:
         """Queue a request; it joins the batch on the next step. Returns its prompt token ids.
 
+        Higher `priority` is scheduled first and may preempt lower (see `Scheduler`).
+
         With `retain`, a request that completes leaves its conversation's KV blocks pinned
         under that key (replacing the key's previous pin) until `release(retain)`, or until
         memory pressure takes them back: an agent's next turn then prefills only what is new."""

@@ -59,7 +59,8 @@ class Kernel:
         *,
         workspace: str | Path | None = None,
     ) -> int:
-        """Start a process; returns its pid at once."""
+        """Start a process; returns its pid at once. Its model calls carry `priority` to the
+        engine: higher runs first, and may preempt lower."""
         if not isinstance(program, Program):
             program = Program.load(program)
         known = program.tool_table
