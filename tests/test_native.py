@@ -105,3 +105,19 @@ def test_paged_attention_native_and_torch_paths_agree() -> None:
     fast = paged_attention(q, q[:, :3], q[:, :3], k_cache, v_cache, meta, 0.3)
     slow = decode_attention_torch(q, k_cache, v_cache, meta, 0.3)  # the path CUDA takes
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_cache_dir_turns_off_the_kernel_cache_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """`LLMOS_CACHE_DIR=""` turned off the model cache but still built kernels into ~/.cache."""
+    from llmos.models import native
+    from llmos.models.cache import cache_dir, scratch_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LLMOS_CACHE_DIR", "")
+    assert cache_dir() is None
+    build = native._build_dir("k")
+    assert build.is_relative_to(scratch_dir()) and not build.is_relative_to(tmp_path)
+    monkeypatch.setenv("LLMOS_CACHE_DIR", str(tmp_path / "c"))
+    assert native._build_dir("k") == tmp_path / "c" / "kernels" / "k"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmos.models.cache import cache_dir
 from llmos.models.config import ModelConfig
 from llmos.models.tokenizer import Tokenizer
 
@@ -31,14 +31,6 @@ class Checkpoint:
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer
-
-
-def cache_dir() -> Path | None:
-    """`LLMOS_CACHE_DIR` (empty disables the cache), else ~/.cache/llmos."""
-    value = os.environ.get("LLMOS_CACHE_DIR")
-    if value == "":
-        return None
-    return Path(value) if value else Path.home() / ".cache" / "llmos"
 
 
 def load_checkpoint(path: str | Path, use_cache: bool = True) -> Checkpoint:

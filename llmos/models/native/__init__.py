@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+from llmos.models.cache import cache_dir, scratch_dir
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")
 _lock = threading.Lock()
@@ -34,9 +36,8 @@ def _cpu_flags() -> str:
 
 
 def _build_dir(key: str) -> Path:
-    root = os.environ.get("LLMOS_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "llmos"
-    return base / "kernels" / key
+    """Under the cache folder; with caching off (`LLMOS_CACHE_DIR=""`), a scratch folder."""
+    return (cache_dir() or scratch_dir()) / "kernels" / key
 
 
 def enabled() -> bool:
