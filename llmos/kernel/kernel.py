@@ -4,6 +4,7 @@ backends, with every step in the store. `Kernel(backend=..., db=PATH)`."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from llmos.kernel.process import Process, Status
 from llmos.kernel.program import Program, ProgramError
 from llmos.kernel.store import Store, default_db_path
 
+log = logging.getLogger(__name__)
 APPROVAL_POLL = 0.5  # seconds between looks at the store for a decision made elsewhere
 
 
@@ -230,6 +232,13 @@ class Kernel:
             await loop.run(proc, ctx)
             if ctx.detached:
                 journal.release(self.store, proc.pid)
+        except Exception as exc:
+            # Our own bug. It must not leave the process "running" for ever with nothing
+            # running it: log the traceback, fail the process with a report, serve the rest.
+            log.exception("process %d: kernel error", proc.pid)
+            why = f"kernel error: {type(exc).__name__}: {exc}"
+            loop.give_up(proc, ctx, loop.GiveUp("internal", why))
+            journal.save_status(self.store, proc)
         finally:
             if ctx.backend is not None:  # its next turn is not coming here
                 ctx.backend.release(loop.retain_key(proc))

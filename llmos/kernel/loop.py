@@ -10,14 +10,17 @@ model call, so a crashed run resumes from its transcript.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import jsonschema
 
-from llmos.backends.base import Backend, ChatRequest, ToolCall
+from llmos.backends.base import Backend, ChatRequest, ChatResult, ToolCall, Usage
 from llmos.kernel import journal, memory, report
 from llmos.kernel.meter import Meter
 from llmos.kernel.process import (
@@ -32,6 +35,8 @@ from llmos.kernel.process import (
 )
 from llmos.kernel.store import Store
 from llmos.kernel.tools import ToolResult, execute
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +183,9 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
         )
     except Exception as exc:  # noqa: BLE001 - a failed backend stops the run with a report
         return GiveUp("backend", f"backend {ctx.backend.name} failed: {type(exc).__name__}: {exc}")
+    garbage = _garbage(result)
+    if garbage is not None:
+        return GiveUp("backend", f"backend {ctx.backend.name} returned garbage: {garbage}")
     cost = ctx.meter.price(ctx.backend.kind, ctx.backend.name).cost(result)
     u = result.usage
     turn = ModelTurn(
@@ -194,6 +202,36 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
     )
     journal.append(ctx.store, proc, turn, model=ctx.backend.name)
     return classify(proc, turn)
+
+
+def _garbage(result: object) -> str | None:
+    """Why a backend's reply is not a well-formed ChatResult (a backend bug, not the model's
+    mistake: a model's unreadable text comes back as `malformed`), or None."""
+    if not isinstance(result, ChatResult):
+        return f"{type(result).__name__} instead of a ChatResult"
+    if not isinstance(result.content, str | None):
+        return f"content is a {type(result.content).__name__}"
+    if not isinstance(result.tool_calls, list) or not all(
+        isinstance(c, ToolCall)
+        and isinstance(c.id, str)
+        and isinstance(c.name, str)
+        and isinstance(c.arguments, str)
+        for c in result.tool_calls
+    ):
+        return "tool_calls is not a list of ToolCall(id, name, arguments: str)"
+    u = result.usage
+    if not isinstance(u, Usage) or not all(
+        isinstance(n, int) and n >= 0
+        for n in (u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+    ):
+        return "usage is not a Usage of token counts"
+    if not isinstance(result.engine_seconds, int | float) or not isinstance(result.raw, str):
+        return "engine_seconds or raw has the wrong type"
+    if not isinstance(result.malformed, str | None) or not isinstance(
+        result.finish_reason, str | None
+    ):
+        return "malformed or finish_reason has the wrong type"
+    return None
 
 
 def classify(proc: Process, turn: ModelTurn) -> NextStep:
@@ -272,12 +310,37 @@ async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
         if call.id not in started:
             proc.status = Status.WAITING_TOOL
             journal.append(ctx.store, proc, ToolCallStep(call.id, call.name, call.arguments))
-        result = await asyncio.to_thread(
-            execute, call.name, call.arguments, proc.workspace, policy, table=table
-        )
+        run = functools.partial(execute, call.name, call.arguments, proc.workspace, policy)
+        result = await in_thread(functools.partial(run, table=table))
         _observe(ctx, proc, call, result)
     proc.status = Status.RUNNING
     return CallModel()
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    """`fn()` in a thread of its own: hung tools (each abandoned after its timeout) can never
+    use up a shared pool and starve the other processes' calls."""
+    running = asyncio.get_running_loop()
+    future: asyncio.Future[T] = running.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    def work() -> None:
+        try:
+            value = fn()
+        except BaseException as exc:  # noqa: BLE001 - our bug: raised in the loop, not lost
+            running.call_soon_threadsafe(settle, None, exc)
+        else:
+            running.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=work, name="llmos-call", daemon=True).start()
+    return await future
 
 
 def _observe(ctx: Context, proc: Process, call: ToolCall, result: ToolResult) -> None:

@@ -19,6 +19,8 @@ ADVICE = {
     "try a larger model, constrained tool calls, or a simpler output schema.",
     "backend": "The model backend failed: check that it is reachable, then `llmos resume PID`.",
     "killed": "A person stopped the process. Nothing more runs; start it again if needed.",
+    "internal": "llmos itself failed (a bug; the traceback is in the kernel's log): report it, "
+    "then `llmos resume PID`.",
 }
 
 
