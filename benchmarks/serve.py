@@ -124,9 +124,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_process(args: list[str], port: int) -> Iterator[str]:
+def server_process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
     """Start a server process; yield its base URL once /v1/models answers; stop it."""
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(

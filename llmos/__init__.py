@@ -5,7 +5,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING, Any
+
+# OpenMP's worker threads spin-wait between parallel regions unless told otherwise. On cores
+# shared with other work, the spinning threads take the CPU from the ones doing the work, and
+# a server's plain requests ran 15x slower. PASSIVE makes idle workers sleep. The OpenMP runtime
+# reads this once, when torch loads it, so it is set here, before any llmos module imports
+# torch; a value the user set wins. (`OMP_LATE`: torch was loaded first, so it cannot apply.)
+OMP_LATE = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "Kernel", "Program", "SamplingParams", "__version__", "tool"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+import llmos
 from llmos.engine.block_manager import BlockManager
 from llmos.engine.runner import ModelRunner, StepResult
 from llmos.engine.sampling import SamplingParams
@@ -95,6 +96,12 @@ class EngineConfig:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **options: object) -> None:
         config = config or EngineConfig(**options)  # type: ignore[arg-type]
+        if llmos.OMP_LATE:
+            log.warning(
+                "torch was imported before llmos, so OpenMP's threads spin-wait and slow down "
+                "sharply when other work shares the cores; import llmos first, or set "
+                "OMP_WAIT_POLICY=PASSIVE before Python starts"
+            )
         self.config = config
         self.device = config.torch_device()
         torch.manual_seed(config.seed)
