@@ -17,14 +17,12 @@ import pytest
 
 from llmos import LLM
 from llmos.backends import ChatRequest
-from llmos.backends import local as local_backend
 from llmos.backends.local import LocalBackend
 from llmos.backends.openai_http import OpenAIHTTPBackend
 from llmos.kernel import Kernel, Program, Status
 from llmos.kernel.process import ModelTurn, ToolResultStep
 from llmos.kernel.tools import TOOLS
 
-CONSTRAINED = local_backend.prepare_chat is not None
 READER = Program(
     name="reader",
     system_prompt="You answer questions about files. Use read_file to read a file.",
@@ -77,7 +75,6 @@ def test_local_backend_chat_usage_priority_and_cache(llm: LLM) -> None:
     assert seen == [(3, "ann"), (3, "ann")]
 
 
-@pytest.mark.skipif(not CONSTRAINED, reason="the engine has no constrained tool calls yet")
 def test_local_backend_constrained_tool_call(llm: LLM) -> None:
     async def go():  # noqa: ANN202
         backend = LocalBackend(llm.engine)
@@ -101,11 +98,6 @@ def test_local_backend_constrained_tool_call(llm: LLM) -> None:
     assert result.raw.startswith("<tool_call>")
 
 
-@pytest.mark.xfail(
-    not CONSTRAINED,
-    strict=False,
-    reason="SmolLM2-135M calls tools reliably only with constrained decoding",
-)
 def test_end_to_end_smollm2_reads_a_file_and_answers(llm: LLM, ws: Path, tmp_path: Path) -> None:
     with Kernel(backend=LocalBackend(llm.engine), db=tmp_path / "k.db") as kernel:
         p = kernel.wait(kernel.spawn(READER, TASK, user="e2e", workspace=ws), 300)
@@ -176,16 +168,15 @@ def test_openai_http_against_llmos_serve(served: str) -> None:
 
 
 def test_kernel_over_openai_http(served: str, ws: Path, tmp_path: Path) -> None:
-    """The same program through the HTTP backend: native tool calls when the server has them,
-    else the tools rendered into the prompt."""
-    native = CONSTRAINED
-    backend = OpenAIHTTPBackend(served, "smollm2-135m", native_tools=native)
+    """The same program through the HTTP backend, with the server's native (grammar-
+    constrained) tool calls: it reads the file and answers, metered under the HTTP model."""
+    backend = OpenAIHTTPBackend(served, "smollm2-135m", native_tools=True)
     with Kernel(backend=backend, db=tmp_path / "k.db") as kernel:
         p = kernel.wait(kernel.spawn(READER, TASK, user="http", workspace=ws), 300)
         rows = kernel.store.query("SELECT model, prompt_tokens, completion_tokens FROM usage")
     assert rows and all(r["model"].startswith("openai_http:smollm2-135m@") for r in rows)
     assert all(r["prompt_tokens"] > 0 for r in rows)
-    if not native:
-        return  # a 135M model without constrained decoding may not manage the call
     assert p.status is Status.DONE, p.report
     assert "7319" in (p.answer or "")
+    turns = [s for s in p.steps if isinstance(s, ModelTurn)]
+    assert turns[0].tool_calls and turns[0].tool_calls[0].name == "read_file"
