@@ -118,10 +118,6 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
-
     def stats(self) -> EngineStats:
         """The engine's counters as of its last step. Safe from any thread: the snapshot is
         made on the engine thread and never changes (live engine state is not read here)."""

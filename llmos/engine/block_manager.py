@@ -55,11 +55,6 @@ class BlockManager:
     def num_used(self) -> int:
         return self.num_blocks - self.num_free
 
-    @property
-    def num_cached(self) -> int:
-        """Blocks that hold a named prefix (in use or evictable)."""
-        return len(self._block_of)
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
