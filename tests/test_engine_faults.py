@@ -165,3 +165,21 @@ def test_other_threads_read_only_the_published_snapshot(
     assert snapshot.num_steps > 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         snapshot.num_steps = 0  # type: ignore[misc]
+
+
+def test_orphaned_blocks_are_counted_and_zero_in_normal_work() -> None:
+    """`kv_blocks_orphaned` (and /metrics' llmos_kv_blocks_orphaned) is what a soak watches:
+    blocks in use that no live request or pin holds."""
+    llm = LLMEngine(kv_cache_memory="16MiB", max_num_seqs=4)
+    for i in range(3):
+        llm.add_request(f"r{i}", f"Tell me about the number {i}.", PARAMS, retain=f"k{i % 2}")
+    seen = []
+    while llm.has_unfinished_requests():
+        llm.step()
+        seen.append(llm.stats().kv_blocks_orphaned)
+    llm.abort_request("none")
+    assert set(seen) == {0}
+    stats = llm.stats()
+    assert stats.kv_blocks_used == stats.kv_blocks_pinned > 0  # only the pins hold blocks now
+    llm.blocks._free.pop()  # a leak: a block off the free list that nothing holds
+    assert llm.stats().kv_blocks_orphaned == 1

@@ -55,6 +55,11 @@ class BlockManager:
     def num_used(self) -> int:
         return self.num_blocks - self.num_free
 
+    @property
+    def num_cached(self) -> int:
+        """Blocks that hold a named prefix (in use or evictable)."""
+        return len(self._block_of)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -189,10 +194,13 @@ class BlockManager:
     def num_pins(self) -> int:
         return len(self._pins)
 
+    def pinned_blocks(self) -> set[int]:
+        """Blocks held by at least one pin."""
+        return {b for blocks in self._pins.values() for b in blocks}
+
     @property
     def num_pinned(self) -> int:
-        """Blocks held by at least one pin."""
-        return len({b for blocks in self._pins.values() for b in blocks})
+        return len(self.pinned_blocks())
 
     def reset_prefix_cache(self) -> None:
         """Forget every evictable named block (those in use keep their names)."""

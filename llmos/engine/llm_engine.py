@@ -385,12 +385,15 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """A snapshot of the counters. Call it on the thread that steps the engine; other
         threads read the one `AsyncEngine` publishes after each step."""
+        pinned = self.blocks.pinned_blocks()
+        held = pinned.union(*(s.block_table for seqs in self.requests.values() for s in seqs))
         return EngineStats(
             num_requests_running=len(self.scheduler.running),
             num_requests_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.num_used,
             kv_blocks_total=self.blocks.num_blocks,
-            kv_blocks_pinned=self.blocks.num_pinned,
+            kv_blocks_pinned=len(pinned),
+            kv_blocks_orphaned=self.blocks.num_used - len(held),
             num_pins=self.blocks.num_pins,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.blocks.queried_tokens,

@@ -18,6 +18,7 @@ class EngineStats:
     kv_blocks_used: int = 0  # blocks referenced by a sequence or a pin
     kv_blocks_total: int = 0
     kv_blocks_pinned: int = 0  # blocks held by at least one pin
+    kv_blocks_orphaned: int = 0  # in use, yet held by no live request and no pin: a leak
     num_pins: int = 0
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache

@@ -25,6 +25,7 @@ _GAUGES = {
     "kv_blocks_used": "KV cache blocks in use.",
     "kv_blocks_total": "KV cache blocks in all.",
     "kv_blocks_pinned": "KV cache blocks pinned for agents waiting on a tool.",
+    "kv_blocks_orphaned": "KV cache blocks in use yet held by no live request or pin (a leak).",
 }
 
 
