@@ -16,11 +16,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from llmos import __version__
 from llmos.engine.async_engine import AsyncEngine
-from llmos.server import errors
+from llmos.server import errors, openapi
 from llmos.server.chat import create_chat_completion
 from llmos.server.completions import create_completion
 from llmos.server.limits import Guard
-from llmos.server.protocol import ModelCard, ModelList
+from llmos.server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 from llmos.server.state import ServerConfig, ServerState
 
 _HEALTH_TIMEOUT = 10.0  # seconds for the engine thread to answer between two steps
@@ -45,6 +52,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
             state.metrics.count(status)
 
     errors.install(app, count)
+    openapi.install(app, [ChatCompletionRequest, CompletionRequest])
     app.add_middleware(
         Guard,
         api_key=state.config.api_key,
@@ -53,20 +61,30 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         on_refused=lambda _path, status: state.metrics.count(status),
     )
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=openapi.body(ChatCompletionRequest),
+        responses=openapi.responses(ChatCompletion, stream=True),
+    )
     async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(state, request)
+        with errors.internal_errors(request.url.path):
+            return await create_chat_completion(state, request)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        openapi_extra=openapi.body(CompletionRequest),
+        responses=openapi.responses(Completion, stream=True),
+    )
     async def completions(request: Request) -> Response:
-        return await create_completion(state, request)
+        with errors.internal_errors(request.url.path):
+            return await create_completion(state, request)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
         state.metrics.count(200)
         return ModelList(data=[_card(state)])
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=openapi.responses(ModelCard, stream=False))
     async def get_model(model: str) -> ModelCard:
         state.check_model(model)
         state.metrics.count(200)

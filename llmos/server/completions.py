@@ -39,12 +39,22 @@ def _jobs(state: ServerState, req: CompletionRequest) -> tuple[list[PromptJob], 
             state.check_text_fits(len(prompt), "prompt")
             ids, text = (tokenizer.encode(prompt) if prompt else []), prompt
         else:
+            _check_ids(prompt, state.engine.engine.model_config.vocab_size)
             ids, text = prompt, (tokenizer.decode(prompt) if req.echo else "")
         # None: the engine gives the room left in the context and the KV cache
         params = req.sampling_params(max_tokens=req.max_tokens, logprobs=req.logprobs)
         jobs.append(PromptJob(ids, params))
         texts.append(text)
     return jobs, texts
+
+
+def _check_ids(ids: list[int], vocab: int) -> None:
+    """Before `echo` decodes them: the tokenizer overflows on an id past 2**32."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(
+            400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt"
+        )
 
 
 async def create_completion(state: ServerState, request: Request) -> Response:

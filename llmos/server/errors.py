@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -110,6 +111,25 @@ def from_validation(errors: Sequence[Any]) -> APIError:
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     message = f"{param}: {err['msg']}{more}" if param else f"{err['msg']}{more}"
     return APIError(400, message, param=param, code="invalid_value")
+
+
+_ANSWERED = (APIError, RequestError, ValidationError, ClientDisconnected, StarletteHTTPException)
+
+
+@contextmanager
+def internal_errors(path: str) -> Iterator[None]:
+    """A route's own bug becomes a 500 in OpenAI's shape, raised where FastAPI answers it.
+
+    Left to the catch-all `Exception` handler, Starlette's outermost middleware would answer and
+    then re-raise it, and uvicorn closes the connection: the client's next request on that
+    keep-alive connection fails with a reset."""
+    try:
+        yield
+    except _ANSWERED:
+        raise
+    except Exception as exc:
+        log.exception("unexpected error on %s", path)
+        raise APIError.internal(exc) from exc
 
 
 def install(app: FastAPI, on_error: Callable[[Request, int], None]) -> None:

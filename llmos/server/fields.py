@@ -68,7 +68,7 @@ def _unknown(d: dict[str, Any], known: set[str], prefix: str) -> list[str]:
 
 def _listed(names: list[str]) -> str:
     """Names for a header: printable ASCII only (a JSON key may hold anything), capped."""
-    shown = [quote(n, safe="!#$&'()*+/:;=?@[]~") for n in names[:_MAX_LISTED]]
+    shown = [quote(n, safe="!#$&'()*+/:;=?@[]~") or '""' for n in names[:_MAX_LISTED]]
     if len(names) > _MAX_LISTED:
         shown.append(f"...({len(names) - _MAX_LISTED} more)")
     return ",".join(shown)
