@@ -46,7 +46,9 @@ def run(
         Path("."), "--workspace", "-w", help="The folder its tools work in."
     ),
     user: str | None = typer.Option(None, "--user", "-u", help="Who the usage is charged to."),
-    priority: int = typer.Option(0, "--priority", help="Higher runs first (and may preempt lower)."),
+    priority: int = typer.Option(
+        0, "--priority", help="Higher runs first (and may preempt lower)."
+    ),
     model: str = typer.Option(
         "local",
         "--model",
