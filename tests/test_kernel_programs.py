@@ -145,3 +145,40 @@ def test_programs_built_in_python_keep_their_own_tools(tmp_path: Path) -> None:
         # a tool only one program has is not reachable from another
         with pytest.raises(ValueError, match="lookup"):
             kernel.spawn(Program(tools=["lookup"]), "x", workspace=tmp_path)
+
+
+def _kernel_imports() -> dict[str, set[str]]:
+    """Module → the llmos.kernel modules it imports at module level (the package's own
+    __init__ re-exports are left out)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "llmos" / "kernel"
+    names = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        deps: set[str] = set()
+        for node in ast.parse((root / f"{name}.py").read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "llmos.kernel":
+                    deps |= {a.name for a in node.names if a.name in names}
+                elif node.module.startswith("llmos.kernel."):
+                    deps.add(node.module.split(".")[2])
+        graph[name] = deps
+    return graph
+
+
+def test_kernel_modules_import_without_cycles() -> None:
+    graph = _kernel_imports()
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join([*path, name])}"
+        if name in done:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert "tools" not in graph["builtin_tools"]  # the old cycle: tools <-> builtin_tools
