@@ -1,6 +1,8 @@
 """What a Python tool prints goes into its result, not the kernel's terminal. `sys.stdout` and
 `sys.stderr` become routers: writes from a thread running a tool land in that call's `Sink`
-(which keeps the first `cap` characters and counts the rest), every other write passes on."""
+(which keeps the first `cap` characters and counts the rest), every other write passes on.
+Threads a tool starts itself, and subprocesses writing to the file descriptors, are not
+routed."""
 
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def _install() -> None:
     with _install_lock:
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
-            if not isinstance(stream, _Router):
+            if stream is not None and not isinstance(stream, _Router):
                 setattr(sys, name, _Router(stream))
 
 
