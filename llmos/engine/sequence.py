@@ -198,23 +198,6 @@ class RequestOutput:
     def token_ids(self) -> list[int]:
         return self.outputs[0].token_ids
 
-    def stop_tokens(self, eos: tuple[int, ...]) -> tuple[int, ...]:
-        """The tokens that end this sequence when sampled: EOS (unless `ignore_eos`) and
-        `stop_token_ids`. The one place that says so, for the sampler and the stop check."""
-        ids = (
-            self.params.stop_token_ids
-            if self.params.ignore_eos
-            else (*eos, *self.params.stop_token_ids)
-        )
-        return tuple(dict.fromkeys(ids))
-
-    def banned_stop_tokens(self, eos: tuple[int, ...]) -> tuple[int, ...]:
-        """The stop tokens the sampler must not pick now: all of them until `min_tokens` are
-        out. A grammar, where there is one, decides instead when the sequence may end."""
-        if self.num_output_tokens >= self.params.min_tokens or self.matcher is not None:
-            return ()
-        return self.stop_tokens(eos)
-
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
