@@ -65,6 +65,8 @@ class Backend(Protocol):
     name: str  # "local:smollm2-135m", "openai_http:MODEL@URL", ... (the meter's model key)
     kind: str  # the price table's key: "local", "openai_http", "scripted"
     context_window: int | None  # tokens, when known
+    # Optional `enforces_schema: bool`: True where tool-call arguments are decoded under their
+    # schema (a long enum is then safe to send); the kernel reads it with getattr, default False.
 
     async def chat(self, request: ChatRequest) -> ChatResult: ...
 

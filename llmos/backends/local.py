@@ -24,6 +24,7 @@ DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "max_tokens": 256}
 
 class LocalBackend:
     kind = "local"
+    enforces_schema = True  # tool arguments are decoded under their JSON schema's grammar
 
     def __init__(self, engine: LLMEngine | AsyncEngine | None = None, **engine_options: Any):
         owns = not isinstance(engine, AsyncEngine)

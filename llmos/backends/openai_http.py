@@ -29,6 +29,7 @@ class OpenAIHTTPBackend:
         *,
         api_key: str = "none",
         native_tools: bool = True,
+        enforces_schema: bool = False,
         send_priority: bool = False,
         context_window: int | None = None,
         timeout: float = 600.0,
@@ -39,6 +40,9 @@ class OpenAIHTTPBackend:
         )
         self.model = model
         self.native_tools = native_tools
+        # True for a server known to decode tool arguments under their schema (llmos serve,
+        # vLLM with guided decoding): the kernel then sends long enums too.
+        self.enforces_schema = enforces_schema
         self.send_priority = send_priority  # vLLM and llmos read `priority`; others may not
         self.name = f"openai_http:{model}@{base_url}"
         self.context_window = context_window

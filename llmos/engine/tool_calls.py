@@ -157,10 +157,38 @@ def _calls_text(calls: list[dict[str, Any]], hermes: bool) -> str:
     return f"{OPEN}{json.dumps(items)}{CLOSE}"
 
 
+PROMPT_ENUM_MAX = 40  # enum values shown in the tool prompt; the grammar enforces them all
+
+
+def elide_enums(schema: Any) -> Any:
+    """The schema as the prompt shows it: an `enum` longer than PROMPT_ENUM_MAX keeps its first
+    values and says how many it has, so 10k paths do not fill the context (the grammar, built
+    from the full schema, still admits exactly them)."""
+    if isinstance(schema, list):
+        return [elide_enums(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: elide_enums(v) for k, v in schema.items()}
+    enum = schema.get("enum")
+    if isinstance(enum, list) and len(enum) > PROMPT_ENUM_MAX:
+        out["enum"] = enum[:PROMPT_ENUM_MAX]
+        note = f"one of {len(enum)} values, the first {PROMPT_ENUM_MAX} shown"
+        out["description"] = (
+            f"{schema['description']} ({note})" if schema.get("description") else note
+        )
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and len(pattern) > 200:
+        out["pattern"] = pattern[:200] + "..."
+    return out
+
+
 def _tool_prompt(tools: list[dict[str, Any]], parallel: bool) -> str:
+    shown = [
+        {**t["function"], "parameters": elide_enums(t["function"]["parameters"])} for t in tools
+    ]
     lines = [
         "You can call these tools:",
-        f"<tools>{json.dumps([t['function'] for t in tools])}</tools>",
+        f"<tools>{json.dumps(shown)}</tools>",
         f"To call tools, reply with only a JSON list of calls between {OPEN} and {CLOSE}:",
         f'{OPEN}[{{"name": "tool_name", "arguments": {{"arg": "value"}}}}]{CLOSE}',
         "Otherwise, answer the user directly.",
@@ -198,7 +226,17 @@ def render_messages(
             m["content"] += _calls_text(past, hermes)
         out.append(m)
     if native:
-        return out, ({"tools": tools} if tools else {})
+        shown = [
+            {
+                **t,
+                "function": {
+                    **t["function"],
+                    "parameters": elide_enums(t["function"]["parameters"]),
+                },
+            }
+            for t in tools or []
+        ]
+        return out, ({"tools": shown} if shown else {})
     if calls is not None:
         prompt = _tool_prompt(calls.tools, calls.parallel)
         if out and out[0]["role"] == "system":

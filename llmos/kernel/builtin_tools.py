@@ -14,7 +14,16 @@ import threading
 
 from llmos.kernel import patch, sandbox
 from llmos.kernel.sandbox import Refused
-from llmos.kernel.toolspec import Tool, ToolContext, tool, tool_of
+from llmos.kernel.toolspec import (
+    CommandLine,
+    NewPath,
+    Tool,
+    ToolContext,
+    WorkspaceDir,
+    WorkspaceFile,
+    tool,
+    tool_of,
+)
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PROGRAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -38,7 +47,9 @@ def _read_text(ctx: ToolContext, path: str) -> str:
 
 
 @tool(read_only=True)
-def read_file(path: str, ctx: ToolContext, start_line: int = 1, max_lines: int = 400) -> str:
+def read_file(
+    path: WorkspaceFile, ctx: ToolContext, start_line: int = 1, max_lines: int = 400
+) -> str:
     """Read a text file in the workspace.
 
     Args:
@@ -54,7 +65,7 @@ def read_file(path: str, ctx: ToolContext, start_line: int = 1, max_lines: int =
 
 
 @tool(read_only=True)
-def list_dir(ctx: ToolContext, path: str = ".") -> str:
+def list_dir(ctx: ToolContext, path: WorkspaceDir = ".") -> str:
     """List a folder in the workspace (folders end with '/').
 
     Args:
@@ -70,7 +81,9 @@ def list_dir(ctx: ToolContext, path: str = ".") -> str:
 
 
 @tool(read_only=True)
-def search_files(query: str, ctx: ToolContext, path: str = ".", max_results: int = 50) -> str:
+def search_files(
+    query: str, ctx: ToolContext, path: WorkspaceDir = ".", max_results: int = 50
+) -> str:
     """Find lines containing a text (case-insensitive) in the workspace's files.
 
     Args:
@@ -104,7 +117,7 @@ def search_files(query: str, ctx: ToolContext, path: str = ".", max_results: int
 
 
 @tool
-def write_file(path: str, content: str, ctx: ToolContext) -> str:
+def write_file(path: NewPath, content: str, ctx: ToolContext) -> str:
     """Create a new file in the workspace. Existing files change only through apply_patch.
 
     Args:
@@ -154,7 +167,7 @@ def _check_argv(argv: list[str], ctx: ToolContext) -> None:
 
 
 @tool
-def run_command(argv: list[str], ctx: ToolContext) -> str:
+def run_command(argv: CommandLine, ctx: ToolContext) -> str:
     """Run an allow-listed program (no shell) in the workspace and return its output.
 
     Args:

@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import jsonschema
 
 from llmos.backends.base import Backend, ChatRequest, ChatResult, ToolCall, Usage
-from llmos.kernel import journal, memory, report
+from llmos.kernel import argtypes, journal, memory, report
 from llmos.kernel.meter import Meter
 from llmos.kernel.process import (
     ApprovalStep,
@@ -34,7 +35,7 @@ from llmos.kernel.process import (
     ToolResultStep,
 )
 from llmos.kernel.store import Store
-from llmos.kernel.tools import ToolResult, execute
+from llmos.kernel.tools import ToolContext, ToolResult, execute
 
 T = TypeVar("T")
 
@@ -149,8 +150,7 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
     if stop is not None:
         return stop
     prog = proc.program
-    table = prog.tool_table
-    tools = [table[name].to_openai() for name in prog.tools if name in table]
+    tools = call_tools(proc, ctx.backend)
     msgs = memory.to_messages(proc)
     if ctx.backend.context_window:
         room = ctx.backend.context_window - int(prog.sampling.get("max_tokens") or 256) - 8
@@ -202,6 +202,16 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
     )
     journal.append(ctx.store, proc, turn, model=ctx.backend.name)
     return classify(proc, turn)
+
+
+def call_tools(proc: Process, backend: Backend) -> list[dict[str, Any]]:
+    """The program's tools for this model call, their typed arguments as the workspace has them
+    now (an enum of the real files, ...), or plain strings for a program with typed_args off."""
+    prog = proc.program
+    table = prog.tool_table
+    here = ToolContext(Path(proc.workspace), prog.policy) if prog.typed_args else None
+    enforced = bool(getattr(backend, "enforces_schema", False))
+    return [argtypes.resolve(table[name], here, enforced) for name in prog.tools if name in table]
 
 
 def _garbage(result: object) -> str | None:

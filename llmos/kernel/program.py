@@ -49,6 +49,9 @@ class Program:
     # "auto", "required", "none" or a tool's name; a list gives one per model turn, its last
     # one repeating (["required", "auto"]: a small model must look before it answers)
     tool_choice: str | list[str] = "auto"
+    # Tool arguments typed by the environment (an existing file, ...) become each call's
+    # schema: the grammar admits only real paths. False: plain strings (checked when run).
+    typed_args: bool = True
     summarize: bool = False  # summarize what trimming drops from the context, else elide it
     source: str | None = None  # the .py file that defines it (its custom tools)
     # The program's own tools (@tool functions listed in `tools`, or defined in its .py file);

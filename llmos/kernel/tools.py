@@ -20,7 +20,7 @@ from typing import Any
 
 from jsonschema.exceptions import best_match
 
-from llmos.kernel import capture
+from llmos.kernel import argtypes, capture
 from llmos.kernel.builtin_tools import BUILTINS as _BUILTINS
 from llmos.kernel.sandbox import Refused, workspace_root
 from llmos.kernel.toolspec import Policy, Tool, ToolContext, ToolResult, tool, tool_of
@@ -94,8 +94,10 @@ def execute(
         if not isinstance(args, dict):
             raise Refused("arguments must be a JSON object")
         args = check_args(t, args)
+        ctx = ToolContext(workspace_root(workspace), policy)
+        argtypes.check(t, args, ctx)
         if t.context_param:
-            args = {**args, t.context_param: ToolContext(workspace_root(workspace), policy)}
+            args = {**args, t.context_param: ctx}
         timeout = policy.tool_timeout
         if t is BUILTINS.get("run_command"):
             timeout = max(timeout, policy.command_timeout + COMMAND_MARGIN)

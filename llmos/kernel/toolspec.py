@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jsonschema
 
@@ -76,6 +76,47 @@ class ToolContext:
 
 
 @dataclass(slots=True, frozen=True)
+class ArgType:
+    """What an argument means in the environment, beyond its JSON type. At each model call the
+    kernel turns it into the call's schema (an `enum` of the real values, or a path pattern
+    when they are too many: see `argtypes.py`), and `execute` checks it against the workspace
+    as it is when the call runs. In the static schema it shows as `"x-llmos": kind`."""
+
+    kind: str  # file | dir | new_path | command | argv | choices
+    choices: Callable[[ToolContext], list[str]] | None = None  # kind "choices": computed per call
+
+    def __post_init__(self) -> None:
+        if self.kind not in ARG_KINDS:
+            raise TypeError(f"ArgType kind must be one of {sorted(ARG_KINDS)}, got {self.kind!r}")
+        if (self.kind == "choices") != (self.choices is not None):
+            raise TypeError("ArgType: a 'choices' argument needs a choices function (only it)")
+
+
+ARG_KINDS = {"file", "dir", "new_path", "command", "argv", "choices"}
+WorkspaceFile = Annotated[str, ArgType("file")]  # an existing file in the workspace
+WorkspaceDir = Annotated[str, ArgType("dir")]  # an existing folder ("." is the workspace)
+NewPath = Annotated[str, ArgType("new_path")]  # a path that does not exist yet
+AllowedCommand = Annotated[str, ArgType("command")]  # a program on the policy's allow-list
+CommandLine = Annotated[list[str], ArgType("argv")]  # argv whose argv[0] is allow-listed
+
+
+def Choices(fn: Callable[[ToolContext], list[str]]) -> Any:  # noqa: N802 - reads as a type
+    """An enumeration computed at call time: `Annotated[str, ArgType("choices", fn)]`, where
+    `fn(ctx)` returns the values admitted now."""
+    return Annotated[str, ArgType("choices", fn)]
+
+
+def arg_type_of(annotation: Any) -> ArgType | None:
+    """The ArgType an annotation carries (`Optional[WorkspaceFile]` included), else None."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return arg_type_of(inner[0]) if len(inner) == 1 else None
+    if typing.get_origin(annotation) is typing.Annotated:
+        return next((a for a in typing.get_args(annotation)[1:] if isinstance(a, ArgType)), None)
+    return None
+
+
+@dataclass(slots=True, frozen=True)
 class Tool:
     name: str
     description: str
@@ -83,6 +124,7 @@ class Tool:
     fn: Callable[..., Any]
     read_only: bool = False
     context_param: str | None = None
+    arg_types: dict[str, ArgType] = field(default_factory=dict, compare=False)
     validator: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,7 +152,8 @@ def _schema_of(annotation: Any) -> dict[str, Any]:
     args = typing.get_args(annotation)
     if origin is typing.Annotated:  # Annotated[str, {"format": "date"}]: extra schema keywords
         extra = [a for a in args[1:] if isinstance(a, dict)]
-        return _schema_of(args[0]) | {k: v for d in extra for k, v in d.items()}
+        typed = [{"x-llmos": a.kind} for a in args[1:] if isinstance(a, ArgType)]
+        return _schema_of(args[0]) | {k: v for d in extra + typed for k, v in d.items()}
     if origin is Literal:
         return {"enum": list(args)}
     if origin in (types.UnionType, typing.Union):
@@ -147,6 +190,7 @@ def tool(
         props: dict[str, Any] = {}
         required: list[str] = []
         context_param = None
+        arg_types: dict[str, ArgType] = {}
         for pname, param in inspect.signature(f).parameters.items():
             if hints.get(pname) is ToolContext:
                 context_param = pname
@@ -156,6 +200,8 @@ def tool(
             props[pname] = _schema_of(hints[pname]) | (
                 {"description": docs[pname]} if pname in docs else {}
             )
+            if (typed := arg_type_of(hints[pname])) is not None:
+                arg_types[pname] = typed
             if param.default is inspect.Parameter.empty:
                 required.append(pname)
         schema = {
@@ -164,7 +210,9 @@ def tool(
             "required": required,
             "additionalProperties": False,
         }
-        f.tool = Tool(name or f.__name__, summary, schema, f, read_only, context_param)  # type: ignore[attr-defined]
+        f.tool = Tool(  # type: ignore[attr-defined]
+            name or f.__name__, summary, schema, f, read_only, context_param, arg_types
+        )
         return f
 
     return make(fn) if fn is not None else make
