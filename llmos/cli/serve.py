@@ -28,7 +28,9 @@ def serve(
     grace: float = typer.Option(
         30.0,
         "--grace",
-        help="Seconds in-flight requests get to finish on SIGTERM before they are aborted.",
+        help="Seconds SIGTERM takes at most to stop the server: requests in flight get all but "
+        "the last ~2.5 s of it to finish, then end with a 503 error; new ones get 503 at once. "
+        "A second SIGTERM stops at once.",
     ),
     threads: int | None = typer.Option(
         None,

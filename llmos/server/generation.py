@@ -21,6 +21,7 @@ from llmos.engine.async_engine import EngineDeadError
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import RequestOutput
 from llmos.errors import RequestError
+from llmos.server.drain import InFlight
 from llmos.server.errors import APIError, ClientDisconnected
 from llmos.server.limits import Ticket
 from llmos.server.metrics import RequestTracker
@@ -53,12 +54,20 @@ class Generation:
         streams: list[AsyncIterator[RequestOutput]],
         trackers: list[RequestTracker],
         ticket: Ticket,
+        in_flight: InFlight,
     ) -> None:
         self._streams = streams
         self._trackers = trackers
         self._ticket = ticket
+        self._in_flight = in_flight
         self._firsts: list[RequestOutput] = []
         self._pumps: list[asyncio.Task[None]] = []
+        # every output and failure, from one pump task per engine stream; (-1, error) interrupts
+        self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = (
+            asyncio.Queue()
+        )
+        self._starting: asyncio.Future[list[RequestOutput | BaseException]] | None = None
+        self._interrupted: APIError | None = None
 
     @classmethod
     async def start(
@@ -83,14 +92,15 @@ class Generation:
             )
             for i, job in enumerate(jobs)
         ]
-        self = cls(streams, [state.metrics.track() for _ in jobs], ticket)
+        self = cls(streams, [state.metrics.track() for _ in jobs], ticket, state.in_flight)
+        self._starting = asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        state.in_flight.add(self)
         try:
-            firsts = await unless_disconnected(
-                request.receive,
-                asyncio.gather(*(anext(s) for s in streams), return_exceptions=True),
-            )
+            firsts = await unless_disconnected(request.receive, self._starting)
         except BaseException:
             await self.close()
+            if self._interrupted is not None:
+                raise self._interrupted from None
             raise
         failure = next((r for r in firsts if isinstance(r, BaseException)), None)
         if failure is not None:
@@ -103,16 +113,20 @@ class Generation:
             tracker.observe(out)
         return self
 
+    def interrupt(self, error: APIError) -> None:
+        """End this generation with `error` (what its reader raises) at its next output."""
+        self._interrupted = error
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+        self._queue.put_nowait((-1, error))
+
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, cumulative snapshot), in arrival order; engine failures raise."""
+        if self._interrupted is not None:
+            raise self._interrupted
         for i, out in enumerate(self._firsts):
             yield i, out
-        if len(self._streams) == 1:
-            async for out in self._streams[0]:
-                self._trackers[0].observe(out)
-                yield 0, out
-            return
-        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+        queue = self._queue
 
         async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
             try:
@@ -145,6 +159,7 @@ class Generation:
         """Abort what is unfinished, count tokens, give back the admission ticket.
 
         The bookkeeping comes first and without awaiting, as this runs in cancelled tasks too."""
+        self._in_flight.discard(self)
         self._ticket.release()
         for tracker in self._trackers:
             tracker.close()

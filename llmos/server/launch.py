@@ -1,12 +1,18 @@
 """Run the app under uvicorn: in the foreground (`llmos serve`) or on a thread (tests, notebooks).
 
-On SIGTERM or SIGINT the app refuses new requests at once (503, and the listening socket
-closes), the requests in flight get `grace` seconds to finish, the rest are cancelled (which
-aborts them in the engine), and then the lifespan stops the engine.
+On SIGTERM or SIGINT the server drains, and stops within about `grace` seconds: the requests in
+flight get all but the last few seconds of it to finish, while the socket stays open and every
+new request is answered 503 (OpenAI's shape), so clients and load balancers read why. Past that
+each request still running ends with a 503
+(in a stream: an error event, then [DONE]) and is aborted in the engine; then the socket
+closes and the lifespan stops the engine. A second signal stops at once: the requests in flight
+get their error, and the process exits without waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 import threading
 import time
@@ -20,11 +26,43 @@ from fastapi import FastAPI
 
 from llmos.server.app import server_state
 
+log = logging.getLogger(__name__)
+_FLUSH = 1.0  # seconds for interrupted requests to send their error before connections close
+# of the grace period, kept for stopping (errors out, the engine stopped, the process ended)
+_STOP_RESERVE = 2.5
+
 
 class Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, grace: float) -> None:
+        super().__init__(config)
+        self.grace = grace
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        server_state(self.config.app).draining = True
+        state = server_state(self.config.app)
+        if state.draining:  # a second signal: stop now (uvicorn alone forces only on SIGINT)
+            self.force_exit = True
+        state.draining = True
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = server_state(self.config.app)
+        state.draining = True
+        deadline = time.monotonic() + max(self.grace - _STOP_RESERVE, self.grace / 2)
+        # The socket stays open meanwhile: the Guard answers new requests 503.
+        while len(state.in_flight) and not self.force_exit and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if len(state.in_flight):
+            log.warning(
+                "stopping %d request(s) still in flight after %s",
+                len(state.in_flight),
+                "a second signal" if self.force_exit else f"the {self.grace:g} s grace period",
+            )
+        state.in_flight.stop()
+        flush = time.monotonic() + _FLUSH
+        while self.server_state.tasks and time.monotonic() < flush:
+            await asyncio.sleep(0.02)
+        self.config.timeout_graceful_shutdown = 1  # what is left now is cancelled
+        await super().shutdown(sockets)
 
 
 def make_server(app: FastAPI, *, grace: float = 30.0, verbose: bool = False) -> Server:
@@ -33,9 +71,8 @@ def make_server(app: FastAPI, *, grace: float = 30.0, verbose: bool = False) -> 
         log_level="info" if verbose else "warning",
         access_log=verbose,
         lifespan="on",
-        timeout_graceful_shutdown=max(1, round(grace)),
     )
-    return Server(config)
+    return Server(config, grace)
 
 
 def bind(host: str, port: int) -> socket.socket:

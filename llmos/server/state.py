@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from llmos.engine.async_engine import AsyncEngine
 from llmos.errors import RequestError
 from llmos.models.registry import ALIASES
+from llmos.server.drain import InFlight
 from llmos.server.errors import APIError
 from llmos.server.limits import Admission
 from llmos.server.logprobs import TokenTexts
@@ -50,6 +51,7 @@ class ServerState:
     longest_token: int = field(init=False)  # characters in the vocabulary's longest token
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
+    in_flight: InFlight = field(default_factory=InFlight)  # stopped when the grace period ends
 
     def __post_init__(self) -> None:
         llm = self.engine.engine
