@@ -51,5 +51,14 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/engine.py
 
+# The long soak of `llmos serve` (benchmarks/soak.py): 64 streaming clients with cut streams,
+# bad requests, n, stop strings, JSON schemas and tool calls; it fails on a KV leak, RSS growth
+# or a 5xx. The plot needs matplotlib, a bench-only dependency.
+SOAK_MINUTES ?= 30
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/pip install -q matplotlib
+	$(BIN)/python benchmarks/soak.py --minutes $(SOAK_MINUTES) --clients 64 --plot benchmarks/soak.png
+
 clean:
 	rm -rf $(VENV)
