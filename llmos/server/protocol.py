@@ -1,7 +1,8 @@
 """The OpenAI wire format: request and response models for chat, completions and models.
 
 Requests allow extra fields, as OpenAI's own clients send new ones often; vLLM's sampling
-extras (`top_k`, `min_p`, `ignore_eos`, `priority`...) are read, the rest ignored. Turning a
+extras (`top_k`, `min_p`, `ignore_eos`, `priority`...) are read; the rest are named to the
+client and the log, or refused with `strict_fields` (see `fields.py`). Turning a
 request into engine terms (`SamplingParams`) happens here, so the routes stay thin.
 """
 
