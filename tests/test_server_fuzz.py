@@ -186,6 +186,7 @@ def test_openapi_describes_every_request_body(server: RunningServer) -> None:
         body = op["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{model}"} and op["requestBody"]["required"]
         assert "text/event-stream" in op["responses"]["200"]["content"]
+        assert "x-llmos-ignored-fields" in op["responses"]["200"]["headers"]
         assert "422" not in op["responses"]
     assert schemas["ChatCompletionRequest"]["required"] == ["messages"]
     assert schemas["CompletionRequest"]["required"] == ["prompt"]

@@ -14,6 +14,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from llmos.server import fields
+
 _REF = "#/components/schemas/{model}"
 
 
@@ -44,7 +46,14 @@ def body(model: type[BaseModel]) -> dict[str, Any]:
 def responses(model: type[BaseModel], *, stream: bool) -> dict[int | str, dict[str, Any]]:
     """The route's answers: `model`, or server-sent events when it streams; errors as OpenAI's."""
     ok: dict[str, Any] = {"model": model, "description": "The answer."}
-    if stream:
+    if stream:  # the generation routes: they name the body fields they did not read
+        ok["headers"] = {
+            fields.HEADER: {
+                "description": "Request fields the server did not read, comma-separated "
+                "(paths such as messages[0].foo); absent when it read them all.",
+                "schema": {"type": "string"},
+            }
+        }
         ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
         ok["description"] = "The answer; with `stream: true`, server-sent events ending in [DONE]."
     errors: dict[int | str, dict[str, Any]] = {
