@@ -206,12 +206,15 @@ class AsyncEngine:
         self._wake.set()
 
     # -- the engine thread ----------------------------------------------------------------
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Apply the queued commands; True if there were any."""
+        ran = False
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return ran
+            ran = True
             try:
                 command()
             except Exception:  # a failed command must not kill the engine thread
@@ -224,7 +227,8 @@ class AsyncEngine:
         engine = self.engine
         try:
             while not self._stop.is_set():
-                self._drain()
+                if self._drain():  # adds and aborts show before the next (maybe long) step
+                    self._stats = engine.stats()
                 if not engine.has_unfinished_requests():
                     self._stats = engine.stats()
                     self._wake.wait(0.5)
