@@ -28,7 +28,8 @@ run: $(STAMP)
 	$(BIN)/llmos serve --host 127.0.0.1 --port 8000
 
 # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads otherwise spin-wait, which costs ~10x on a
-# machine whose two cores are shared with anything else.
+# machine whose two cores are shared with anything else (importing llmos sets it too, but a
+# test module may import torch first).
 test: $(STAMP)
 	$(BIN)/ruff check llmos tests benchmarks
 	$(BIN)/ruff format --check llmos tests benchmarks
@@ -59,6 +60,20 @@ SOAK_MINUTES ?= 30
 soak: $(STAMP)
 	$(BIN)/pip install -q matplotlib
 	$(BIN)/python benchmarks/soak.py --minutes $(SOAK_MINUTES) --clients 64 --plot benchmarks/soak.png
+
+# The long fuzz of the HTTP API (schemathesis on every route of /openapi.json; the fast run of
+# 50 examples per route and mode is part of `make test`).
+FUZZ_EXAMPLES ?= 300
+.PHONY: fuzz contention abuse
+fuzz: $(STAMP)
+	LLMOS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -s -q tests/test_server_fuzz.py
+
+# Serving beside busy processes, for each OpenMP wait policy (benchmarks/contention.py).
+contention: $(STAMP)
+	$(BIN)/python benchmarks/contention.py --record BENCHMARKS.md
+
+# Every long abuse run: fuzz, soak, shared cores.
+abuse: fuzz soak contention
 
 clean:
 	rm -rf $(VENV)
