@@ -254,7 +254,7 @@ def prepare_chat(
     parallel_tool_calls: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], ChatTools | None]:
     """Everything a chat request with tools needs: (messages and template kwargs for the chat
-    template, and the callable tools, None when no call may be made)."""
+    template, and the callable tools, None when there are none)."""
     checked = check_tools(tools) if tools is not None else None
     calls = ChatTools.build(tokenizer, checked, tool_choice, parallel_tool_calls)
     rendered, kwargs = render_messages(tokenizer, messages, checked, calls)
@@ -267,7 +267,7 @@ class ChatTools:
     """The callable tools of one chat request: its grammar, and its replies parsed."""
 
     tools: list[dict[str, Any]]
-    choice: str  # "auto", "required", or the one function name to call
+    choice: str  # "auto", "required", "none" (an answer only), or the one function to call
     parallel: bool = True
     hermes: bool = False
 
@@ -279,10 +279,13 @@ class ChatTools:
         tool_choice: Any = "auto",
         parallel_tool_calls: bool = True,
     ) -> ChatTools | None:
-        """From checked tools; None when no call can be made (no tools, or tool_choice 'none')."""
+        """From checked tools; None when there are none. With tool_choice 'none' the tools stay
+        in the prompt (the system message, and so the prefix cache, is the same whatever the
+        choice) and the grammar admits only an answer, one without `<tool_call>`."""
         choice = check_tool_choice(tool_choice, [t["function"]["name"] for t in tools or []])
-        if choice is None or not tools:
+        if not tools:
             return None
+        choice = "none" if choice is None else choice
         hermes = renders_tools(tokenizer) and OPEN in (tokenizer.chat_template or "")
         return cls(tools, choice, bool(parallel_tool_calls), hermes)
 
@@ -294,6 +297,14 @@ class ChatTools:
             for t in self.tools
             if self.choice in ("auto", "required") or t["function"]["name"] == self.choice
         ]
+        if self.choice == "none":
+            lines = ["start: answer"]
+            if answer is not None:
+                return "\n".join([*lines, f"answer: %json {json.dumps(styled_schema(answer))}"])
+            # not even a look-alike (`<tool_call_2>`, `<tool_call id=...>`): no call can be made
+            return "\n".join(
+                [*lines, "answer: TEXT", "TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call(?s:.*)/"]
+            )
         lines = [f"start: {'answer | calls' if self.choice == 'auto' else 'calls'}"]
         if self.hermes:
             one = f'"{OPEN}\\n" call "\\n{CLOSE}"'
@@ -323,6 +334,8 @@ class ChatTools:
     def constrain(self, params: SamplingParams) -> SamplingParams:
         """The params with this grammar; a JSON answer format becomes the answer branch."""
         if params.regex is not None or params.grammar is not None or params.choice is not None:
+            if self.choice == "none":  # no call can be made: the caller's constraint alone
+                return params
             raise RequestError(
                 "tools cannot be combined with a regex, grammar or choice "
                 "constraint; send tool_choice 'none' or drop the constraint",
@@ -339,7 +352,7 @@ class ChatTools:
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall] | None]:
         """(content, None) for an answer; (None, calls) for a complete call list."""
-        if not text.startswith(OPEN):
+        if self.choice == "none" or not text.startswith(OPEN):
             return text, None
         calls = scan_calls(text[len(OPEN) :])
         if not calls or not all(c.done for c in calls) or not text.rstrip().endswith(CLOSE):

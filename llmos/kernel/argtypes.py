@@ -136,11 +136,13 @@ NEW_PATH_PATTERN = f"^({_NAME}/)*{_NAME}$"
 
 
 def _typed_schema(
-    base: dict[str, Any], arg: ArgType, ctx: ToolContext, enforced: bool
+    base: dict[str, Any], arg: ArgType, ctx: ToolContext, enforced: bool, skip: set[str]
 ) -> dict[str, Any]:
     out = {k: v for k, v in base.items() if k != "x-llmos"}
     limit = ENUM_MAX if enforced else REMOTE_ENUM_MAX
     choices = values(arg, ctx)
+    if choices is not None and skip:
+        choices = [c for c in choices if c not in skip]
     if arg.kind == "argv":
         if choices is not None and len(choices) <= limit:
             out["prefixItems"] = [{"type": "string", "enum": choices}]
@@ -159,9 +161,16 @@ def _typed_schema(
     return out
 
 
-def resolve(tool: Tool, ctx: ToolContext | None, enforced: bool) -> dict[str, Any]:
+def resolve(
+    tool: Tool,
+    ctx: ToolContext | None,
+    enforced: bool,
+    skip: dict[str, set[str]] | None = None,
+) -> dict[str, Any] | None:
     """The tool's OpenAI entry for one model call: typed arguments as the workspace has them
-    now (`ctx` None: the plain static schema, markers dropped)."""
+    now (`ctx` None: the plain static schema, markers dropped). `skip[arg]`: values left out
+    of its enum (calls this process already made); None when that leaves it none, so there
+    is no new call to make with it."""
     entry = tool.to_openai()
     if not tool.arg_types:
         return entry
@@ -171,11 +180,12 @@ def resolve(tool: Tool, ctx: ToolContext | None, enforced: bool) -> dict[str, An
         if name not in props:
             continue
         base = props[name]
-        props[name] = (
-            {k: v for k, v in base.items() if k != "x-llmos"}
-            if ctx is None
-            else _typed_schema(base, arg, ctx, enforced)
-        )
+        if ctx is None:
+            props[name] = {k: v for k, v in base.items() if k != "x-llmos"}
+            continue
+        props[name] = _typed_schema(base, arg, ctx, enforced, (skip or {}).get(name, set()))
+        if props[name].get("enum") == [] and (skip or {}).get(name):
+            return None
     params["properties"] = props
     entry["function"] = {**entry["function"], "parameters": params}
     return entry

@@ -12,6 +12,9 @@ from typing import Any
 from llmos.backends.base import Message
 from llmos.kernel.process import ErrorStep, ModelTurn, Process, ToolResultStep
 
+# The last turn of a program whose tool_choice says "none" there: the task restated after the
+# tool results (a small model otherwise continues the pattern of calls it sees).
+ANSWER = "Using what the tools returned above, answer in one sentence: {task}"
 KEEP_RECENT = 4  # messages at the end that are never trimmed
 REPAIR = (
     "Your last reply could not be used: {why}. Reply again: either only a JSON tool call "
