@@ -145,3 +145,23 @@ def test_each_model_call_sees_the_workspace_and_skips_repeats(tmp_path: Path) ->
     assert first["open_file"]["enum"] == ["docs/plan.md", "notes.txt"]
     assert second["read_file"]["enum"] == ["docs/plan.md"]  # already read: left out
     assert json.dumps(first).count("x.txt") == 0
+
+
+def test_an_answer_that_restates_a_tool_error_gets_one_retry(tmp_path: Path) -> None:
+    (tmp_path / "ws").mkdir()
+    ws = _ws(tmp_path / "ws")
+    backend = ScriptedBackend(
+        [
+            {"tool_calls": [call("read_file", path="note.txt")]},
+            {"content": "Error: the file note.txt does not exist."},
+            {"tool_calls": [call("read_file", path="notes.txt")]},
+            {"content": "Friday."},
+        ]
+    )
+    program = Program(tools=["read_file"], tool_choice="auto", limits={"max_steps": 6})
+    with Kernel(backend=backend, db=tmp_path / "k.db") as kernel:
+        p = kernel.wait(kernel.spawn(program, "When is the meeting?", workspace=ws))
+    assert p.answer == "Friday."
+    retry = backend.requests[2].messages[-1]
+    assert retry["role"] == "user" and "'notes.txt'" in retry["content"]
+    assert "only repeats the tool's error" in retry["content"]

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import inspect
 import json
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -287,12 +288,32 @@ def classify(proc: Process, turn: ModelTurn) -> NextStep:
     if problem is None:
         if turn.tool_calls:
             return RunTools(turn.tool_calls)
+        error = _restated_error(proc, turn)
+        if error is not None:
+            return Repair("restated_error", error)
         return Finish((turn.content or "").strip())
     what, why = problem
     previous = [s for s in proc.steps[:-1] if isinstance(s, ModelTurn | ToolResultStep)]
     if previous and isinstance(previous[-1], ModelTurn) and _problem(proc, previous[-1]):
         return GiveUp("malformed", f"the model's output was unusable twice in a row: {why}")
     return Repair(what, why)
+
+
+_ERROR_WORDS = ("error", "refused", "does not exist", "not exist", "no such", "not found")
+
+
+def _restated_error(proc: Process, turn: ModelTurn) -> str | None:
+    """The failed call's error, when the answer only restates it (its last tool result failed,
+    and the answer talks of the error or is mostly the error's words); once per process."""
+    if any(isinstance(s, ErrorStep) and s.what == "restated_error" for s in proc.steps):
+        return None
+    results = [s for s in proc.steps if isinstance(s, ToolResultStep)]
+    if not results or results[-1].ok:
+        return None
+    error, text = results[-1].error or "", (turn.content or "").lower()
+    words = set(re.findall(r"[a-z0-9_.]+", text))
+    shared = len(words & set(re.findall(r"[a-z0-9_.]+", error.lower()))) / max(1, len(words))
+    return error if any(w in text for w in _ERROR_WORDS) or shared >= 0.5 else None
 
 
 def _problem(proc: Process, turn: ModelTurn) -> tuple[str, str] | None:

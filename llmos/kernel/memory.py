@@ -15,6 +15,12 @@ from llmos.kernel.process import ErrorStep, ModelTurn, Process, ToolResultStep
 # The last turn of a program whose tool_choice says "none" there: the task restated after the
 # tool results (a small model otherwise continues the pattern of calls it sees).
 ANSWER = "Using what the tools returned above, answer in one sentence: {task}"
+# An answer that only restated a failed call's error gets this once (the error names the
+# valid choices, e.g. the nearest files).
+RETRY = (
+    "That answer only repeats the tool's error: {why}. Call the tool again with one of the "
+    "valid choices it names, or answer the task from what the tools did return."
+)
 KEEP_RECENT = 4  # messages at the end that are never trimmed
 REPAIR = (
     "Your last reply could not be used: {why}. Reply again: either only a JSON tool call "
@@ -56,6 +62,8 @@ def to_messages(proc: Process) -> list[Message]:
             )
         elif isinstance(step, ErrorStep) and step.what in ("malformed_output", "bad_answer"):
             msgs.append({"role": "user", "content": REPAIR.format(why=step.message)})
+        elif isinstance(step, ErrorStep) and step.what == "restated_error":
+            msgs.append({"role": "user", "content": RETRY.format(why=step.message)})
     return msgs
 
 
