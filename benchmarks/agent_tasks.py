@@ -271,6 +271,10 @@ def run_kernel(tasks: list[Task], backend: object, program: object, root: Path) 
 
 def run_agents_sdk(tasks: list[Task], base_url: str, root: Path) -> list[Outcome]:
     """The OpenAI Agents SDK's own loop on the same model (chat completions on `base_url`)."""
+    here = str(Path(__file__).resolve().parent)  # benchmarks/agents.py would shadow `agents`
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    if "agents" in sys.modules and here in str(getattr(sys.modules["agents"], "__file__", "")):
+        del sys.modules["agents"]
     from agents import (
         Agent,
         ModelSettings,
@@ -447,6 +451,7 @@ def run_configs(tasks: list[Task], configs: list[str]) -> list[Score]:
                 start = time.monotonic()
                 outcomes = run_kernel(tasks, Shared(backend), program_for(config), Path(tmp))
                 scores.append(Score(config, outcomes, time.monotonic() - start))
+                print(" | ".join(scores[-1].row()), scores[-1].by_kind(), flush=True)
         asyncio.run(backend.aclose())
     remote = [c for c in configs if c.split("/")[0] in ("http", "agents-sdk")]
     if remote:
@@ -460,6 +465,7 @@ def run_configs(tasks: list[Task], configs: list[str]) -> list[Score]:
                     else:
                         outcomes = run_agents_sdk(tasks, url, Path(tmp))
                     scores.append(Score(config, outcomes, time.monotonic() - start))
+                    print(" | ".join(scores[-1].row()), scores[-1].by_kind(), flush=True)
     return scores
 
 
@@ -555,8 +561,8 @@ def main(
     suite = make_tasks(tasks, seed)
     scores = run_configs(suite, chosen)
     for score in scores:
-        print(" | ".join(score.row()), score.by_kind())
         if show:
+            print(score.config)
             for o in score.outcomes:
                 mark = "OK  " if o.correct else "BAD "
                 print("   ", mark + o.task.name, o.status, o.calls, repr(o.answer)[:140])
