@@ -16,8 +16,8 @@ from llmos.cli.run import default_program
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.agent_tasks import make_tasks, run_kernel  # noqa: E402
 
-RECORDED = 3 / 12  # typed, these 12 tasks (seed 0), when the section was last recorded
-MARGIN = 1 / 12
+RECORDED = 4 / 12  # typed, these 12 tasks (seed 0), as BENCHMARKS.md records (31 s here)
+MARGIN = 2 / 12  # greedy decoding still shifts with how the 12 processes' calls batch
 
 
 def test_default_assistant_on_the_quick_suite(llm: LLM, tmp_path: Path) -> None:
@@ -25,6 +25,7 @@ def test_default_assistant_on_the_quick_suite(llm: LLM, tmp_path: Path) -> None:
     assert len({t.kind.split(" (")[0] for t in tasks}) == 6  # every kind, twice
     outcomes = run_kernel(tasks, LocalBackend(llm.engine), default_program(), tmp_path)
     right = sum(o.correct for o in outcomes)
+    print(f"quick agent suite: {right}/{len(tasks)} correct")
     shown = "\n".join(f"{o.task.name}: {o.calls} {o.answer!r:.120}" for o in outcomes)
     assert right / len(tasks) >= RECORDED - MARGIN, f"{right}/{len(tasks)} correct:\n{shown}"
     for o in outcomes:
