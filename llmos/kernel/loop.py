@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import json
 import re
 import threading
@@ -37,7 +36,7 @@ from llmos.kernel.process import (
     ToolResultStep,
 )
 from llmos.kernel.store import Store
-from llmos.kernel.tools import Tool, ToolContext, ToolResult, execute
+from llmos.kernel.tools import ToolContext, ToolResult, execute
 
 T = TypeVar("T")
 
@@ -222,34 +221,10 @@ def call_tools(proc: Process, backend: Backend) -> list[dict[str, Any]]:
     table = prog.tool_table
     here = ToolContext(Path(proc.workspace), prog.policy) if prog.typed_args else None
     enforced = bool(getattr(backend, "enforces_schema", False))
-    entries = [
-        argtypes.resolve(table[name], here, enforced, _made(proc, table[name]))
-        for name in prog.tools
-        if name in table
-    ]
-    return [e for e in entries if e is not None]
-
-
-def _made(proc: Process, tool: Tool) -> dict[str, set[str]]:
-    """For a read-only tool with one typed argument: the values it was already called with
-    (and nothing else), which the next call's enum leaves out, since the same read gives the
-    same answer, and a small model otherwise repeats its first call until it is stuck."""
-    if not tool.read_only or len(tool.arg_types) != 1:
-        return {}
-    (name,) = tool.arg_types
-    default = inspect.signature(tool.fn).parameters[name].default
-    made: set[str] = set()
-    for step in proc.steps:
-        if isinstance(step, ToolCallStep) and step.name == tool.name:
-            try:
-                args = json.loads(step.arguments or "{}")
-            except json.JSONDecodeError:
-                continue
-            if isinstance(args, dict) and set(args) <= {name}:
-                value = args.get(name, default)
-                if isinstance(value, str):
-                    made.add(value)
-    return {name: made} if made else {}
+    # The schema is the workspace's state, not the process's history: a call already made
+    # stays admitted, so the tool prompt (the start of the prompt) and its cached KV hold
+    # from turn to turn while the workspace does not change.
+    return [argtypes.resolve(table[name], here, enforced) for name in prog.tools if name in table]
 
 
 def _garbage(result: object) -> str | None:
