@@ -136,13 +136,11 @@ NEW_PATH_PATTERN = f"^({_NAME}/)*{_NAME}$"
 
 
 def _typed_schema(
-    base: dict[str, Any], arg: ArgType, ctx: ToolContext, enforced: bool, skip: set[str]
+    base: dict[str, Any], arg: ArgType, ctx: ToolContext, enforced: bool
 ) -> dict[str, Any]:
     out = {k: v for k, v in base.items() if k != "x-llmos"}
     limit = ENUM_MAX if enforced else REMOTE_ENUM_MAX
     choices = values(arg, ctx)
-    if choices is not None and skip:
-        choices = [c for c in choices if c not in skip]
     if arg.kind == "argv":
         if choices is not None and len(choices) <= limit:
             out["prefixItems"] = [{"type": "string", "enum": choices}]
@@ -161,16 +159,9 @@ def _typed_schema(
     return out
 
 
-def resolve(
-    tool: Tool,
-    ctx: ToolContext | None,
-    enforced: bool,
-    skip: dict[str, set[str]] | None = None,
-) -> dict[str, Any] | None:
+def resolve(tool: Tool, ctx: ToolContext | None, enforced: bool) -> dict[str, Any]:
     """The tool's OpenAI entry for one model call: typed arguments as the workspace has them
-    now (`ctx` None: the plain static schema, markers dropped). `skip[arg]`: values left out
-    of its enum (calls this process already made); None when that leaves it none, so there
-    is no new call to make with it."""
+    now (`ctx` None: the plain static schema, markers dropped)."""
     entry = tool.to_openai()
     if not tool.arg_types:
         return entry
@@ -183,9 +174,7 @@ def resolve(
         if ctx is None:
             props[name] = {k: v for k, v in base.items() if k != "x-llmos"}
             continue
-        props[name] = _typed_schema(base, arg, ctx, enforced, (skip or {}).get(name, set()))
-        if props[name].get("enum") == [] and (skip or {}).get(name):
-            return None
+        props[name] = _typed_schema(base, arg, ctx, enforced)
     params["properties"] = props
     entry["function"] = {**entry["function"], "parameters": params}
     return entry

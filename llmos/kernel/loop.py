@@ -164,7 +164,7 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
     choice = prog.tool_choice_for(proc.num_turns) if tools else "none"
     names = {t["function"]["name"] for t in tools}
     if isinstance(choice, dict) and choice["function"]["name"] not in names:
-        choice = "required"  # the named tool has no new call left to make
+        choice = "required"  # the named tool is not in the table (a custom tool not loaded)
     if (
         choice == "none"
         and proc.program.tools
