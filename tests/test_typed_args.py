@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from llmos.backends.scripted import ScriptedBackend, call
-from llmos.engine.tool_calls import PROMPT_ENUM_MAX, _tool_prompt
+from llmos.engine.tool_calls import PROMPT_ENUM_MAX, ChatTools, _tool_prompt
 from llmos.kernel import Kernel, Program, argtypes, tool
 from llmos.kernel.tools import BUILTINS, execute
 from llmos.kernel.toolspec import Choices, Policy, ToolContext, WorkspaceFile
@@ -139,11 +139,18 @@ def test_each_model_call_sees_the_workspace(tmp_path: Path) -> None:
         p = kernel.wait(kernel.spawn(program, "When?", workspace=ws))
     assert p.answer == "Friday."
     first, second = (
-        {t["function"]["name"]: _path_schema(t) for t in r.tools} for r in backend.requests
+        {t["function"]["name"]: dict(_path_schema(t)) for t in r.tools} for r in backend.requests
     )
     assert first["read_file"]["enum"] == ["docs/plan.md", "notes.txt"]
     assert first["open_file"]["enum"] == ["docs/plan.md", "notes.txt"]
-    assert second == first  # the same tool prompt, so the first turn's KV serves the second
+    # a read already made: the grammar leaves it out, the prompt (and its cached KV) stays
+    assert second["read_file"].pop("x-llmos-skip") == ["notes.txt"]
+    assert second == first
+    tools = backend.requests[1].tools
+    grammar = ChatTools(tools, "required").grammar()
+    (read_rule,) = [ln for ln in grammar.splitlines() if ln.startswith("call_0: %json")]
+    assert '"notes.txt"' not in read_rule and '"docs/plan.md"' in read_rule
+    assert _tool_prompt(tools, False) == _tool_prompt(backend.requests[0].tools, False)
     assert json.dumps(first).count("x.txt") == 0
 
 

@@ -168,7 +168,7 @@ def elide_enums(schema: Any) -> Any:
         return [elide_enums(v) for v in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: elide_enums(v) for k, v in schema.items()}
+    out = {k: elide_enums(v) for k, v in schema.items() if k != SKIP}
     enum = schema.get("enum")
     if isinstance(enum, list) and len(enum) > PROMPT_ENUM_MAX:
         out["enum"] = enum[:PROMPT_ENUM_MAX]
@@ -179,6 +179,25 @@ def elide_enums(schema: Any) -> Any:
     pattern = schema.get("pattern")
     if isinstance(pattern, str) and len(pattern) > 200:
         out["pattern"] = pattern[:200] + "..."
+    return out
+
+
+SKIP = "x-llmos-skip"  # enum values the grammar leaves out; the prompt still lists them
+
+
+def skip_enums(schema: Any) -> Any:
+    """The schema as the grammar enforces it: an `enum` minus its `x-llmos-skip` values (a
+    caller's way to rule out values, e.g. a read already made, without changing the prompt, so
+    the conversation's cached KV still matches), unless that would leave none."""
+    if isinstance(schema, list):
+        return [skip_enums(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: skip_enums(v) for k, v in schema.items() if k != SKIP}
+    enum, skip = schema.get("enum"), schema.get(SKIP)
+    if isinstance(enum, list) and isinstance(skip, list):
+        left = [v for v in enum if v not in skip]
+        out["enum"] = left or enum
     return out
 
 
@@ -320,7 +339,10 @@ class ChatTools:
             fn = t["function"]
             schema = {
                 "type": "object",
-                "properties": {"name": {"const": fn["name"]}, "arguments": fn["parameters"]},
+                "properties": {
+                    "name": {"const": fn["name"]},
+                    "arguments": skip_enums(fn["parameters"]),
+                },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import re
 import threading
@@ -36,7 +37,7 @@ from llmos.kernel.process import (
     ToolResultStep,
 )
 from llmos.kernel.store import Store
-from llmos.kernel.tools import ToolContext, ToolResult, execute
+from llmos.kernel.tools import Tool, ToolContext, ToolResult, execute
 
 T = TypeVar("T")
 
@@ -221,10 +222,35 @@ def call_tools(proc: Process, backend: Backend) -> list[dict[str, Any]]:
     table = prog.tool_table
     here = ToolContext(Path(proc.workspace), prog.policy) if prog.typed_args else None
     enforced = bool(getattr(backend, "enforces_schema", False))
-    # The schema is the workspace's state, not the process's history: a call already made
-    # stays admitted, so the tool prompt (the start of the prompt) and its cached KV hold
-    # from turn to turn while the workspace does not change.
-    return [argtypes.resolve(table[name], here, enforced) for name in prog.tools if name in table]
+    tools = [argtypes.resolve(table[name], here, enforced) for name in prog.tools if name in table]
+    return [_skip_made(proc, t, table[t["function"]["name"]]) for t in tools] if here else tools
+
+
+def _skip_made(proc: Process, entry: dict[str, Any], tool: Tool) -> dict[str, Any]:
+    """A read-only tool with one typed argument: the values it was already called with (and
+    nothing else) go in `x-llmos-skip`, which the local grammar leaves out of the enum (the
+    same read gives the same answer, and a small model otherwise repeats its first call) while
+    the tool prompt, and so the conversation's cached KV, stays the same."""
+    if not tool.read_only or len(tool.arg_types) != 1:
+        return entry
+    (name,) = tool.arg_types
+    default = inspect.signature(tool.fn).parameters[name].default
+    made: list[str] = []
+    for step in proc.steps:
+        if isinstance(step, ToolCallStep) and step.name == tool.name:
+            try:
+                args = json.loads(step.arguments or "{}")
+            except json.JSONDecodeError:
+                continue
+            value = args.get(name, default) if isinstance(args, dict) else None
+            if set(args) <= {name} and isinstance(value, str) and value not in made:
+                made.append(value)
+    props = entry["function"]["parameters"].get("properties", {})
+    if not made or "enum" not in props.get(name, {}):
+        return entry
+    params = {**entry["function"]["parameters"]}
+    params["properties"] = {**props, name: {**props[name], "x-llmos-skip": made}}
+    return {**entry, "function": {**entry["function"], "parameters": params}}
 
 
 def _garbage(result: object) -> str | None:
