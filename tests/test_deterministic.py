@@ -7,7 +7,8 @@ import random
 import pytest
 
 from llmos import LLM, SamplingParams
-from llmos.engine.llm_engine import EngineConfig, LLMEngine
+from llmos.engine.config import EngineConfig
+from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.sequence import RequestOutput
 
 WORDS = ["river", "kernel", "page", "cache", "token", "moon", "quietly", "because", "seven"]

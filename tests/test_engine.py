@@ -265,7 +265,7 @@ def test_kv_memory_follows_tokens_in_use() -> None:
 
 @pytest.mark.parametrize("field", ["kv_cache_memory", "--max-body-size"])
 def test_parse_bytes_names_the_field_it_reads(field: str) -> None:
-    from llmos.engine.llm_engine import parse_bytes
+    from llmos.engine.config import parse_bytes
 
     assert parse_bytes("2GiB", field) == 2 << 30 and parse_bytes("512kb", field) == 512 << 10
     for bad in ("lots", "1.2.3MB", "-5", "0", True):

@@ -61,7 +61,7 @@ def serve(
     """Serve MODEL with the OpenAI API at http://HOST:PORT/v1."""
     from llmos.cli.streaming import load_engine
     from llmos.engine.async_engine import AsyncEngine
-    from llmos.engine.llm_engine import parse_bytes
+    from llmos.engine.config import parse_bytes
     from llmos.errors import RequestError
     from llmos.server.app import create_app, server_state
     from llmos.server.launch import bind, make_server, url_of

@@ -9,7 +9,8 @@ from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from llmos.engine.llm_engine import EngineConfig, LLMEngine
+from llmos.engine.config import EngineConfig
+from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import RequestOutput
 from llmos.engine.tool_calls import prepare_chat
