@@ -20,6 +20,7 @@ from llmos.server import errors, openapi
 from llmos.server.chat import create_chat_completion
 from llmos.server.completions import create_completion
 from llmos.server.limits import Guard
+from llmos.server.messages import count_tokens, create_message
 from llmos.server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -28,6 +29,9 @@ from llmos.server.protocol import (
     ModelCard,
     ModelList,
 )
+from llmos.server.response_store import ResponseStore
+from llmos.server.responses import create_response, delete_response, retrieve_response
+from llmos.server.responses_protocol import ResponseObject, ResponsesRequest
 from llmos.server.state import ServerConfig, ServerState
 
 _HEALTH_TIMEOUT = 10.0  # seconds for the engine thread to answer between two steps
@@ -35,6 +39,7 @@ _HEALTH_TIMEOUT = 10.0  # seconds for the engine thread to answer between two st
 
 def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
     state = ServerState(engine, config or ServerConfig())
+    store = ResponseStore(state.config.responses_db)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -43,6 +48,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
             yield
         finally:
             await asyncio.to_thread(engine.shutdown)
+            store.close()
 
     app = FastAPI(title="llmos", version=__version__, lifespan=lifespan)
     app.state.llmos = state
@@ -52,7 +58,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
             state.metrics.count(status)
 
     errors.install(app, count)
-    openapi.install(app, [ChatCompletionRequest, CompletionRequest])
+    openapi.install(app, [ChatCompletionRequest, CompletionRequest, ResponsesRequest])
     app.add_middleware(
         Guard,
         api_key=state.config.api_key,
@@ -78,6 +84,34 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     async def completions(request: Request) -> Response:
         with errors.internal_errors(request.url.path):
             return await create_completion(state, request)
+
+    @app.post(
+        "/v1/responses",
+        openapi_extra=openapi.body(ResponsesRequest),
+        responses=openapi.responses(ResponseObject, stream=True),
+    )
+    async def responses(request: Request) -> Response:
+        with errors.internal_errors(request.url.path):
+            return await create_response(state, store, request)
+
+    @app.get(
+        "/v1/responses/{response_id}", responses=openapi.responses(ResponseObject, stream=False)
+    )
+    async def get_response(response_id: str) -> Response:
+        return retrieve_response(state, store, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def remove_response(response_id: str) -> Response:
+        return delete_response(state, store, response_id)
+
+    # Anthropic's Messages API; out of the OpenAPI document, whose errors are OpenAI's shape
+    @app.post("/v1/messages", include_in_schema=False)
+    async def messages(request: Request) -> Response:
+        return await create_message(state, request)
+
+    @app.post("/v1/messages/count_tokens", include_in_schema=False)
+    async def messages_count_tokens(request: Request) -> Response:
+        return await count_tokens(state, request)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

@@ -23,6 +23,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_prompts: int = 64  # prompts in one /v1/completions batch
     strict_fields: bool = False  # refuse (400) a request with fields the server does not read
+    responses_db: str = ":memory:"  # SQLite file of stored /v1/responses (`llmos serve`: a file)
 
     def __post_init__(self) -> None:
         if self.max_waiting is not None and self.max_waiting < 0:
