@@ -11,7 +11,7 @@ import torch
 import llmos
 from llmos.engine.block_manager import BlockManager
 from llmos.engine.config import DTYPES, EngineConfig, parse_bytes
-from llmos.engine.runner import ModelRunner, StepResult
+from llmos.engine.runner import ModelRunner, StepOutput
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
 from llmos.engine.sequence import CompletionOutput, RequestOutput, Sequence, SequenceStatus
@@ -157,13 +157,14 @@ class LLMEngine:
             raise RequestError("params must be a SamplingParams", param="params")
         ids = self.encode_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(ids), params)
-        bad = next(
-            (t for t in params.stop_token_ids if not 0 <= t < self.model_config.vocab_size), None
-        )
-        if bad is not None:
-            raise RequestError(
-                f"stop_token_ids: {bad} is outside the vocabulary", param="stop_token_ids"
-            )
+        vocab = self.model_config.vocab_size
+        for name, tokens in params.token_ids_used():
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(
+                    f"{name}: token id {bad} is outside the vocabulary [0, {vocab})", param=name
+                )
+        bad_words = self.bad_words_ids(params.bad_words or [])
         matchers = self.grammars.matchers(params)  # raises on a grammar it cannot enforce
         seqs = [
             Sequence(
@@ -181,10 +182,24 @@ class LLMEngine:
         ]
         for seq, matcher in zip(seqs, matchers or (), strict=False):
             seq.matcher = matcher
+        for seq in seqs:
+            seq.bad_words_ids = bad_words
         self.requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
         return ids
+
+    def bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token sequences, as vLLM makes them: the word as written, and with a
+        leading space where that is a different first token of the same length."""
+        out: list[list[int]] = []
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            out.append(plain)
+            if spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return out
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and give back its blocks. False if it is unknown or done."""
@@ -208,9 +223,9 @@ class LLMEngine:
             return []
         started = time.perf_counter()
         try:
-            results = self.runner.run(plan, self.tokenizer.eos_token_ids)
+            step = self.runner.run(plan, self.tokenizer.eos_token_ids)
             self.num_steps += 1
-            return self._postprocess(plan, results, time.perf_counter() - started)
+            return self._postprocess(plan, step, time.perf_counter() - started)
         except Exception as exc:
             # A failed step fails the requests in it, gives back their blocks, and lives on.
             failed = sorted({s.seq.request_id for s in plan.scheduled})
@@ -220,16 +235,20 @@ class LLMEngine:
             raise StepFailed(failed, exc) from exc
 
     def _postprocess(
-        self, plan: SchedulerPlan, results: list[StepResult], seconds: float
+        self, plan: SchedulerPlan, step: StepOutput, seconds: float
     ) -> list[RequestOutput]:
         share = seconds / len(plan.scheduled)  # the step's time, shared by what it advanced
         for s in plan.scheduled:
             s.seq.num_computed_tokens = s.start + s.num_new_tokens
             s.seq.engine_seconds += share
             self.blocks.commit(s.seq)
+        for chunk in step.prompt:
+            assert chunk.seq.prompt_logprobs is not None
+            assert len(chunk.seq.prompt_logprobs) == chunk.first  # in order, none twice
+            chunk.seq.prompt_logprobs.extend(chunk.entries)
         touched: dict[str, None] = {}
         now = time.monotonic()
-        for r in results:
+        for r in step.results:
             seq = r.seq
             seq.token_ids.append(r.token_id)
             if seq.first_token_time is None:
@@ -314,6 +333,7 @@ class LLMEngine:
             finished,
             num_cached_tokens=first.num_cached_tokens,
             metrics=metrics,
+            prompt_logprobs=first.prompt_logprobs_view(),
         )
 
     # -- introspection --------------------------------------------------------------------

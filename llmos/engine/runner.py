@@ -28,12 +28,35 @@ class StepResult:
 
 
 @dataclass(slots=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens `first + 1 ...` (scored at positions `first ...`)."""
+
+    seq: Sequence
+    first: int
+    entries: list[TokenLogprob]
+
+
+@dataclass(slots=True)
+class StepOutput:
+    results: list[StepResult]  # one per sampled sequence
+    prompt: list[PromptLogprobs]  # chunks of prompt logprobs, for sequences that asked
+
+
+@dataclass(slots=True)
+class PromptRows:
+    seq: Sequence
+    first: int  # the first position scored
+    count: int  # rows (positions) scored, after the sampled rows in logits order
+
+
+@dataclass(slots=True)
 class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    logits_rows: torch.Tensor  # [S] the last row of each sequence that samples this step
+    logits_rows: torch.Tensor  # [S + P] the last row of each sampling sequence, then prompt rows
     sampled: list[ScheduledSeq]  # S of them, in logits-row order
+    prompt: list[PromptRows]  # P rows in all, in logits-row order after the sampled ones
 
 
 def _row_seed(seed: int, index: int, step: int) -> int:
@@ -95,8 +118,15 @@ class ModelRunner:
         decodes: list[ScheduledSeq] = []
         logits_rows: list[int] = []
         sampled: list[ScheduledSeq] = []
+        prompt_rows: list[int] = []
+        prompt: list[PromptRows] = []
         for s in plan.scheduled:
             row = len(ids)
+            scored = self._prompt_positions(s)
+            if scored is not None:
+                first, last = scored
+                prompt_rows.extend(range(row + first - s.start, row + last - s.start))
+                prompt.append(PromptRows(s.seq, first, last - first))
             ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
             positions.extend(range(s.start, s.start + s.num_new_tokens))
             slots.append(self._slots(s.seq, s.start, s.num_new_tokens))
@@ -136,9 +166,24 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
             positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
             meta=meta,
-            logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
+            logits_rows=torch.tensor(
+                logits_rows + prompt_rows, dtype=torch.int64, device=self.device
+            ),
             sampled=sampled,
+            prompt=prompt,
         )
+
+    @staticmethod
+    def _prompt_positions(s: ScheduledSeq) -> tuple[int, int] | None:
+        """Positions [first, last) of this chunk whose logits score the next prompt token and
+        are not yet scored (a recompute after preemption skips those already done)."""
+        seq = s.seq
+        if not seq.needs_prompt_logprobs:
+            return None
+        assert seq.prompt_logprobs is not None
+        first = max(s.start, len(seq.prompt_logprobs))
+        last = min(s.start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+        return (first, last) if last > first else None
 
     def sampling_batch(self, seqs: list[Sequence], eos: tuple[int, ...]) -> SamplingBatch:
         dev = self.device
@@ -176,17 +221,29 @@ class ModelRunner:
             batch.presence = torch.tensor([p.presence_penalty for p in params], device=dev)
             batch.frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)
             batch.repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)
-        bans = [s.banned_stop_tokens(eos) for s in seqs]
-        if any(bans):
+        bias = [(i, t, v) for i, p in enumerate(params) for t, v in (p.logit_bias or {}).items()]
+        if bias:
+            rows, ids, values = zip(*bias, strict=True)
+            batch.bias = (
+                torch.tensor(rows, dtype=torch.int64, device=dev),
+                torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(values, dtype=torch.float32, device=dev),
+            )
+        bans = [(*s.banned_stop_tokens(eos), *s.banned_bad_words()) for s in seqs]
+        allowed = [s.params.allowed_token_ids for s in seqs]
+        if any(bans) or any(a is not None for a in allowed):
             banned = torch.zeros(len(seqs), V, dtype=torch.bool, device=dev)
-            for i, ids in enumerate(bans):
+            for i, (ids, only) in enumerate(zip(bans, allowed, strict=True)):
+                if only is not None:
+                    banned[i] = True
+                    banned[i, only] = False
                 banned[i, list(ids)] = True
             batch.banned = banned
         return batch
 
     # -- the step -------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, plan: SchedulerPlan, eos: tuple[int, ...]) -> list[StepResult]:
+    def run(self, plan: SchedulerPlan, eos: tuple[int, ...]) -> StepOutput:
         if plan.new_blocks:
             fresh = torch.tensor(plan.new_blocks, device=self.device)
             for k_cache, v_cache in self.kv_caches:
@@ -197,13 +254,14 @@ class ModelRunner:
         masks = self.masks.start([s.matcher for s in seqs])  # overlaps the forward pass
         logits = self.model(
             inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_rows
-        )  # [len(sampled), vocab]
+        )  # [S + P, vocab]
+        prompt = self._prompt_logprobs(inputs, logits[len(seqs) :])
+        logits = logits[: len(seqs)]  # [S, vocab]
         if not inputs.sampled:
-            return []
+            return StepOutput([], prompt)
         batch = self.sampling_batch(seqs, eos)
-        if masks is not None:
-            grammar = self.masks.banned(masks, eos, self.device)  # [S, V]
-            batch.banned = grammar if batch.banned is None else batch.banned | grammar
+        grammar = None if masks is None else self.masks.banned(masks, eos, self.device)  # [S, V]
+        batch.banned = _combine_bans(batch.banned, grammar)
         token_ids = sample(logits, batch)
         results = [StepResult(seq, 0, None) for seq in seqs]
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
@@ -221,4 +279,43 @@ class ModelRunner:
                 )
         for r, t in zip(results, token_ids.tolist(), strict=True):
             r.token_id = t
-        return results
+        return StepOutput(results, prompt)
+
+    def _prompt_logprobs(self, inputs: StepInputs, logits: torch.Tensor) -> list[PromptLogprobs]:
+        """logits: [P, vocab], the prompt rows. Each scores the prompt token after it."""
+        out: list[PromptLogprobs] = []
+        row = 0
+        for p in inputs.prompt:
+            k = p.seq.params.prompt_logprobs or 0
+            targets = p.seq.token_ids[p.first + 1 : p.first + 1 + p.count]
+            chosen, top_vals, top_ids = logprobs_of(
+                logits[row : row + p.count],
+                torch.tensor(targets, dtype=torch.int64, device=self.device),
+                k,
+            )
+            chosen_l, vals_l, ids_l = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
+            entries = [
+                TokenLogprob(t, c, list(zip(i, v, strict=True)))
+                for t, c, i, v in zip(targets, chosen_l, ids_l, vals_l, strict=True)
+            ]
+            out.append(PromptLogprobs(p.seq, p.first, entries))
+            row += p.count
+        return out
+
+
+def _combine_bans(user: torch.Tensor | None, grammar: torch.Tensor | None) -> torch.Tensor | None:
+    """The tokens a row may not sample: the request's bans (allowed_token_ids, bad_words,
+    min_tokens' stops) and the grammar's. The grammar has the last word: a row whose bans
+    together leave nothing keeps only the grammar's, so a request can never break its grammar
+    or be left with no token at all."""
+    if user is None or grammar is None:
+        banned = user if grammar is None else grammar
+    else:
+        banned = user | grammar
+    if banned is None:
+        return None
+    dead = banned.all(-1)  # [S]
+    if bool(dead.any()):
+        banned = banned.clone()
+        banned[dead] = grammar[dead] if grammar is not None else False
+    return banned

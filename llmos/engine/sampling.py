@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # None: off; k: the chosen token's plus the top k
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # structured output (at most one; see llmos/engine/structured.py)
@@ -41,6 +43,10 @@ class SamplingParams:
     regex: str | None = None  # the whole output matches it
     grammar: str | None = None  # a Lark grammar in llguidance's dialect
     choice: list[str] | None = None  # exactly one of these strings
+    # token controls, applied before penalties and the grammar (the grammar has the last word)
+    logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100]
+    bad_words: list[str] | None = None  # never complete these words' token sequences
+    allowed_token_ids: list[int] | None = None  # sample only among these
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -71,6 +77,12 @@ class SamplingParams:
                 or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                 "in [0, 20]",
             ),
+            (
+                "prompt_logprobs",
+                self.prompt_logprobs is None
+                or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+                "in [0, 20]",
+            ),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("stop", len(self.stop) <= 16, "at most 16 strings"),
         ]
@@ -85,6 +97,66 @@ class SamplingParams:
                 param="min_tokens",
             )
         self._check_constraint()
+        self._check_token_controls()
+
+    def _check_token_controls(self) -> None:
+        """Shapes and ranges here; token ids against the vocabulary in the engine."""
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise RequestError(
+                    f"logit_bias must be a map of token id to bias, got {self.logit_bias!r}",
+                    param="logit_bias",
+                )
+            bias: dict[int, float] = {}
+            for key, value in self.logit_bias.items():
+                tid = _token_id(key)
+                if tid is None:
+                    raise RequestError(
+                        f"logit_bias: key {key!r} is not a token id (an integer)",
+                        param="logit_bias",
+                    )
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | float)
+                    or not math.isfinite(value)
+                    or not -100 <= value <= 100
+                ):
+                    raise RequestError(
+                        f"logit_bias[{key!r}] must be a number in [-100, 100], got {value!r}",
+                        param="logit_bias",
+                    )
+                bias[tid] = float(value)
+            self.logit_bias = bias or None
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if (
+                not isinstance(ids, list | tuple)
+                or not ids
+                or any(isinstance(t, bool) or not isinstance(t, int) for t in ids)
+            ):
+                raise RequestError(
+                    f"allowed_token_ids must be a non-empty list of token ids, got {ids!r}",
+                    param="allowed_token_ids",
+                )
+            self.allowed_token_ids = list(dict.fromkeys(ids))
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, list | tuple) or not all(
+                isinstance(w, str) and w.strip() for w in words
+            ):
+                raise RequestError(
+                    f"bad_words must be a list of non-empty strings, got {words!r}",
+                    param="bad_words",
+                )
+            self.bad_words = list(words)
+
+    def token_ids_used(self) -> list[tuple[str, list[int]]]:
+        """(field, token ids) of every field that names tokens, for the vocabulary check."""
+        return [
+            ("stop_token_ids", self.stop_token_ids),
+            ("logit_bias", list(self.logit_bias or ())),
+            ("allowed_token_ids", self.allowed_token_ids or []),
+        ]
 
     def _check_constraint(self) -> None:
         """Types and exclusivity here; whether llguidance can enforce it is checked when the
@@ -158,6 +230,17 @@ class SamplingParams:
         )
 
 
+def _token_id(key: object) -> int | None:
+    """A logit_bias key as a token id: an int, or (as JSON object keys are) its decimal text."""
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, int):
+        return key
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return None
+
+
 @dataclass(slots=True)
 class SamplingBatch:
     """Per-row sampling settings of one step, as tensors on the logits' device."""
@@ -175,6 +258,16 @@ class SamplingBatch:
     output_counts: torch.Tensor | None = None  # [B, V] float counts of generated tokens
     seen: torch.Tensor | None = None  # [B, V] bool, prompt or generated
     banned: torch.Tensor | None = None  # [B, V] bool: min_tokens' stops, grammar-masked tokens
+    # logit_bias as (rows [N], token ids [N], biases [N]); None when no row has one
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def apply_logit_bias(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Add each row's biases to its logits (first, as OpenAI and vLLM do)."""
+    if b.bias is None:
+        return logits
+    rows, ids, values = b.bias
+    return logits.index_put((rows, ids), values, accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -222,6 +315,7 @@ def uniform_draws(
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """logits: [B, V] fp32 → token ids [B]. Greedy rows take the argmax."""
+    logits = apply_logit_bias(logits, b)
     if b.banned is not None:
         logits = logits.masked_fill(b.banned, _MASK)
     logits = apply_penalties(logits, b)

@@ -134,11 +134,16 @@ class Scheduler:
         if len(self.running) >= self.config.max_num_seqs:
             return False
         while True:
-            hits = self.blocks.match_prefix(seq)
+            hits = self._hits(seq)
             if self.blocks.can_admit(hits, len(hits) * self.blocks.block_size + 1):
                 return True
             if not self.blocks.release_oldest_pin():
                 return False
+
+    def _hits(self, seq: Sequence) -> list[int]:
+        """Cached blocks `seq` may start from. A cached block's logits were never kept, so a
+        sequence that still needs prompt logprobs prefills from position 0."""
+        return [] if seq.needs_prompt_logprobs else self.blocks.match_prefix(seq)
 
     # -- the plan -------------------------------------------------------------------------
     def schedule(self) -> SchedulerPlan:
@@ -188,7 +193,7 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
-            hits = self.blocks.match_prefix(seq)
+            hits = self._hits(seq)
             cached = len(hits) * self.blocks.block_size
             n = self._chunk(seq, budget, computed=cached)
             if not self.blocks.can_admit(hits, cached + n):

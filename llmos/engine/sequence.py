@@ -80,6 +80,13 @@ class Sequence:
         self.detokenizer = detokenizer
         self.text = ""
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # prompt tokens 1.. scored by the positions before them (the request's first output
+        # only: its n outputs share one prompt); filled chunk by chunk during prefill
+        self.prompt_logprobs: list[TokenLogprob] | None = (
+            [] if params.prompt_logprobs is not None and index == 0 else None
+        )
+        self._prompt_view: list[dict[int, float] | None] | None = None
+        self.bad_words_ids: list[list[int]] = []  # params.bad_words, tokenized by the engine
         self.num_preemptions = 0
         # grammar state for structured output: it follows the generated tokens, so preemption
         # and recompute leave it right
@@ -100,6 +107,39 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are asked for and not all computed: prefill must produce their
+        logits, so this sequence cannot take its prompt from the prefix cache."""
+        return (
+            self.prompt_logprobs is not None
+            and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+        )
+
+    def prompt_logprobs_view(self) -> list[dict[int, float] | None] | None:
+        """vLLM's shape: None for the first token, then per prompt token a dict of token id →
+        logprob holding that token first and then the top k. None until all are computed."""
+        if self.prompt_logprobs is None or self.needs_prompt_logprobs:
+            return None
+        if self._prompt_view is None:
+            out: list[dict[int, float] | None] = [None]
+            for e in self.prompt_logprobs:
+                entry = {e.token_id: e.logprob}
+                entry.update((tid, lp) for tid, lp in e.top if tid not in entry)
+                out.append(entry)
+            self._prompt_view = out
+        return self._prompt_view
+
+    def banned_bad_words(self) -> list[int]:
+        """The last token of every bad word whose other tokens the output now ends with."""
+        out = self.output_token_ids
+        banned = []
+        for word in self.bad_words_ids:
+            head = word[:-1]
+            if len(head) <= len(out) and (not head or out[len(out) - len(head) :] == head):
+                banned.append(word[-1])
+        return banned
 
     def stop_tokens(self, eos: tuple[int, ...]) -> tuple[int, ...]:
         """The tokens that end this sequence when sampled: EOS (unless `ignore_eos`) and
@@ -188,6 +228,8 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs: [None, {token id: logprob, ...}, ...] (vLLM's shape)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     # single-output conveniences, so `llm.generate(...)[0].text` reads naturally
     @property
