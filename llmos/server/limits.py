@@ -15,12 +15,14 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmos.server.errors import APIError
+from llmos.server.messages_protocol import error_response as messages_error
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 class Guard:
-    """ASGI middleware: API key (on /v1), body size limit, and refusal while draining."""
+    """ASGI middleware: API key (on /v1; `Authorization: Bearer KEY`, or `x-api-key: KEY` as
+    Anthropic's clients send it), body size limit, and refusal while draining."""
 
     def __init__(
         self,
@@ -49,7 +51,11 @@ class Guard:
         if error is not None:
             if path.startswith("/v1"):
                 self.on_refused(path, error.status)
-            return await error.response()(scope, receive, send)
+            # Anthropic's clients read their own error shape
+            response = (
+                messages_error(error) if path.startswith("/v1/messages") else error.response()
+            )
+            return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
     def _check_headers(self, scope: Scope) -> APIError | None:
@@ -59,15 +65,18 @@ class Guard:
             return None
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization", b"")
+        x_api_key = headers.get(b"x-api-key")  # how Anthropic's clients send it
         scheme, _, key = auth.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key):
-            message = (
-                "Incorrect API key provided."
-                if auth
-                else "Missing API key: send it as 'Authorization: Bearer KEY'."
-            )
-            return APIError(401, message, code="invalid_api_key")
-        return None
+        if scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.api_key):
+            return None
+        if x_api_key is not None and hmac.compare_digest(x_api_key.strip(), self.api_key):
+            return None
+        message = (
+            "Incorrect API key provided."
+            if auth or x_api_key is not None
+            else "Missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'."
+        )
+        return APIError(401, message, code="invalid_api_key")
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, APIError | None]:
         too_big = APIError(
