@@ -52,6 +52,13 @@ def serve(
         help="Refuse (400) a request with a field the server does not read, as OpenAI does; "
         "by default such fields are named in the x-llmos-ignored-fields header and the log.",
     ),
+    responses_db: str | None = typer.Option(
+        None,
+        "--responses-db",
+        help="SQLite file of stored /v1/responses (for previous_response_id), or ':memory:' "
+        "to keep them until the server stops. Default: responses.sqlite in the llmos cache "
+        "folder (LLMOS_CACHE_DIR; in memory when that is set empty).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
     model: str = MODEL,
     max_model_len: int | None = MAX_MODEL_LEN,
@@ -65,6 +72,7 @@ def serve(
     from llmos.errors import RequestError
     from llmos.server.app import create_app, server_state
     from llmos.server.launch import bind, make_server, url_of
+    from llmos.server.response_store import ResponseStore
     from llmos.server.state import ServerConfig
 
     try:
@@ -73,7 +81,9 @@ def serve(
             max_waiting=max_waiting,
             max_body_bytes=parse_bytes(max_body_size, "--max-body-size"),
             strict_fields=strict_fields,
+            responses_db=responses_db or default_responses_db(),
         )
+        ResponseStore(config.responses_db).close()  # a bad path fails before the model loads
         sock = bind(host, port)  # before loading the model: a busy port fails at once
     except RequestError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
@@ -111,6 +121,15 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
+
+
+def default_responses_db() -> str:
+    """Where stored responses live by default: kept across restarts, as OpenAI keeps them,
+    unless caching is off."""
+    from llmos.models.cache import cache_dir
+
+    folder = cache_dir()
+    return ":memory:" if folder is None else str(folder / "responses.sqlite")
 
 
 def banner(url: str, model: str, needs_key: bool) -> str:

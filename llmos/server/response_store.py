@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmos.errors import RequestError
+
 RETENTION_DAYS = 30
 MEMORY = ":memory:"
 
@@ -40,16 +42,21 @@ class Stored:
 
 class ResponseStore:
     def __init__(self, path: str | Path = MEMORY) -> None:
-        if str(path) != MEMORY:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
-        if self.path != MEMORY:
-            self._db.execute("PRAGMA journal_mode=WAL")
-        with self._db:
-            self._db.execute(_SCHEMA)
-            cutoff = time.time() - RETENTION_DAYS * 86400
-            self._db.execute("DELETE FROM responses WHERE created_at < ?", (cutoff,))
+        try:
+            if self.path != MEMORY:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+            if self.path != MEMORY:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            with self._db:
+                self._db.execute(_SCHEMA)
+                cutoff = time.time() - RETENTION_DAYS * 86400
+                self._db.execute("DELETE FROM responses WHERE created_at < ?", (cutoff,))
+        except (sqlite3.Error, OSError) as exc:
+            raise RequestError(
+                f"responses_db: cannot open {self.path!r} as SQLite: {exc}", param="responses_db"
+            ) from exc
 
     def put(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
         with self._db:
