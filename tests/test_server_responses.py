@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from llmos import LLM
 from llmos.engine.async_engine import AsyncEngine
 from llmos.errors import RequestError
+from llmos.server import fields
 from llmos.server.app import create_app
 from llmos.server.launch import RunningServer, serve_in_thread
 from llmos.server.response_store import ResponseStore
@@ -370,6 +371,8 @@ def test_cli_default_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"temperature": -1}, "temperature"),
         ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+        ({"input": "x " * 9000}, "input"),  # past the context
+        ({"input": 5}, "input"),
     ],
 )
 def test_unsupported_or_bad_fields_are_400(
@@ -390,19 +393,29 @@ def test_unknown_model_is_404(client: OpenAI) -> None:
 
 # -- the OpenAI Agents SDK's default path -------------------------------------------------------
 def run_agents(server: RunningServer, main: Callable[[], Awaitable[T]]) -> T:
-    """Run `main` with the Agents SDK's default client pointed at the server (no tracing)."""
+    """Run `main` with the Agents SDK's default client pointed at the server (no tracing);
+    every request it makes must be to /v1/responses, with no field the server ignores."""
     agents = pytest.importorskip("agents")
+    seen: list[tuple[str, str | None]] = []
+
+    async def record(response: httpx.Response) -> None:
+        seen.append((response.request.url.path, response.headers.get(fields.HEADER)))
 
     async def wrapped() -> T:
         async with AsyncOpenAI(
-            base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120
+            base_url=f"{server.url}/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=httpx.AsyncClient(timeout=120, event_hooks={"response": [record]}),
         ) as client:
             agents.set_tracing_disabled(True)
             agents.set_default_openai_client(client, use_for_tracing=False)
             agents.set_default_openai_api("responses")
             return await main()
 
-    return asyncio.run(wrapped())
+    result = asyncio.run(wrapped())
+    assert seen and all(s == ("/v1/responses", None) for s in seen), seen
+    return result
 
 
 def _weather_agent(calls: list[str]) -> Any:

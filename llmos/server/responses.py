@@ -20,14 +20,8 @@ from llmos.server.chat import prompt_ids
 from llmos.server.errors import APIError
 from llmos.server.generation import Generation, PromptJob, collect
 from llmos.server.response_store import ResponseStore
-from llmos.server.responses_protocol import (
-    ResponseDeleted,
-    ResponsesRequest,
-    new_id,
-    output_items,
-    renamed,
-    response_body,
-)
+from llmos.server.responses_output import new_id, output_items, response_body
+from llmos.server.responses_protocol import ResponseDeleted, ResponsesRequest, renamed
 from llmos.server.responses_stream import ResponseEvents, stream_response
 from llmos.server.state import ServerState
 

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from llmos.engine.sequence import RequestOutput
 from llmos.server.errors import APIError
 from llmos.server.generation import Generation, as_api_error
-from llmos.server.responses_protocol import call_item, message_item, new_id
+from llmos.server.responses_output import call_item, message_item, new_id
 from llmos.server.state import ServerState
 from llmos.server.streaming import Deltas, ToolCallStream
 
