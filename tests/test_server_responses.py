@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -479,3 +483,75 @@ def test_agents_sdk_text_answer(server: RunningServer) -> None:
     )
     result = run_agents(server, lambda: Runner.run(agent, "Say hello."))
     assert isinstance(result.final_output, str) and result.final_output
+
+
+def test_streamed_response_is_stored_and_continues(client: OpenAI) -> None:
+    with client.responses.stream(
+        model=MODEL, input=QUESTION, instructions="Be brief.", temperature=0, max_output_tokens=20
+    ) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_response()
+    stored = client.responses.retrieve(final.id)
+    assert stored.output_text == final.output_text and stored.usage == final.usage
+    assert final.usage is not None
+    follow = client.responses.create(
+        model=MODEL,
+        input="And of Italy?",
+        instructions="Be brief.",
+        previous_response_id=final.id,
+        temperature=0,
+        max_output_tokens=5,
+    )
+    assert follow.usage is not None
+    assert follow.usage.input_tokens_details.cached_tokens >= final.usage.input_tokens // 16 * 16
+
+
+# -- `llmos serve` as a user runs it ------------------------------------------------------------
+def test_llmos_serve_keeps_responses_in_its_db(tmp_path: Path) -> None:
+    db = tmp_path / "responses.sqlite"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from llmos.cli.main import app; app()",
+            "serve",
+            "--port",
+            "0",
+            "--kv-cache-memory",
+            "64MiB",
+            "--max-num-seqs",
+            "4",
+            "--responses-db",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 180
+        while "Ctrl+C" not in banner:  # the banner ends with it
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, f"llmos serve exited: {banner}"
+            banner += line
+        url = re.search(r"http://127\.0\.0\.1:\d+", banner).group(0)  # type: ignore[union-attr]
+        with OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+            first = c.responses.create(model=MODEL, input="Hi", max_output_tokens=4)
+            second = c.responses.create(
+                model=MODEL, input="Bye", previous_response_id=first.id, max_output_tokens=4
+            )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT id, input FROM responses").fetchall())
+    assert set(rows) == {first.id, second.id}
+    history = json.loads(rows[second.id])  # the first turn's input and output, then "Bye"
+    assert [item.get("role") for item in history] == ["user", "assistant", "user"]
+    assert history[0]["content"] == "Hi" and history[-1]["content"] == "Bye"
