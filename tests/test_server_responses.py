@@ -555,3 +555,15 @@ def test_llmos_serve_keeps_responses_in_its_db(tmp_path: Path) -> None:
     history = json.loads(rows[second.id])  # the first turn's input and output, then "Bye"
     assert [item.get("role") for item in history] == ["user", "assistant", "user"]
     assert history[0]["content"] == "Hi" and history[-1]["content"] == "Bye"
+
+
+def test_openapi_describes_the_routes(server: RunningServer) -> None:
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    op = doc["paths"]["/v1/responses"]["post"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ResponsesRequest"}
+    assert "text/event-stream" in op["responses"]["200"]["content"]
+    schema = doc["components"]["schemas"]["ResponsesRequest"]
+    assert schema["required"] == ["input"]
+    assert {"tools", "text", "previous_response_id", "store"} <= set(schema["properties"])
+    assert {"get", "delete"} <= set(doc["paths"]["/v1/responses/{response_id}"])
