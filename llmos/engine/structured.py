@@ -20,6 +20,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
 
@@ -27,6 +28,7 @@ import llguidance
 import numpy as np
 import torch
 
+from llmos.engine.closing import LIMIT, BudgetMatcher, ClosingVocab, complete
 from llmos.engine.sampling import SamplingParams
 from llmos.errors import RequestError
 from llmos.models.tokenizer import Tokenizer
@@ -226,8 +228,11 @@ class GrammarCompiler:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         # grammar → an unused matcher, copied for each request (an agent's turns, and many
-        # processes in one workspace, repeat their tool grammar; building one is the cost)
-        self._prototypes: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        # processes in one workspace, repeat their tool grammar; building one is the cost), and
+        # its closing plan from the start (None where the search found none)
+        self._prototypes: OrderedDict[str, tuple[llguidance.LLMatcher, list[int] | None]] = (
+            OrderedDict()
+        )
         self._lock = threading.Lock()
 
     @cached_property
@@ -238,27 +243,47 @@ class GrammarCompiler:
             eos_token=list(self.tokenizer.eos_token_ids),
         )
 
-    def matchers(self, params: SamplingParams) -> list[llguidance.LLMatcher] | None:
-        """`params.n` fresh matchers, or None for an unconstrained request."""
+    @cached_property
+    def closing_vocab(self) -> ClosingVocab:
+        texts = [self.tokenizer.decode([i]) for i in range(self.vocab_size)]
+        return ClosingVocab.build(texts, self.tokenizer.eos_token_ids[0])
+
+    def matchers(
+        self, params: SamplingParams, max_tokens: int | None = None
+    ) -> list[llguidance.LLMatcher | BudgetMatcher] | None:
+        """`params.n` fresh matchers, or None for an unconstrained request. Given the request's
+        `max_tokens`, each keeps its output inside it (`BudgetMatcher`), and a grammar whose
+        shortest completion found does not fit is refused, naming max_tokens."""
         found = grammar_of(params)
         if found is None:
             return None
         grammar, param = found
         with self._lock:
-            proto = self._prototypes.get(grammar)
-            if proto is not None:
+            entry = self._prototypes.get(grammar)
+            if entry is not None:
                 self._prototypes.move_to_end(grammar)
-        if proto is None:
+        if entry is None:
             proto = llguidance.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
             if proto.is_error():
                 raise RequestError(
                     f"{param}: llguidance cannot use it: {proto.get_error().strip()}", param=param
                 )
+            entry = (proto, complete(proto.deep_copy(), self.closing_vocab, LIMIT))
             with self._lock:
-                self._prototypes[grammar] = proto
+                self._prototypes[grammar] = entry
                 while len(self._prototypes) > self.PROTOTYPES:
                     self._prototypes.popitem(last=False)
-        return [proto.deep_copy() for _ in range(params.n)]
+        proto, plan = entry
+        if max_tokens is None:
+            return [proto.deep_copy() for _ in range(params.n)]
+        if plan is not None and len(plan) > max_tokens:
+            raise RequestError(
+                f"max_tokens is {max_tokens}, but the {param} constraint needs at least "
+                f"{len(plan)} tokens to complete; raise max_tokens to {len(plan)} or more",
+                param="max_tokens",
+            )
+        vocab = self.closing_vocab
+        return [BudgetMatcher(proto.deep_copy(), vocab, max_tokens, plan) for _ in range(params.n)]
 
 
 # -- per runner: masks ---------------------------------------------------------------------------
@@ -277,26 +302,51 @@ class MaskBuilder:
     def _executor(self) -> llguidance.LLExecutor:
         return llguidance.LLExecutor(2)
 
-    def start(self, matchers: list[llguidance.LLMatcher | None]) -> Future[torch.Tensor] | None:
+    def start(
+        self, matchers: list[llguidance.LLMatcher | BudgetMatcher | None]
+    ) -> Future[Masks] | None:
         """Begin the masks of a step's rows (None where unconstrained); None if no row is."""
         rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
         return self._pool.submit(self._fill, rows, len(matchers))
 
-    def _fill(self, rows: list[tuple[llguidance.LLMatcher, int]], batch: int) -> torch.Tensor:
+    def _fill(
+        self, rows: list[tuple[llguidance.LLMatcher | BudgetMatcher, int]], batch: int
+    ) -> Masks:
+        # near its max_tokens a row's closing plan is brought up to date here, off the engine
+        # thread; those rows are narrowed once the logits are known (`banned`)
+        steered = [(m, i) for m, i in rows if isinstance(m, BudgetMatcher) and m.steer()]
+        plain = [(m.inner if isinstance(m, BudgetMatcher) else m, i) for m, i in rows]
         bits = torch.full((batch, self.words), -1, dtype=torch.int32)  # unconstrained: all allowed
-        self._executor.unsafe_compute_mask_ptr(rows, bits.data_ptr(), self.words * 4, batch)
-        return bits
+        self._executor.unsafe_compute_mask_ptr(plain, bits.data_ptr(), self.words * 4, batch)
+        return Masks(bits, steered)
 
     def banned(
-        self, job: Future[torch.Tensor], eos: tuple[int, ...], device: torch.device
+        self,
+        job: Future[Masks],
+        eos: tuple[int, ...],
+        device: torch.device,
+        logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, V] bool: the tokens each row's grammar forbids now."""
-        bits = job.result().numpy().view(np.uint8)
+        """[B, V] bool: the tokens each row's grammar forbids now (given the step's logits [B, V],
+        rows near their max_tokens may pick only from their likely tokens that still close)."""
+        masks = job.result()
+        bits = masks.bits.numpy().view(np.uint8)
         allowed = np.unpackbits(bits, axis=1, bitorder="little")[:, : self.vocab_size]
         banned = torch.from_numpy(allowed == 0)  # [B, V]
         dead = banned.all(-1)  # a matcher in error allows nothing: let EOS end it
         if bool(dead.any()) and eos:
             banned[dead.nonzero().flatten().unsqueeze(1), torch.tensor(list(eos))] = False
+        for m, i in masks.steered:
+            row = None if logits is None else logits[i].cpu()
+            keep = m.narrow(row, ~banned[i])
+            banned[i] = True
+            banned[i, keep] = False
         return banned.to(device)
+
+
+@dataclass(slots=True)
+class Masks:
+    bits: torch.Tensor  # [B, words] int32: llguidance's allowed-token bitmasks
+    steered: list[tuple[BudgetMatcher, int]]  # rows near their max_tokens, to narrow
