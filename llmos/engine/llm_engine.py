@@ -165,7 +165,7 @@ class LLMEngine:
                     f"{name}: token id {bad} is outside the vocabulary [0, {vocab})", param=name
                 )
         bad_words = self.bad_words_ids(params.bad_words or [])
-        matchers = self.grammars.matchers(params)  # raises on a grammar it cannot enforce
+        matchers = self.grammars.matchers(params, max_tokens)  # raises on what it cannot enforce
         seqs = [
             Sequence(
                 request_id,

@@ -260,7 +260,7 @@ class ModelRunner:
         if not inputs.sampled:
             return StepOutput([], prompt)
         batch = self.sampling_batch(seqs, eos)
-        grammar = None if masks is None else self.masks.banned(masks, eos, self.device)  # [S, V]
+        grammar = None if masks is None else self.masks.banned(masks, eos, self.device, logits)
         batch.banned = _combine_bans(batch.banned, grammar)
         token_ids = sample(logits, batch)
         results = [StepResult(seq, 0, None) for seq in seqs]
