@@ -33,6 +33,7 @@ from llmos.server.response_store import ResponseStore
 from llmos.server.responses import create_response, delete_response, retrieve_response
 from llmos.server.responses_protocol import ResponseObject, ResponsesRequest
 from llmos.server.state import ServerConfig, ServerState
+from llmos.server.tokenize import detokenize, tokenize, tokenizer_info
 
 _HEALTH_TIMEOUT = 10.0  # seconds for the engine thread to answer between two steps
 
@@ -112,6 +113,20 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     @app.post("/v1/messages/count_tokens", include_in_schema=False)
     async def messages_count_tokens(request: Request) -> Response:
         return await count_tokens(state, request)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        with errors.internal_errors(request.url.path):
+            return await tokenize(state, request)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Response:
+        with errors.internal_errors(request.url.path):
+            return await detokenize(state, request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> JSONResponse:
+        return JSONResponse(tokenizer_info(state))
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

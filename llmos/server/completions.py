@@ -42,7 +42,11 @@ def _jobs(state: ServerState, req: CompletionRequest) -> tuple[list[PromptJob], 
             _check_ids(prompt, state.engine.engine.model_config.vocab_size)
             ids, text = prompt, (tokenizer.decode(prompt) if req.echo else "")
         # None: the engine gives the room left in the context and the KV cache
-        params = req.sampling_params(max_tokens=req.max_tokens, logprobs=req.logprobs)
+        params = req.sampling_params(
+            max_tokens=req.max_tokens,
+            logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None,  # echo scores the prompt too
+        )
         jobs.append(PromptJob(ids, params))
         texts.append(text)
     return jobs, texts
@@ -96,20 +100,34 @@ class CompletionRender:
             self.base["usage"] = None
 
     def _choice(
-        self, index: int, text: str, logprobs: list | None, finish_reason: str | None, first: bool
+        self,
+        out: RequestOutput,
+        index: int,
+        text: str,
+        logprobs: list | None,
+        finish_reason: str | None,
+        first: bool,
     ) -> CompletionChoice:
         echo = self.prompt_texts[index // self.req.n] if self.req.echo and first else ""
         lp = None
         if self.req.logprobs is not None:
             offset = self.offsets.get(index, 0)
-            lp, self.offsets[index] = completion_logprobs(logprobs or [], self.texts, offset)
+            prompt = None
+            if self.req.echo and first:
+                assert out.prompt_logprobs is not None  # all in before the first token
+                prompt = (out.prompt_token_ids, out.prompt_logprobs)
+            lp, self.offsets[index] = completion_logprobs(
+                logprobs or [], self.texts, offset, prompt
+            )
         return CompletionChoice(
             index=index, text=echo + text, logprobs=lp, finish_reason=finish_reason
         )
 
     def whole(self, outs: list[RequestOutput]) -> Completion:
         choices = [
-            self._choice(i * self.req.n + o.index, o.text, o.logprobs, o.finish_reason, first=True)
+            self._choice(
+                out, i * self.req.n + o.index, o.text, o.logprobs, o.finish_reason, first=True
+            )
             for i, out in enumerate(outs)
             for o in out.outputs
         ]
@@ -127,7 +145,7 @@ class CompletionRender:
                     **self.base,
                     "choices": [
                         self._choice(
-                            d.index, d.text, d.logprobs, d.finish_reason, d.first
+                            out, d.index, d.text, d.logprobs, d.finish_reason, d.first
                         ).model_dump()
                     ],
                 }

@@ -76,20 +76,31 @@ def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> ChatLogprob
 
 
 def completion_logprobs(
-    entries: list[TokenLogprob], texts: TokenTexts, offset: int
+    entries: list[TokenLogprob],
+    texts: TokenTexts,
+    offset: int,
+    prompt: tuple[list[int], list[dict[int, float] | None]] | None = None,
 ) -> tuple[CompletionLogprobs, int]:
-    """The logprobs, with `text_offset` counted from `offset`; also the offset after them."""
+    """The logprobs, with `text_offset` counted from `offset`; also the offset after them.
+
+    With `prompt` (its token ids and their logprobs in vLLM's shape), an echoed prompt's
+    tokens come first, as OpenAI's legacy API gave them: the first with a null logprob and
+    null top, each other one with its top entries, the prompt token among them."""
     tokens: list[str] = []
     offsets: list[int] = []
+    logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
+    for tid, entry in zip(*(prompt or ((), ())), strict=True):
+        tokens.append(texts(tid)[0])
+        logprobs.append(None if entry is None else entry[tid])
+        top.append(None if entry is None else {texts(t)[0]: lp for t, lp in entry.items()})
     for e in entries:
-        token = texts(e.token_id)[0]
-        tokens.append(token)
+        tokens.append(texts(e.token_id)[0])
+        logprobs.append(e.logprob)
+        top.append({texts(tid)[0]: lp for tid, lp in e.top})
+    for token in tokens:
         offsets.append(offset)
         offset += len(token)
-    top = [{texts(tid)[0]: lp for tid, lp in e.top} for e in entries]
     return CompletionLogprobs(
-        tokens=tokens,
-        token_logprobs=[e.logprob for e in entries],
-        top_logprobs=top,
-        text_offset=offsets,
+        tokens=tokens, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets
     ), offset

@@ -65,6 +65,8 @@ class SamplingRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = Field(0, ge=-_INT64, lt=_INT64)
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
     # vLLM-style structured output
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -89,14 +91,14 @@ class SamplingRequest(_Request):
 
     def check_common(self) -> None:
         """Refuse what the engine cannot honour, rather than silently ignore it."""
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError(
                 400, "stream_options is only allowed when stream is true", param="stream_options"
             )
 
-    def sampling_params(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """SamplingParams with OpenAI's defaults; it names the field of any bad value."""
         extras: dict[str, Any] = {
             k: v
@@ -104,6 +106,10 @@ class SamplingRequest(_Request):
                 ("top_k", self.top_k),
                 ("min_p", self.min_p),
                 ("repetition_penalty", self.repetition_penalty),
+                ("prompt_logprobs", prompt_logprobs),
+                ("logit_bias", self.logit_bias),  # keys are token ids as strings; checked there
+                ("bad_words", self.bad_words),
+                ("allowed_token_ids", self.allowed_token_ids),
             )
             if v is not None
         }
@@ -341,12 +347,6 @@ class CompletionRequest(SamplingRequest):
             raise APIError(
                 400, "best_of must equal n (or be left out) on this server", param="best_of"
             )
-        if self.echo and self.logprobs is not None:
-            raise APIError(
-                400,
-                "echo with logprobs needs prompt logprobs, which this server does not compute yet",
-                param="echo",
-            )
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a batch: one string or token list per prompt."""
@@ -360,8 +360,8 @@ class CompletionRequest(SamplingRequest):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
