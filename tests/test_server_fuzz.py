@@ -2,7 +2,8 @@
 OpenAPI document: valid bodies (by the schema) and invalid ones.
 
 Pass mark: no response >= 500, no call past its time bound, every 4xx in OpenAI's error shape,
-every stream ending in [DONE] (an error event in OpenAI's shape before it, if any), and every
+every stream ending in [DONE] (an error event in OpenAI's shape before it, if any; a Responses
+stream in its last typed event, as OpenAI's has no [DONE]), and every
 KV block back once the load is gone. The server's engine has a small context (MAX_MODEL_LEN), so
 that no generated request is costly; `n` is held to 2 for the same reason.
 
@@ -78,6 +79,8 @@ def check_response(case: Case, response: httpx.Response) -> None:
     if response.status_code >= 400:
         assert kind.startswith("application/json"), f"{where} -> {kind}"
         assert _is_error(response.json()), f"{where} -> {response.text[:600]}"
+    elif kind.startswith("text/event-stream") and case.path == "/v1/responses":
+        _check_typed_events(where, [e for e in response.text.split("\n\n") if e])
     elif kind.startswith("text/event-stream"):
         events = [e for e in response.text.split("\n\n") if e]
         assert events and events[-1] == "data: [DONE]", f"{where} -> {response.text[-600:]}"
@@ -86,6 +89,16 @@ def check_response(case: Case, response: httpx.Response) -> None:
             assert "error" not in data or _is_error(data), f"{where} -> {e}"
     elif case.path != "/metrics":
         assert kind.startswith("application/json"), f"{where} -> {kind}"
+
+
+def _check_typed_events(where: str, events: list[str]) -> None:
+    """A Responses stream: typed events numbered in order, ending (as OpenAI's, without [DONE])
+    in the response's last state or an error event."""
+    data = [json.loads(e.partition("data: ")[2]) for e in events]
+    assert [d["sequence_number"] for d in data] == list(range(len(data))), where
+    last = data[-1]["type"] if data else None
+    ends = ("response.completed", "response.incomplete", "response.failed")
+    assert last in ends, f"{where} -> {last}"
 
 
 def fuzz(server: RunningServer, examples: int, statuses: Counter[int]) -> dict[str, int]:

@@ -567,3 +567,29 @@ def test_openapi_describes_the_routes(server: RunningServer) -> None:
     assert schema["required"] == ["input"]
     assert {"tools", "text", "previous_response_id", "store"} <= set(schema["properties"])
     assert {"get", "delete"} <= set(doc["paths"]["/v1/responses/{response_id}"])
+
+
+def test_an_engine_failure_mid_stream_ends_it_failed(
+    client: OpenAI, llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated device failure")
+
+    stream = client.responses.create(
+        model=MODEL, input="Write a long story.", max_output_tokens=300, stream=True
+    )
+    first = next(iter(stream))
+    assert first.type == "response.created"
+    monkeypatch.setattr(llm.engine.runner, "run", broken)
+    rest = list(stream)
+    assert [e.type for e in rest[-2:]] == ["error", "response.failed"]
+    assert "simulated device failure" in rest[-2].message  # type: ignore[union-attr]
+    failed = rest[-1].response  # type: ignore[union-attr]
+    assert failed.status == "failed" and failed.error is not None and failed.id == first.response.id
+    with pytest.raises(openai.InternalServerError):
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+    monkeypatch.undo()
+    with pytest.raises(openai.NotFoundError):  # a failed response is not stored
+        client.responses.retrieve(failed.id)
+    assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=2).usage
+    _idle(llm)

@@ -5,7 +5,8 @@ for a message `content_part.added`, `output_text.delta`s, `output_text.done` and
 `content_part.done`, for a call `function_call_arguments.delta`s and `.done`; each item ends
 with `output_item.done`, and the stream with `response.completed` (or `response.incomplete`
 when max_output_tokens cut it). Every event carries a `sequence_number`. An engine failure
-mid-stream ends it with an `error` event. There is no `[DONE]` line, as OpenAI sends none.
+mid-stream ends it with an `error` event and `response.failed`. There is no `[DONE]` line, as
+OpenAI sends none.
 """
 
 from __future__ import annotations
@@ -160,7 +161,13 @@ class ResponseEvents:
         return "".join(events)
 
     def error(self, error: APIError) -> str:
-        return self._event("error", code=error.code, message=error.message, param=error.param)
+        """An `error` event, then the response as failed (both clients stop at either)."""
+        code = error.code or ("server_error" if error.status >= 500 else "invalid_request")
+        failed = {**self.body, "status": "failed", "output": self.output}
+        failed["error"] = {"code": code, "message": error.message}
+        return self._event(
+            "error", code=error.code, message=error.message, param=error.param
+        ) + self._event("response.failed", response=failed)
 
 
 async def _events(
