@@ -59,8 +59,18 @@ def server(llm: LLM) -> Iterator[RunningServer]:
 
 @pytest.fixture
 def client(server: RunningServer) -> Iterator[OpenAI]:
-    with OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+    """The official client; no field it sent may have been ignored by the server."""
+    ignored: list[str] = []
+
+    def record(response: httpx.Response) -> None:
+        if fields.HEADER in response.headers:
+            ignored.append(f"{response.request.url.path}: {response.headers[fields.HEADER]}")
+
+    http = httpx.Client(timeout=120, event_hooks={"response": [record]})
+    url = f"{server.url}/v1"
+    with OpenAI(base_url=url, api_key="unused", max_retries=0, http_client=http) as c:
         yield c
+    assert not ignored
 
 
 def _idle(llm: LLM) -> None:

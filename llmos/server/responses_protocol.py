@@ -82,8 +82,6 @@ class ResponsesRequest(_Request):
         for name, refused in refusals.items():
             if refused:
                 raise APIError(400, f"{name} is not supported by this server", param=name)
-        if self.previous_response_id is not None and self.conversation is not None:
-            raise APIError(400, "use previous_response_id or conversation, not both")
         if isinstance(self.input, list) and not self.input and self.previous_response_id is None:
             raise APIError(400, "input must not be empty", param="input")
         if len(self.metadata or {}) > 16:
