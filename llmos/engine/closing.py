@@ -29,12 +29,16 @@ import llguidance
 import numpy as np
 import torch
 
+from llmos.models.tokenizer import Tokenizer
+
 log = logging.getLogger(__name__)
 
 NEAR = 32  # tokens left beyond the plan's length at which the plan is kept up to date
 WINDOW = 16  # ... and at which sampling is narrowed to tokens that keep the plan possible
 TOP_K = 16  # the most likely allowed tokens checked per step inside the window
 SEARCHES = 2  # ... of which those that leave the plan get a search of their own
+SKIP = 4  # plan tokens one sampled token may cover
+NARROW_BUDGET = 40  # masks such a search may compute (it runs on the engine thread)
 BUDGET = 400  # masks one search may compute
 FANOUT = 8  # children one state may try
 LIMIT = 512  # the longest plan searched for
@@ -55,9 +59,10 @@ class ClosingVocab:
     order: np.ndarray  # int64 token ids
     quick: frozenset[int]  # closers and short values, first in `order`
     eos: int
+    tokenizer: Tokenizer | None = None  # to retokenize a plan found: often fewer tokens
 
     @classmethod
-    def build(cls, texts: list[str], eos: int) -> ClosingVocab:
+    def build(cls, texts: list[str], eos: int, tokenizer: Tokenizer | None = None) -> ClosingVocab:
         def ranked(pattern: re.Pattern[str]) -> list[int]:
             ids = [i for i, t in enumerate(texts) if t and pattern.fullmatch(t)]
             return sorted(ids, key=lambda i: -len(texts[i]))  # longer closes more
@@ -66,7 +71,7 @@ class ClosingVocab:
         single = {t: i for i, t in reversed(list(enumerate(texts))) if len(t) == 1}
         rest = ranked(_SEPARATOR) + [single[c] for c in _ASCII if c in single]
         order = list(dict.fromkeys(first + rest))
-        return cls(np.asarray(order, dtype=np.int64), frozenset(first), eos)
+        return cls(np.asarray(order, dtype=np.int64), frozenset(first), eos, tokenizer)
 
 
 def _allowed(bits: bytes, ids: np.ndarray) -> np.ndarray:
@@ -85,7 +90,9 @@ def fits(m: llguidance.LLMatcher, tail: list[int], eos: int) -> bool:
     return ok
 
 
-def complete(m: llguidance.LLMatcher, vocab: ClosingVocab, limit: int = LIMIT) -> list[int] | None:
+def complete(
+    m: llguidance.LLMatcher, vocab: ClosingVocab, limit: int = LIMIT, budget: int = BUDGET
+) -> list[int] | None:
     """A short token sequence that completes the grammar from `m`'s state (EOS last where the
     grammar needs it), at most `limit` long; None if the bounded search finds none. `m` is left
     as it was."""
@@ -96,7 +103,7 @@ def complete(m: llguidance.LLMatcher, vocab: ClosingVocab, limit: int = LIMIT) -
             return []
         if m.is_accepting():
             return [vocab.eos]
-        if depth >= limit or spent[0] >= BUDGET or m.is_error():
+        if depth >= limit or spent[0] >= budget or m.is_error():
             return None
         ff = m.compute_ff_tokens()
         if ff:
@@ -127,7 +134,7 @@ def complete(m: llguidance.LLMatcher, vocab: ClosingVocab, limit: int = LIMIT) -
         probes = 0
         for phase in (0, 1):
             for t in cands if phase == 0 else later:
-                if spent[0] >= BUDGET or (phase == 0 and probes >= FANOUT):
+                if spent[0] >= budget or (phase == 0 and probes >= FANOUT):
                     break
                 if not m.try_consume_tokens([t]):
                     continue
@@ -146,7 +153,15 @@ def complete(m: llguidance.LLMatcher, vocab: ClosingVocab, limit: int = LIMIT) -
                     return [t, *sub]
         return None
 
-    return go(0)
+    plan = go(0)
+    if plan and vocab.tokenizer is not None:  # the search went char by char: merge what BPE can
+        eos = [vocab.eos] if plan[-1] == vocab.eos else []
+        body = plan[: len(plan) - len(eos)]
+        text = vocab.tokenizer.decode(body, skip_special_tokens=False)
+        merged = vocab.tokenizer.encode(text, add_special_tokens=False) + eos
+        if len(merged) < len(plan) and fits(m, merged, vocab.eos):
+            return merged
+    return plan
 
 
 class BudgetMatcher:
@@ -209,13 +224,11 @@ class BudgetMatcher:
             self.hint = len(self.plan)
 
     def _suffix(self, start: int) -> int | None:
-        """The first j >= start with plan[j:] completing the grammar from here, or None."""
+        """The first j in start..start+SKIP with plan[j:] completing the grammar from here, or
+        None (a token covers a few plan tokens at most: `"}` covers `"` and `}`)."""
         assert self.plan is not None
-        eos = self.vocab.eos
-        return next(
-            (j for j in range(start, len(self.plan) + 1) if fits(self.inner, self.plan[j:], eos)),
-            None,
-        )
+        eos, end = self.vocab.eos, min(start + SKIP, len(self.plan)) + 1
+        return next((j for j in range(start, end) if fits(self.inner, self.plan[j:], eos)), None)
 
     def steer(self) -> bool:
         """Before a step's mask: whether this step's sampling must be narrowed (`narrow`)."""
@@ -257,7 +270,7 @@ class BudgetMatcher:
                 after = None if hit is None else plan[hit:]
                 if after is None and searches > 0 and room > 0:
                     searches -= 1
-                    after = complete(self.inner, self.vocab, limit=room)
+                    after = complete(self.inner, self.vocab, room, NARROW_BUDGET)
                 self.inner.rollback(1)
                 if after is not None and len(after) <= room:
                     keep[t] = after

@@ -246,7 +246,7 @@ class GrammarCompiler:
     @cached_property
     def closing_vocab(self) -> ClosingVocab:
         texts = [self.tokenizer.decode([i]) for i in range(self.vocab_size)]
-        return ClosingVocab.build(texts, self.tokenizer.eos_token_ids[0])
+        return ClosingVocab.build(texts, self.tokenizer.eos_token_ids[0], self.tokenizer)
 
     def matchers(
         self, params: SamplingParams, max_tokens: int | None = None
