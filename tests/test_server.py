@@ -381,7 +381,7 @@ def test_body_over_the_limit_is_413(client: OpenAI) -> None:
     "body",
     [
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-        {"messages": CHAT, "logit_bias": {"1": 5}},
+        {"messages": CHAT, "logit_bias": {"1": 500}},
         {"messages": CHAT, "stream_options": {"include_usage": True}},
         {"messages": CHAT, "seed": 2**70},
         {"messages": CHAT, "stop": [str(i) for i in range(20)]},
@@ -393,7 +393,7 @@ def test_body_over_the_limit_is_413(client: OpenAI) -> None:
         {"prompt": [10**9]},
         {"prompt": ""},
         {"prompt": "x", "best_of": 3},
-        {"prompt": "x", "echo": True, "logprobs": 1},
+        {"prompt": "x", "echo": True, "logprobs": 21},
     ],
 )
 def test_odd_requests_are_refused_and_the_server_lives(
