@@ -1,5 +1,5 @@
 """Tool arguments typed by the environment (`WorkspaceFile`, `WorkspaceDir`, `NewPath`,
-`AllowedCommand`, `CommandLine`, `Choices(fn)`: see toolspec.py), turned into each model
+`AllowedCommand`, `CommandLine`, `Choices(fn)`, `TaskWord`: see toolspec.py), turned into each model
 call's schema and checked again when the call runs.
 
 - `resolve(tool, ctx, enforced)` is the tool's OpenAI entry for this call. Where the backend
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,34 @@ def values(arg: ArgType, ctx: ToolContext) -> list[str] | None:
     if arg.kind == "choices":
         assert arg.choices is not None
         return [str(v) for v in arg.choices(ctx)]
+    if arg.kind == "task_word":
+        return task_words(ctx.task) or None
     return None
+
+
+# Words a question is made of rather than about: never a search query.
+QUESTION_WORDS = frozenset(
+    """a an the and or but if so of on in at to for by from with as is are was were be been
+    am do does did done can could will would should may might must shall what which who whom
+    whose when where why how much many there here this that these those it its they them their
+    you your we our i me my he she his her not no yes any some all each one ones file files
+    folder folders say says said tell find search look give name mention mentions mentioned
+    appear appears contain contains word words read reading start check please answer question
+    according about""".split()
+)
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*[A-Za-z0-9]|[A-Za-z0-9]")
+
+
+def task_words(task: str) -> list[str]:
+    """A task's quoted phrases, then its words of three letters or more that are not question
+    words, in order, once each: the values a `TaskWord` argument admits."""
+    quoted = re.findall(r"'([^'\n]{2,60})'|\"([^\"\n]{2,60})\"", task)
+    out = [a or b for a, b in quoted]
+    for w in _WORD.findall(task):
+        w = w.rstrip(".")
+        if len(w) >= 3 and w.lower() not in QUESTION_WORDS:
+            out.append(w)
+    return list(dict.fromkeys(out))
 
 
 def _escape(text: str) -> str:
@@ -200,8 +228,8 @@ def check(tool: Tool, args: dict[str, Any], ctx: ToolContext) -> None:
         if arg.kind == "argv":
             value = value[0] if isinstance(value, list) and value else ""
             where += "[0]"
-        if not isinstance(value, str):
-            continue  # the JSON schema check has refused it already
+        if not isinstance(value, str) or arg.kind == "task_word":
+            continue  # refused by the JSON schema check already; any query text may run
         if arg.kind in ("file", "dir", "new_path"):
             _check_path(where, value, arg.kind, ctx)
             continue

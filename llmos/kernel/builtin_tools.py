@@ -17,6 +17,7 @@ from llmos.kernel.sandbox import Refused
 from llmos.kernel.toolspec import (
     CommandLine,
     NewPath,
+    TaskWord,
     Tool,
     ToolContext,
     WorkspaceDir,
@@ -82,12 +83,12 @@ def list_dir(ctx: ToolContext, path: WorkspaceDir = ".") -> str:
 
 @tool(read_only=True)
 def search_files(
-    query: str, ctx: ToolContext, path: WorkspaceDir = ".", max_results: int = 50
+    query: TaskWord, ctx: ToolContext, path: WorkspaceDir = ".", max_results: int = 50
 ) -> str:
     """Find lines containing a text (case-insensitive) in the workspace's files.
 
     Args:
-        query: The text to look for (plain text, not a pattern).
+        query: The text to look for (plain text, not a pattern): a word from the task.
         path: The folder to search, relative to the workspace.
         max_results: How many matching lines to return at most.
     """

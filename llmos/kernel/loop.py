@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 import jsonschema
 
-from llmos.backends.base import Backend, ChatRequest, ChatResult, ToolCall, Usage
-from llmos.kernel import argtypes, journal, memory, report
+from llmos.backends.base import Backend, ChatRequest, ChatResult, Message, ToolCall, Usage
+from llmos.kernel import argtypes, evidence, journal, memory, report
 from llmos.kernel.meter import Meter
 from llmos.kernel.process import (
     ApprovalStep,
@@ -53,6 +53,12 @@ class RunTools:
 
 
 @dataclass(frozen=True, slots=True)
+class Answer:
+    """The model answered on a turn that was not the answer turn (answer_turn "evidence"):
+    the answer turn comes next."""
+
+
+@dataclass(frozen=True, slots=True)
 class Repair:
     what: str  # malformed_output | bad_answer
     why: str
@@ -69,7 +75,7 @@ class GiveUp:
     reason: str
 
 
-NextStep = CallModel | RunTools | Repair | Finish | GiveUp
+NextStep = CallModel | Answer | RunTools | Repair | Finish | GiveUp
 
 
 @dataclass(slots=True)
@@ -90,8 +96,8 @@ async def run(proc: Process, ctx: Context) -> None:
     try:
         while True:
             proc.elapsed = base + time.monotonic() - started - ctx.paused
-            if isinstance(step, CallModel):
-                step = await plan(proc, ctx)
+            if isinstance(step, CallModel | Answer):
+                step = await plan(proc, ctx, answer=isinstance(step, Answer))
             elif isinstance(step, RunTools):
                 step = await act(proc, ctx, step.calls)
             elif isinstance(step, Repair):
@@ -147,13 +153,28 @@ def check_limits(proc: Process, ctx: Context) -> GiveUp | None:
     return GiveUp("budget", why) if why else None
 
 
-async def plan(proc: Process, ctx: Context) -> NextStep:
+async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     stop = check_limits(proc, ctx)
     if stop is not None:
         return stop
     prog = proc.program
     tools = call_tools(proc, ctx.backend)
-    msgs = memory.to_messages(proc)
+    choice = "none" if answer else (prog.tool_choice_for(proc.num_turns) if tools else "none")
+    names = {t["function"]["name"] for t in tools}
+    if isinstance(choice, dict) and choice["function"]["name"] not in names:
+        choice = "required"  # the named tool is not in the table (a custom tool not loaded)
+    answering = choice == "none" and bool(prog.tools) and _has_results(proc)
+    if answering and prog.answer_turn == "evidence":
+        # a fresh prompt: the focused evidence, then the task (no tools, no history)
+        tools = []
+        msgs: list[Message] = [
+            {"role": "system", "content": memory.system_prompt(proc)},
+            {"role": "user", "content": evidence.answer_prompt(proc)},
+        ]
+    else:
+        msgs = memory.to_messages(proc)
+        if answering:  # the task again, after what the tools returned
+            msgs = [*msgs, {"role": "user", "content": memory.ANSWER.format(task=proc.input)}]
     if ctx.backend.context_window:
         room = ctx.backend.context_window - int(prog.sampling.get("max_tokens") or 256) - 8
         msgs = memory.fit(
@@ -162,16 +183,6 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
             room,
             summarize_dropped=prog.summarize,
         )
-    choice = prog.tool_choice_for(proc.num_turns) if tools else "none"
-    names = {t["function"]["name"] for t in tools}
-    if isinstance(choice, dict) and choice["function"]["name"] not in names:
-        choice = "required"  # the named tool is not in the table (a custom tool not loaded)
-    if (
-        choice == "none"
-        and proc.program.tools
-        and any(isinstance(s, ToolResultStep) for s in proc.steps)
-    ):  # the answer turn: the task again, after what the tools returned
-        msgs = [*msgs, {"role": "user", "content": memory.ANSWER.format(task=proc.input)}]
     request = ChatRequest(
         msgs,
         tools,
@@ -210,6 +221,7 @@ async def plan(proc: Process, ctx: Context) -> NextStep:
         cost,
         result.finish_reason,
         result.malformed,
+        answering,
     )
     journal.append(ctx.store, proc, turn, model=ctx.backend.name)
     return classify(proc, turn)
@@ -220,7 +232,7 @@ def call_tools(proc: Process, backend: Backend) -> list[dict[str, Any]]:
     now (an enum of the real files, ...), or plain strings for a program with typed_args off."""
     prog = proc.program
     table = prog.tool_table
-    here = ToolContext(Path(proc.workspace), prog.policy) if prog.typed_args else None
+    here = ToolContext(Path(proc.workspace), prog.policy, proc.input) if prog.typed_args else None
     enforced = bool(getattr(backend, "enforces_schema", False))
     tools = [argtypes.resolve(table[name], here, enforced) for name in prog.tools if name in table]
     return [_skip_made(proc, t, table[t["function"]["name"]]) for t in tools] if here else tools
@@ -251,6 +263,10 @@ def _skip_made(proc: Process, entry: dict[str, Any], tool: Tool) -> dict[str, An
     params = {**entry["function"]["parameters"]}
     params["properties"] = {**props, name: {**props[name], "x-llmos-skip": made}}
     return {**entry, "function": {**entry["function"], "parameters": params}}
+
+
+def _has_results(proc: Process) -> bool:
+    return any(isinstance(s, ToolResultStep) for s in proc.steps)
 
 
 def _garbage(result: object) -> str | None:
@@ -285,6 +301,14 @@ def _garbage(result: object) -> str | None:
 
 def classify(proc: Process, turn: ModelTurn) -> NextStep:
     """What the model's turn asks for next."""
+    if (
+        proc.program.answer_turn == "evidence"
+        and not turn.answering
+        and not turn.tool_calls
+        and not turn.malformed
+        and _has_results(proc)
+    ):  # a draft answer: the answer turn writes it from the evidence
+        return Answer()
     problem = _problem(proc, turn)
     if problem is None:
         if turn.tool_calls:

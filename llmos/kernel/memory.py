@@ -12,15 +12,15 @@ from typing import Any
 from llmos.backends.base import Message
 from llmos.kernel.process import ErrorStep, ModelTurn, Process, ToolResultStep
 
-# The last turn of a program whose tool_choice says "none" there: the task restated after the
-# tool results (a small model otherwise continues the pattern of calls it sees).
-ANSWER = "Using what the tools returned above, answer in one sentence: {task}"
 # An answer that only restated a failed call's error gets this once (the error names the
 # valid choices, e.g. the nearest files).
 RETRY = (
     "That answer only repeats the tool's error: {why}. Call the tool again with one of the "
     "valid choices it names, or answer the task from what the tools did return."
 )
+# The answer turn of a program whose tool_choice says "none" there (answer_turn "chat"): the
+# task restated after the tool results (a small model otherwise continues the pattern of calls).
+ANSWER = "Using what the tools returned above, answer in one sentence: {task}"
 KEEP_RECENT = 4  # messages at the end that are never trimmed
 REPAIR = (
     "Your last reply could not be used: {why}. Reply again: either only a JSON tool call "

@@ -39,6 +39,7 @@ class ModelTurn:
     cost: float = 0.0
     finish_reason: str | None = None
     malformed: str | None = None
+    answering: bool = False  # the answer turn (tool_choice "none" after tool results)
 
 
 @dataclass(slots=True)

@@ -52,6 +52,11 @@ class Program:
     # Tool arguments typed by the environment (an existing file, ...) become each call's
     # schema: the grammar admits only real paths. False: plain strings (checked when run).
     typed_args: bool = True
+    # How the answer turn after tool results reads: "chat" (the conversation, the task again)
+    # or "evidence" (a fresh prompt: the lines the tools returned that bear on the task, then
+    # the task; no tools, no history: see evidence.py). With "evidence" an answer the model
+    # writes on another turn is its signal to stop calling tools, and the answer turn follows.
+    answer_turn: str = "chat"
     summarize: bool = False  # summarize what trimming drops from the context, else elide it
     source: str | None = None  # the .py file that defines it (its custom tools)
     # The program's own tools (@tool functions listed in `tools`, or defined in its .py file);
@@ -81,6 +86,10 @@ class Program:
             raise ProgramError(
                 f"tool_choice: {bad or choices} must be 'auto', 'required', "
                 f"'none' or one of the program's tools {self.tools}"
+            )
+        if self.answer_turn not in ("chat", "evidence"):
+            raise ProgramError(
+                f"answer_turn must be 'chat' or 'evidence', got {self.answer_turn!r}"
             )
         if not isinstance(self.sampling, dict):
             raise ProgramError("sampling must be a mapping like {temperature: 0}")

@@ -73,6 +73,7 @@ class ToolContext:
 
     workspace: Path
     policy: Policy
+    task: str = ""  # the process's input, where a model call is being prepared (TaskWord)
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,7 +83,7 @@ class ArgType:
     when they are too many: see `argtypes.py`), and `execute` checks it against the workspace
     as it is when the call runs. In the static schema it shows as `"x-llmos": kind`."""
 
-    kind: str  # file | dir | new_path | command | argv | choices
+    kind: str  # file | dir | new_path | command | argv | choices | task_word
     choices: Callable[[ToolContext], list[str]] | None = None  # kind "choices": computed per call
 
     def __post_init__(self) -> None:
@@ -92,12 +93,15 @@ class ArgType:
             raise TypeError("ArgType: a 'choices' argument needs a choices function (only it)")
 
 
-ARG_KINDS = {"file", "dir", "new_path", "command", "argv", "choices"}
+ARG_KINDS = {"file", "dir", "new_path", "command", "argv", "choices", "task_word"}
 WorkspaceFile = Annotated[str, ArgType("file")]  # an existing file in the workspace
 WorkspaceDir = Annotated[str, ArgType("dir")]  # an existing folder ("." is the workspace)
 NewPath = Annotated[str, ArgType("new_path")]  # a path that does not exist yet
 AllowedCommand = Annotated[str, ArgType("command")]  # a program on the policy's allow-list
 CommandLine = Annotated[list[str], ArgType("argv")]  # argv whose argv[0] is allow-listed
+# A word or quoted phrase of the process's task (a search query): the grammar admits only
+# those, so a small model searches for what it was asked about; any text runs when called.
+TaskWord = Annotated[str, ArgType("task_word")]
 
 
 def Choices(fn: Callable[[ToolContext], list[str]]) -> Any:  # noqa: N802 - reads as a type
