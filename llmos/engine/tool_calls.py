@@ -56,6 +56,19 @@ _PROBE = [
 _NATIVE: dict[str, bool] = {}  # chat template source → whether it renders `tools`
 
 
+# An answer holds no call syntax, not even a look-alike: no tag that starts `<tool_`, `<tools`,
+# `<tool-`, `<toolcall` or `<tool>` in any case (nor its closing form), and no call object's head
+# (`{"name": "...", "arguments"`).
+# With "none" no call can be made at all (small models, seeing the tools in the prompt, write
+# `<tool_call_2>`, `<tool_request>[{"name": ..., "arguments": ...}]</tool_call>` and the like);
+# with "auto" a reply that starts `<tool_` can only go on as a real call.
+LOOKALIKE = (
+    r"<\/?[tT][oO][oO][lL](?:[sS_>-]|[cC][aA][lL][lL])"
+    r'|\{\s*"name"\s*:\s*"(?:[^"\\]|\\.)*"\s*,\s*"arguments"'
+)
+ANSWER_TEXT = f"TEXT: /(?s:.*)/ & ~/(?s:.*)(?:{LOOKALIKE})(?s:.*)/"
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -320,10 +333,7 @@ class ChatTools:
             lines = ["start: answer"]
             if answer is not None:
                 return "\n".join([*lines, f"answer: %json {json.dumps(styled_schema(answer))}"])
-            # not even a look-alike (`<tool_call_2>`, `<tool_call id=...>`): no call can be made
-            return "\n".join(
-                [*lines, "answer: TEXT", "TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call(?s:.*)/"]
-            )
+            return "\n".join([*lines, "answer: TEXT", ANSWER_TEXT])
         lines = [f"start: {'answer | calls' if self.choice == 'auto' else 'calls'}"]
         if self.hermes:
             one = f'"{OPEN}\\n" call "\\n{CLOSE}"'
@@ -350,7 +360,7 @@ class ChatTools:
         if answer is not None:
             lines.append(f"answer: %json {json.dumps(styled_schema(answer))}")
         else:
-            lines += ["answer: TEXT", f"TEXT: /(?s:.*)/ & ~/(?s:.*){OPEN}(?s:.*)/"]
+            lines += ["answer: TEXT", ANSWER_TEXT]
         return "\n".join(lines)
 
     def constrain(self, params: SamplingParams) -> SamplingParams:
