@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from llmos.engine.sequence import CompletionOutput, RequestOutput
-from llmos.engine.tool_calls import ChatTools, prepare_chat
+from llmos.engine.tool_calls import OPEN, CallProgress, ChatTools, prepare_chat, scan_calls
 from llmos.errors import RequestError
 from llmos.server import fields
 from llmos.server.chat import prompt_ids as chat_prompt_ids
@@ -157,6 +157,21 @@ def _tool_id() -> str:
     return f"toolu_{uuid.uuid4().hex[:24]}"
 
 
+def _partial_use(call: CallProgress) -> dict[str, Any]:
+    """A call that max_tokens cut short, as Anthropic returns one: its input as far as it
+    parses (the stream sent the same text as input_json_delta)."""
+    try:
+        value = json.loads(call.arguments) if call.done else None
+    except json.JSONDecodeError:
+        value = None
+    return {
+        "type": "tool_use",
+        "id": _tool_id(),
+        "name": call.name,
+        "input": value if isinstance(value, dict) else {},
+    }
+
+
 def _usage(out: RequestOutput, output_tokens: int) -> dict[str, int]:
     cached = out.num_cached_tokens
     return {
@@ -205,9 +220,14 @@ class Reply:
         o.text, stop_sequence = (
             _cut_stop(o.text, o.text, self.stops) if o.finish_reason == "stop" else (o.text, None)
         )
+        content: list[dict[str, Any]] = []
         if self.calls is not None:
             self.calls.finish(o)
-        content: list[dict[str, Any]] = [{"type": "text", "text": o.text}] if o.text else []
+            if o.tool_calls is None and o.text.startswith(OPEN):  # cut off mid-call
+                content = [_partial_use(c) for c in scan_calls(o.text[len(OPEN) :])]
+                o.text = ""
+        if o.text:
+            content.append({"type": "text", "text": o.text})
         content += [
             {"type": "tool_use", "id": _tool_id(), "name": c.name, "input": c.arguments}
             for c in o.tool_calls or []
