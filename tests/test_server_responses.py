@@ -603,3 +603,28 @@ def test_an_engine_failure_mid_stream_ends_it_failed(
         client.responses.retrieve(failed.id)
     assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=2).usage
     _idle(llm)
+
+
+def test_input_items_list_the_conversation(client: OpenAI, server: RunningServer) -> None:
+    first = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3)
+    second = client.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Bye"}]}],
+        max_output_tokens=3,
+    )
+    items = list(client.responses.input_items.list(second.id, order="asc"))
+    assert [i.type for i in items] == ["message", "message", "message"]
+    assert [i.role for i in items] == ["user", "assistant", "user"]  # type: ignore[union-attr]
+    assert items[0].content[0].text == "Hi"  # type: ignore[union-attr]
+    assert items[1].id == first.output[0].id and items[2].content[0].text == "Bye"  # type: ignore[union-attr]
+    newest = list(client.responses.input_items.list(second.id))  # desc, OpenAI's default
+    assert [i.id for i in newest] == [i.id for i in reversed(items)]
+    page = client.responses.input_items.list(second.id, limit=2, order="asc")
+    assert [i.id for i in page.data] == [i.id for i in items[:2]] and page.has_more
+    assert [i.id for i in page.get_next_page().data] == [items[2].id]
+    assert [i.id for i in client.responses.input_items.list(first.id)] == [items[0].id]
+    r = httpx.get(f"{server.url}/v1/responses/{second.id}/input_items", params={"limit": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_nope")

@@ -30,7 +30,12 @@ from llmos.server.protocol import (
     ModelList,
 )
 from llmos.server.response_store import ResponseStore
-from llmos.server.responses import create_response, delete_response, retrieve_response
+from llmos.server.responses import (
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
 from llmos.server.responses_protocol import ResponseObject, ResponsesRequest
 from llmos.server.state import ServerConfig, ServerState
 from llmos.server.tokenize import detokenize, tokenize, tokenizer_info
@@ -100,6 +105,12 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     )
     async def get_response(response_id: str) -> Response:
         return retrieve_response(state, store, response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def get_input_items(
+        response_id: str, limit: int = 20, order: str = "desc", after: str | None = None
+    ) -> Response:
+        return list_input_items(state, store, response_id, limit=limit, order=order, after=after)
 
     @app.delete("/v1/responses/{response_id}")
     async def remove_response(response_id: str) -> Response:

@@ -61,7 +61,7 @@ async def create_response(state: ServerState, store: ResponseStore, request: Req
             priority=req.priority,
             user=req.user,
         )
-    input_items = [*history, *req.input_items()]
+    input_items = [*history, *map(_with_id, req.input_items())]
 
     def save(body: dict[str, Any]) -> None:
         if req.store:
@@ -95,6 +95,61 @@ def retrieve_response(state: ServerState, store: ResponseStore, response_id: str
         raise not_found(response_id)
     state.metrics.count(200)
     return JSONResponse(stored.response)
+
+
+def list_input_items(
+    state: ServerState,
+    store: ResponseStore,
+    response_id: str,
+    *,
+    limit: int = 20,
+    order: str = "desc",
+    after: str | None = None,
+) -> Response:
+    """The conversation's input items (earlier turns' too), a cursor page as OpenAI's."""
+    stored = store.get(response_id)
+    if stored is None:
+        raise not_found(response_id)
+    if not 1 <= limit <= 100:
+        raise APIError(400, f"limit must be in [1, 100], got {limit}", param="limit")
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+    items = stored.input if order == "asc" else stored.input[::-1]
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise APIError(400, f"after: no item {after!r} in this response", param="after")
+        items = items[ids.index(after) + 1 :]
+    page = [_parts(item) for item in items[:limit]]
+    state.metrics.count(200)
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
+
+
+_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def _with_id(item: Any) -> Any:
+    """An input item with an id (the client may leave it out), so it can be listed."""
+    if not isinstance(item, dict) or item.get("id"):
+        return item
+    kind = item.get("type", "message")
+    return {"type": kind, **item, "id": new_id(_PREFIX.get(kind, "item"))}
+
+
+def _parts(item: dict[str, Any]) -> dict[str, Any]:
+    """A message item's text content as a list of parts, as OpenAI lists it."""
+    if item.get("type") != "message" or not isinstance(item.get("content"), str):
+        return item
+    kind = "output_text" if item.get("role") == "assistant" else "input_text"
+    return {**item, "content": [{"type": kind, "text": item["content"]}]}
 
 
 def delete_response(state: ServerState, store: ResponseStore, response_id: str) -> Response:
