@@ -404,6 +404,37 @@ def test_unknown_model_is_404(client: Anthropic) -> None:
         client.messages.count_tokens(model="claude-opus-4-1", messages=ASK)
 
 
+def test_fields_it_does_not_read_are_named(client: Anthropic) -> None:
+    raw = client.messages.with_raw_response.create(
+        model=MODEL,
+        max_tokens=2,
+        messages=ASK,
+        service_tier="auto",
+        output_config={"effort": "low"},
+        extra_body=GREEDY,
+    )
+    assert raw.headers["x-llmos-ignored-fields"] == "service_tier,output_config.effort"
+    assert raw.parse().usage.output_tokens == 2
+
+
+def test_output_config_format_is_a_json_schema_answer(client: Anthropic) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 20}},
+        "required": ["capital"],
+        "additionalProperties": False,
+    }
+    r = client.messages.create(
+        model=MODEL,
+        max_tokens=40,
+        messages=ASK,
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+        extra_body=GREEDY,
+    )
+    assert r.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(r.content[0].text), schema)  # type: ignore[union-attr]
+
+
 def test_the_api_key_is_read_from_x_api_key(server: RunningServer) -> None:
     with Anthropic(base_url=server.url, api_key="wrong", max_retries=0) as wrong:
         with pytest.raises(anthropic.AuthenticationError) as info:
