@@ -21,9 +21,11 @@ cannot close (say, one that needs non-ASCII text) keeps the old behaviour.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import llguidance
 import numpy as np
@@ -33,7 +35,7 @@ from llmos.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-NEAR = 32  # tokens left beyond the plan's length at which the plan is kept up to date
+NEAR = 32  # tokens left beyond the plan's length (and reach) at which the plan is kept up to date
 WINDOW = 16  # ... and at which sampling is narrowed to tokens that keep the plan possible
 TOP_K = 16  # the most likely allowed tokens checked per step inside the window
 SEARCHES = 2  # ... of which those that leave the plan get a search of their own
@@ -65,7 +67,8 @@ class ClosingVocab:
     def build(cls, texts: list[str], eos: int, tokenizer: Tokenizer | None = None) -> ClosingVocab:
         def ranked(pattern: re.Pattern[str]) -> list[int]:
             ids = [i for i, t in enumerate(texts) if t and pattern.fullmatch(t)]
-            return sorted(ids, key=lambda i: -len(texts[i]))  # longer closes more
+            # longer closes more; one that ends in a comma opens the next item or key: last
+            return sorted(ids, key=lambda i: (texts[i].endswith(","), -len(texts[i])))
 
         first = list(dict.fromkeys(ranked(_CLOSER) + ranked(_VALUE)))
         single = {t: i for i, t in reversed(list(enumerate(texts))) if len(t) == 1}
@@ -120,7 +123,8 @@ def complete(
         for t in cands:
             if t not in vocab.quick:
                 break  # `order` lists the quick ones first
-            m.try_consume_tokens([t])
+            if not m.try_consume_tokens([t]):  # (a mask may admit a token the parser refuses)
+                continue
             stopped, accepting = m.is_stopped(), m.is_accepting()
             m.rollback(1)
             if stopped:
@@ -169,12 +173,20 @@ class BudgetMatcher:
     end. The engine uses it as a matcher (`consume_token`, `is_stopped`, `get_error`); the mask
     builder asks `steer` each step and, inside the window, `narrow` with the step's logits."""
 
-    __slots__ = ("inner", "vocab", "budget", "used", "plan", "hint", "failed", "_kept")
+    __slots__ = ("inner", "vocab", "budget", "used", "plan", "hint", "failed", "reach", "_kept")
 
     def __init__(
-        self, inner: llguidance.LLMatcher, vocab: ClosingVocab, budget: int, plan: list[int] | None
+        self,
+        inner: llguidance.LLMatcher,
+        vocab: ClosingVocab,
+        budget: int,
+        plan: list[int] | None,
+        reach: int = 0,
     ) -> None:
         self.inner = inner
+        # how much one freely sampled token may add to the plan (opening an optional field or
+        # an array item): narrowing starts that much earlier, so no such jump outruns the budget
+        self.reach = reach
         self.vocab = vocab
         self.budget = budget  # the sequence's max_tokens
         self.used = 0  # tokens consumed
@@ -215,7 +227,7 @@ class BudgetMatcher:
         self._kept = {}
         if after is not None:
             self.plan = after
-        elif self.left > self.hint + NEAR:
+        elif self.left > self.hint + self.reach + NEAR:
             self.plan = None  # far from the end: find it again when it matters
         else:
             tail = self._suffix(0)
@@ -234,7 +246,7 @@ class BudgetMatcher:
         """Before a step's mask: whether this step's sampling must be narrowed (`narrow`)."""
         if self.failed or self.inner.is_stopped() or self.inner.is_error():
             return False
-        if self.left > self.hint + NEAR:
+        if self.left > self.hint + self.reach + NEAR:
             return False
         if self.plan is None:
             self.plan = complete(self.inner, self.vocab, limit=min(LIMIT, max(self.left, 1)))
@@ -245,7 +257,7 @@ class BudgetMatcher:
                 self.failed = True
                 return False
             self.hint = len(self.plan)
-        return self.left - len(self.plan) <= WINDOW
+        return self.left - len(self.plan) <= WINDOW + self.reach
 
     def narrow(self, logits: torch.Tensor | None, allowed: torch.Tensor) -> list[int]:
         """The tokens this step may pick: of the `TOP_K` most likely allowed ones (by `logits`,
@@ -276,3 +288,34 @@ class BudgetMatcher:
                     keep[t] = after
         self._kept = keep
         return list(keep)
+
+
+# -- how far one token can move the end -----------------------------------------------------------
+def all_required(schema: Any) -> Any:
+    """The schema with every property required and every array at least one item long: its
+    shortest completion bounds what one token that opens an optional part can add."""
+    if isinstance(schema, list):
+        return [all_required(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: all_required(v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: all_required(v) for k, v in schema["properties"].items()}
+        out["required"] = list(schema["properties"])
+    if "items" in schema and schema.get("maxItems", 1) >= 1:
+        out["minItems"] = max(1, schema.get("minItems", 0))
+    return out
+
+
+_JSON_BLOCK = re.compile(r"%json (\{.*\})\s*$", re.MULTILINE)
+
+
+def json_blocks(lark: str) -> list[dict[str, Any]]:
+    """The JSON schemas a Lark grammar embeds (`rule: %json {...}`, one per line)."""
+    out = []
+    for text in _JSON_BLOCK.findall(lark):
+        try:
+            out.append(json.loads(text))
+        except ValueError:
+            continue
+    return out

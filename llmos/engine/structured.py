@@ -28,7 +28,15 @@ import llguidance
 import numpy as np
 import torch
 
-from llmos.engine.closing import LIMIT, BudgetMatcher, ClosingVocab, complete
+from llmos.engine.closing import (
+    LIMIT,
+    NEAR,
+    BudgetMatcher,
+    ClosingVocab,
+    all_required,
+    complete,
+    json_blocks,
+)
 from llmos.engine.sampling import SamplingParams
 from llmos.errors import RequestError
 from llmos.models.tokenizer import Tokenizer
@@ -229,8 +237,8 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         # grammar → an unused matcher, copied for each request (an agent's turns, and many
         # processes in one workspace, repeat their tool grammar; building one is the cost), and
-        # its closing plan from the start (None where the search found none)
-        self._prototypes: OrderedDict[str, tuple[llguidance.LLMatcher, list[int] | None]] = (
+        # its closing plan from the start (None where the search found none) and its reach
+        self._prototypes: OrderedDict[str, tuple[llguidance.LLMatcher, list[int] | None, int]] = (
             OrderedDict()
         )
         self._lock = threading.Lock()
@@ -268,12 +276,13 @@ class GrammarCompiler:
                 raise RequestError(
                     f"{param}: llguidance cannot use it: {proto.get_error().strip()}", param=param
                 )
-            entry = (proto, complete(proto.deep_copy(), self.closing_vocab, LIMIT))
+            plan = complete(proto.deep_copy(), self.closing_vocab, LIMIT)
+            entry = (proto, plan, self._reach(params))
             with self._lock:
                 self._prototypes[grammar] = entry
                 while len(self._prototypes) > self.PROTOTYPES:
                     self._prototypes.popitem(last=False)
-        proto, plan = entry
+        proto, plan, reach = entry
         if max_tokens is None:
             return [proto.deep_copy() for _ in range(params.n)]
         if plan is not None and len(plan) > max_tokens:
@@ -283,7 +292,33 @@ class GrammarCompiler:
                 param="max_tokens",
             )
         vocab = self.closing_vocab
-        return [BudgetMatcher(proto.deep_copy(), vocab, max_tokens, plan) for _ in range(params.n)]
+        return [
+            BudgetMatcher(proto.deep_copy(), vocab, max_tokens, plan, reach)
+            for _ in range(params.n)
+        ]
+
+    def _reach(self, params: SamplingParams) -> int:
+        """How many tokens one sampled token may add to the shortest completion: that of the
+        schema (or of the largest embedded in a Lark grammar, a tool call's) with all its
+        parts required; `NEAR` where there is no schema or no completion was found."""
+        if params.json_schema is not None:
+            given = params.json_schema
+            schemas = [json.loads(given) if isinstance(given, str) else given]
+        elif params.grammar is not None:
+            schemas = json_blocks(params.grammar)
+        else:
+            return 0 if params.regex is not None or params.choice is not None else NEAR
+        best = 0
+        for schema in schemas:
+            grammar, error = _compile(
+                "json_schema", json.dumps(styled_schema(all_required(schema)))
+            )
+            m = None if error else llguidance.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
+            plan = None if m is None or m.is_error() else complete(m, self.closing_vocab, LIMIT)
+            if plan is None:
+                return NEAR
+            best = max(best, len(plan))
+        return best if schemas else NEAR
 
 
 # -- per runner: masks ---------------------------------------------------------------------------
