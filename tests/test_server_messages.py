@@ -310,6 +310,15 @@ def _refused(client: Anthropic, **overrides: Any) -> anthropic.APIStatusError:
         ({"max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "system", "content": "hi"}]}, "messages[0].role"),
         ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "tool_use", "id": "a", "name": "f"}]}
+                ]
+            },
+            "messages[0].content[0].type",
+        ),
         ({"stop_sequences": "END"}, "stop_sequences"),
         ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),
         ({"tools": [{**WEATHER, "name": "bad name!"}]}, "tools[0].name"),

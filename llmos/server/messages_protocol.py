@@ -209,7 +209,7 @@ def _block_error(i: int, j: int, kind: Any, role: str) -> APIError:
         )
     allowed = "text, tool_use" if role == "assistant" else "text, tool_result"
     return APIError(
-        400, f"{where}: {kind!r} blocks are not allowed in a {role} turn ({allowed})", param=where
+        400, f"{where}: {kind!r} blocks are not allowed in {role} turns ({allowed})", param=where
     )
 
 
@@ -218,6 +218,9 @@ def _chat_messages(m: MessageParam, i: int) -> list[dict[str, Any]]:
     turn's tool_result blocks each a `tool` message, its text a user message, in order."""
     if isinstance(m.content, str):
         return [{"role": m.role, "content": m.content}]
+    if not m.content:
+        where = f"messages[{i}].content"
+        raise APIError(400, f"{where}: at least one content block is required", param=where)
     out: list[dict[str, Any]] = []
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
