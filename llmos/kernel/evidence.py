@@ -3,10 +3,10 @@
 A small model reads a chat of tool messages badly: it answers from the first file it saw, or
 describes the JSON instead of reading it. So the turn where a program answers (`tool_choice`
 "none" after tool results) ends with one plain message that a clerk would write down: the lines
-the tools returned that share a word with the task (each with its file and line number, the
-line after it, and the file's first line, which is a table's header), the task's words that
-nothing returned mentions, and then the task itself. Measured on `benchmarks/agent_tasks.py`
-(BENCHMARKS.md "Agent tasks").
+the tools returned that bear most on the task (they hold its rarer words), each with its file
+and line number, a heading's next line, and the file's first line (a table's header); then the
+task's words that nothing returned mentions, and then the task itself. Measured on
+`benchmarks/agent_tasks.py` (BENCHMARKS.md "Agent tasks").
 
 - A file that only pointed to another file the process then read is left out: the pointer was
   followed, and its sentence ("it is in the file X") is not the answer.
@@ -26,6 +26,7 @@ from llmos.kernel.process import Process, ToolCallStep, ToolResultStep
 
 MAX_LINES = 40
 MAX_CHARS = 300
+KEEP = 0.75  # a line is kept when it scores this share of the best line's score
 _SEARCH_HIT = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+): ?(?P<text>.*)$")
 _WORDS = re.compile(r"[a-z0-9]+")
 
@@ -111,18 +112,30 @@ def _lines(tool: str, args: dict[str, object], output: str) -> list[Line]:
 
 
 def _focus(items: list[tuple[str, list[Line]]], asked: set[str]) -> list[Line]:
-    """The lines that share a word with the task, each with the next non-empty line of its
-    source, and its source's first line (a header) where that was read."""
+    """The lines that bear most on the task, each with the next non-empty line of its source,
+    and its source's first line (a header) where that was read. A line scores the task's words
+    it holds, each weighted by how few lines hold it (`price` on every row of a table says
+    less than `plum` on one); lines within `KEEP` of the best score are kept. A line that holds
+    nothing but the task's words is a heading (`[plum]`, `"plum": {`): its next line joins it."""
+    held = [[words(line.text) & asked for line in lines] for _, lines in items]
+    df: dict[str, int] = {}
+    for found in (w for item in held for ws in item for w in ws):
+        df[found] = df.get(found, 0) + 1
+    scores = [[sum(1 / df[w] for w in ws) for ws in item] for item in held]
+    best = max((x for item in scores for x in item), default=0.0)
+    if best == 0.0:
+        return []
     chosen: list[Line] = []
-    for _, lines in items:
+    for (_, lines), item in zip(items, scores, strict=True):
         keep: set[int] = set()
-        for k, line in enumerate(lines):
-            if not words(line.text) & asked:
+        for k, score in enumerate(item):
+            if score < best * KEEP:
                 continue
             keep.add(k)
-            if k + 1 < len(lines) and lines[k + 1].text.strip():
+            heading = words(lines[k].text) <= asked
+            if heading and k + 1 < len(lines) and lines[k + 1].text.strip():
                 keep.add(k + 1)
-            if lines[0].number == 1 and lines[0].source == line.source:
+            if lines[0].number == 1 and lines[0].source == lines[k].source:
                 keep.add(0)
         chosen += [lines[k] for k in sorted(keep)]
     return chosen[-MAX_LINES:]
