@@ -27,10 +27,17 @@ $(STAMP): $(BIN)/python pyproject.toml
 run: $(STAMP)
 	$(BIN)/llmos serve --host 127.0.0.1 --port 8000
 
+# The eval report's test opens it in Debian's chromium (driven by Playwright); CI runs as root.
+CHROMIUM_STAMP := $(VENV)/.chromium-installed
+$(CHROMIUM_STAMP): $(BIN)/python
+	test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y chromium; }
+	touch $(CHROMIUM_STAMP)
+
 # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads otherwise spin-wait, which costs ~10x on a
 # machine whose two cores are shared with anything else (importing llmos sets it too, but a
 # test module may import torch first).
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/ruff check llmos tests benchmarks
 	$(BIN)/ruff format --check llmos tests benchmarks
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest tests
