@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from llmos.cli import approve, chat, generate, ps, run, serve, usage
+from llmos.cli import approve, chat, eval, generate, ps, run, serve, usage
 
 app = typer.Typer(
     name="llmos",
@@ -30,3 +30,4 @@ ps.register(app)
 approve.register(app)
 usage.register(app)
 serve.register(app)
+eval.register(app)
