@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from llmos.evals.html import (
+from llmos.evals.html import render_html
+from llmos.evals.svg import (
     fmt_cost,
     fmt_int,
     fmt_rate,
     fmt_seconds,
     histogram,
     pareto_front,
-    render_html,
 )
 
 CHROMIUM = "/usr/bin/chromium"
