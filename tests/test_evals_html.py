@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,3 +316,45 @@ def test_pareto_front_and_histogram() -> None:
     assert histogram([2.0, 2.0]) == [(2.0, 2.0, 2)]
     bins = histogram([0.0, 0.1, 0.5, 0.9, 1.0], bins=2)
     assert [n for _, _, n in bins] == [2, 3] and bins[-1][1] == 1.0
+
+
+SUITE = """\
+description: the report of a real run
+prompts: ["{{q}}"]
+providers: [local:smollm2-135m]
+matrix:
+  sampling: [{temperature: 0, max_tokens: 8}, {temperature: 1, seed: 3, max_tokens: 8}]
+tests:
+  - vars: {q: "What is the capital of France?"}
+    assert: [{type: icontains, value: paris}]
+  - vars: {q: "Repeat after me: <script>window.__pwned = 1</script>"}
+    assert: [{type: not-contains, value: "<script>"}]
+"""
+
+
+def test_the_report_of_a_real_llmos_eval_run(open_report, tmp_path: Path) -> None:
+    """`llmos eval --out DIR --html` on the real model writes a report that opens clean and
+    shows the numbers of the result.json written beside it (Helper A's shape, not the fixture)."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SUITE)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "from llmos.cli.main import app; app()", "eval", str(suite),
+           "--out", str(out), "--html", "--no-store", "-q"]  # fmt: skip
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode in (0, 1), run.stderr  # 1: a gate failed; 2 would be a config error
+    result = json.loads((out / "result.json").read_text())
+    assert (out / "report.html").read_text() == render_html(result)
+    assert len(result["cells"]) == 2 and len(result["cases"]) == 4
+    r = open_report(result)
+    r.assert_clean()
+    assert r.page.evaluate("window.__pwned") is None
+    rows = r.page.locator("table.cells tbody tr")
+    for i, cell in enumerate(result["cells"]):
+        row = rows.nth(i).inner_text()
+        for s in (f"{cell['passed']}/{cell['total']}", fmt_rate(cell["pass_rate"]),
+                  fmt_cost(cell["cost"]), fmt_seconds(cell["latency_p50"])):  # fmt: skip
+            assert s in row, (s, row)
+    outputs = r.text("table.cases")
+    for case in result["cases"]:
+        assert case["output"].strip()[:40] in outputs

@@ -141,9 +141,12 @@ def pareto_chart(cells: Sequence[dict]) -> tuple[str, str]:
         xfmt = lambda v: fmt_int(round(v))  # noqa: E731
     left, right, top, bottom, height = 80, 30, 20, 50, 360
     plot_w, plot_h = WIDTH - left - right, height - top - bottom
+    # a margin, so that no point sits on the frame; one x value gets a range around it
     x_lo, x_hi = min(xs), max(xs)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1 if x_lo >= 1 else 0.0, x_hi + 1
+    pad = (x_hi - x_lo) * 0.06 if x_hi > x_lo else (abs(x_hi) or 1.0) / 2
+    x_lo, x_hi = x_lo - pad, x_hi + pad
+    if min(xs) >= 0:
+        x_lo = max(0.0, x_lo)
     px = lambda v: left + (v - x_lo) / (x_hi - x_lo) * plot_w  # noqa: E731
     py = lambda a: top + (1 - max(0.0, min(1.0, a))) * plot_h  # noqa: E731
     body = []
