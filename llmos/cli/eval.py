@@ -21,6 +21,7 @@ def eval_(
         None, "--out", "-o", help="Write result.json, junit.xml and report.md here."
     ),
     html: bool = typer.Option(False, "--html", help="Also write report.html (needs --out)."),
+    seed: int = typer.Option(0, "--seed", help="The engines' seed (requests without their own)."),
     no_store: bool = typer.Option(False, "--no-store", help="Do not record the run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the gates."),
     db: str | None = DB,
@@ -45,7 +46,7 @@ def eval_(
             if base_id is None and baseline != "last":
                 raise SuiteError(f"--baseline: no run {baseline!r} in {db_path(db)}")
         say = None if quiet else (lambda line: typer.secho(line, err=True, dim=True))
-        result = run_suite(spec, repeat=repeat, progress=say)
+        result = run_suite(spec, repeat=repeat, progress=say, seed=seed)
     except SuiteError as exc:
         raise config_error(str(exc)) from None
     result["gates"] = gates.check(result, spec.gates)
@@ -55,7 +56,7 @@ def eval_(
             "flips": history.flips(result, store.verdicts(base_id)),
         }  # noqa: E501
     if store is not None:
-        store.save(result)
+        store.save(result, seed=seed)
         store.close()
     if out is not None:
         for path in report.write(result, out, html=html):

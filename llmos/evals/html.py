@@ -98,10 +98,19 @@ def _validate(result: Any) -> None:
 # -- tables ---------------------------------------------------------------------------------
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
-    """`rows` hold HTML that the caller has escaped already."""
+def _table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    cls: str = "",
+    attrs: Sequence[str] | None = None,
+) -> str:
+    """`rows` (and each row's `attrs`) hold HTML that the caller has escaped already."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    tags = attrs or [""] * len(rows)
+    body = "".join(
+        f"<tr{a}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+        for a, r in zip(tags, rows, strict=True)
+    )
     c = f' class="{cls}"' if cls else ""
     return f"<table{c}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -200,47 +209,43 @@ def _output(text: str) -> str:
     )
 
 
-def _cases_table(cases: Sequence[dict], labels: dict[str, str]) -> str:
+CASE_HEADERS = ["cell", "test", "description", "repeat", "verdict", "score", "latency", "tokens",
+                "cost", "output", "assertions"]  # fmt: skip
+
+
+def _case_row(c: dict, labels: dict[str, str]) -> list[str]:
+    checks = "<br>".join(
+        f"{_verdict(a.get('passed', False))} {esc(a.get('type', '?'))}"
+        + (f" ({a['score']:.2f})" if finite(a.get("score")) else "")
+        + (f": {esc(short(str(a.get('reason') or ''), 200))}" if a.get("reason") else "")
+        for a in c["assertions"]
+    )
+    score = f"{c['score']:.2f}" if finite(c["score"]) else "n/a"
+    cell = esc(labels.get(c["cell"], c["cell"]))
+    return [cell, esc(c["test"]), esc(c.get("description", "")), esc(c.get("repeat", 0)),
+            _verdict(c["passed"]), score, fmt_seconds(c["latency_s"]), fmt_int(c.get("tokens")),
+            fmt_cost(c.get("cost")), _output(c["output"]), checks]  # fmt: skip
+
+
+def _cases_tables(cases: Sequence[dict], labels: dict[str, str]) -> str:
+    """Failed cases first and open; passed ones folded (a closed <details> is not laid out,
+    which keeps a 6,000-case report quick to open)."""
     if not cases:
         return '<p class="muted">No cases.</p>'
-    rows = []
-    for c in cases:
-        checks = "<br>".join(
-            f"{_verdict(a.get('passed', False))} {esc(a.get('type', '?'))}"
-            + (f" ({a['score']:.2f})" if finite(a.get("score")) else "")
-            + (f": {esc(short(str(a.get('reason') or ''), 200))}" if a.get("reason") else "")
-            for a in c["assertions"]
-        )
-        score = f"{c['score']:.2f}" if finite(c["score"]) else "n/a"
-        rows.append(
-            [
-                esc(labels.get(c["cell"], c["cell"])),
-                esc(c["test"]),
-                esc(c.get("description", "")),
-                str(c.get("repeat", 0)),
-                _verdict(c["passed"]),
-                score,
-                fmt_seconds(c["latency_s"]),
-                fmt_int(c.get("tokens")),
-                fmt_cost(c.get("cost")),
-                _output(c["output"]),
-                checks,
-            ]
-        )
-    headers = [
-        "cell",
-        "test",
-        "description",
-        "repeat",
-        "verdict",
-        "score",
-        "latency",
-        "tokens",
-        "cost",
-        "output",
-        "assertions",
-    ]
-    return _table(headers, rows, "cases")
+    parts = []
+    for passed in (False, True):
+        mine = [c for c in cases if c["passed"] is passed]
+        rows = [_case_row(c, labels) for c in mine]
+        attrs = [f' data-cell="{esc(c["cell"])}" data-test="{esc(c["test"])}" '
+                 f'data-repeat="{esc(c.get("repeat", 0))}"' for c in mine]  # fmt: skip
+        cls = "cases passed" if passed else "cases failed"
+        table = _table(CASE_HEADERS, rows, cls, attrs) if mine else ""
+        if passed:
+            parts.append(f'<details class="section"><summary>{len(mine)} passed cases</summary>'
+                         f"{table}</details>")  # fmt: skip
+        else:
+            parts.append(f"<p>{len(mine)} failed cases</p>{table}")
+    return "".join(parts)
 
 
 def _json_safe(x: Any) -> Any:
@@ -323,8 +328,9 @@ def render_html(result: dict) -> str:
         _table(["latency", "cases"], bin_rows, "latency") if bin_rows else "",
         "<h2>Flips against the baseline</h2>",
         _flips_section(result.get("baseline"), labels),
-        "<h2>Cases</h2>",
-        _cases_table(cases, labels),
+        '<h2>Cases</h2><div id="cases">',
+        _cases_tables(cases, labels),
+        "</div>",
         _data_block(result),
         "</body></html>",
     ]

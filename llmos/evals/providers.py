@@ -114,7 +114,8 @@ class Shared:
 class Engines:
     """One loaded local engine per (model, engine flags); http backends per URL and model."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed  # the engines' seed, for requests without their own
         self._local: dict[tuple[str, str], Any] = {}
         self._http: dict[tuple[str, str], Any] = {}
         self.judges: set[tuple[str, str]] = set()  # engines a judge uses: kept to the end
@@ -125,7 +126,9 @@ class Engines:
         key = (model, json.dumps(engine, sort_keys=True))
         if key not in self._local:
             try:
-                self._local[key] = LocalBackend(model=model, **{**EVAL_ENGINE, **engine})
+                self._local[key] = LocalBackend(
+                    model=model, **{**EVAL_ENGINE, "seed": self.seed, **engine}
+                )
             except (ValueError, TypeError) as exc:
                 raise SuiteError(f"engine flags {engine}: {exc}") from None
         return self._local[key]

@@ -115,6 +115,7 @@ def _cell_summary(cell: Cell, cases: list[dict[str, Any]], repeat: int) -> dict[
     lat = [c["latency_s"] for c in mine]
     return {
         "id": cell.id, "label": cell.label, "provider": cell.provider, "config": cell.config,
+        "engine": {**providers.EVAL_ENGINE, **cell.engine} if cell.kind != "openai_http" else {},
         "passed": passed, "total": len(mine), "pass_rate": passed / max(1, len(mine)),
         "pass_k": pass_k, "k": repeat, "wilson": wilson(passed, len(mine)),
         "prompt_tokens": sum(c["prompt_tokens"] for c in mine),
@@ -125,7 +126,7 @@ def _cell_summary(cell: Cell, cases: list[dict[str, Any]], repeat: int) -> dict[
     }  # fmt: skip
 
 
-def run_suite(suite: Suite, repeat: int = 1, progress: Any = None) -> dict[str, Any]:
+def run_suite(suite: Suite, repeat: int = 1, progress: Any = None, seed: int = 0) -> dict[str, Any]:
     """Every cell × case × repeat; returns the result JSON (without gates and baseline)."""
     if repeat < 1:
         raise SuiteError(f"--repeat must be at least 1, got {repeat}")
@@ -140,7 +141,7 @@ def run_suite(suite: Suite, repeat: int = 1, progress: Any = None) -> dict[str, 
         groups.setdefault(key, []).append(cell)
 
     async def main() -> list[dict[str, Any]]:
-        engines = providers.Engines()
+        engines = providers.Engines(seed)
         graded: list[dict[str, Any]] = []
         try:
             with tempfile.TemporaryDirectory(prefix="llmos-eval-") as tmp:
@@ -167,6 +168,7 @@ def run_suite(suite: Suite, repeat: int = 1, progress: Any = None) -> dict[str, 
         "started_at": started,
         "duration_s": time.perf_counter() - t0,
         "repeat": repeat,
+        "seed": seed,
         "cells": [_cell_summary(c, cases, repeat) for c in suite.cells],
         "cases": cases,
         "gates": [],
