@@ -131,3 +131,29 @@ def test_simple_evaluate_on_a_local_task(
     ):
         lls = [r[0] for r in sample["filtered_resps"]]
         assert lls == pytest.approx(ref, abs=1e-3)
+
+
+def test_echo_logprobs_shape_through_the_openai_client(llm: LLM, server: RunningServer) -> None:
+    """OpenAI's legacy shape: every prompt token then the generated ones; the first is null."""
+    from openai import OpenAI
+
+    prompt = QUESTIONS[0][0]
+    ids = llm.tokenizer.encode(prompt)
+    with OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+        kw = {"model": "smollm2-135m", "prompt": prompt, "max_tokens": 3, "temperature": 0}
+        whole = client.completions.create(echo=True, logprobs=2, **kw).choices[0]
+        chunks = list(client.completions.create(echo=True, logprobs=2, stream=True, **kw))
+        plain = client.completions.create(logprobs=2, **kw).choices[0]
+    lp = whole.logprobs
+    assert whole.text == prompt + plain.text
+    assert len(lp.tokens) == len(ids) + 3 == len(lp.token_logprobs) == len(lp.text_offset)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == whole.text and lp.text_offset[len(ids)] == len(prompt)
+    for pos in range(1, len(ids)):
+        top = lp.top_logprobs[pos]
+        assert lp.tokens[pos] in top and top[lp.tokens[pos]] == lp.token_logprobs[pos]
+        assert len(top) in (2, 3)  # the top 2, plus the prompt token where it is not in them
+    assert lp.token_logprobs[len(ids) :] == plain.logprobs.token_logprobs
+    streamed = [t for c in chunks for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
