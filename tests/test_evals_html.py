@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, sync_playwright
 
 from llmos.evals.html import render_html
 from llmos.evals.svg import (
@@ -88,6 +88,17 @@ def open_report(browser: Browser, tmp_path: Path) -> Iterator:
         ctx.close()
 
 
+def open_sections(page: Page) -> None:
+    page.evaluate("document.querySelectorAll('details.section').forEach(d => d.open = true)")
+
+
+def case_row(page: Page, case: dict) -> Locator:
+    sel = f'tr[data-cell="{case["cell"]}"][data-test="{case["test"]}"]'
+    row = page.locator(f'{sel}[data-repeat="{case["repeat"]}"]')
+    assert row.count() == 1, sel
+    return row
+
+
 def test_report_shows_the_numbers_of_the_json(open_report, result: dict) -> None:
     r = open_report(result)
     r.assert_clean()
@@ -149,10 +160,18 @@ def test_report_shows_the_numbers_of_the_json(open_report, result: dict) -> None
     assert "regression" in flip_rows.nth(2).inner_text()
     assert "fixed" in flip_rows.nth(1).inner_text()
 
-    cases = page.locator("table.cases tbody tr")
-    assert cases.count() == len(result["cases"])
-    row = cases.nth(3).inner_text()
+    # failed cases first, in the open; passed ones folded in a closed section
+    failed = page.locator("table.cases.failed tbody tr")
+    passed = page.locator("table.cases.passed tbody tr")
+    assert failed.count() == sum(not c["passed"] for c in result["cases"]) > 0
+    assert passed.count() == sum(c["passed"] for c in result["cases"]) > 0
+    assert f"{failed.count()} failed cases" in r.text()
+    assert failed.first.is_visible() and not passed.first.is_visible()
+    assert all("fail" in failed.nth(i).inner_text() for i in range(failed.count()))
+    open_sections(page)
+    assert passed.first.is_visible()
     case = result["cases"][3]
+    row = case_row(page, case).inner_text()
     for s in (
         case["test"],
         case["description"],
@@ -209,7 +228,8 @@ def test_model_output_is_shown_as_text_never_run(open_report, result: dict) -> N
     assert page.locator("img").count() == 0
     assert page.locator("script").count() == 1  # the JSON data block only
     assert page.locator("script[type='application/json']").count() == 1
-    first_case = page.locator("table.cases tbody tr").nth(0).inner_text()
+    open_sections(page)
+    first_case = case_row(page, result["cases"][0]).inner_text()
     assert first_case.count(EVIL) == 3  # cell label, output, assertion reason: as text
     assert EVIL in page.locator("table.cells tbody tr").nth(0).inner_text()
     assert EVIL in r.text("h1") and EVIL in page.title()
@@ -264,7 +284,8 @@ def test_thirty_cells_and_long_outputs(open_report, result: dict) -> None:
         assert below["y"] >= above["y"] + above["height"]
     assert page.locator("svg[aria-label='Cost against accuracy'] circle").count() == 30
     # a long output is folded: a preview, and the whole text inside <details>
-    long_row = page.locator("table.cases tbody tr").nth(7)
+    open_sections(page)
+    long_row = case_row(page, cases[7])
     full = long_row.locator("details > pre.out")
     assert full.text_content() == long_output
     assert not full.is_visible()
@@ -355,6 +376,7 @@ def test_the_report_of_a_real_llmos_eval_run(open_report, tmp_path: Path) -> Non
         for s in (f"{cell['passed']}/{cell['total']}", fmt_rate(cell["pass_rate"]),
                   fmt_cost(cell["cost"]), fmt_seconds(cell["latency_p50"])):  # fmt: skip
             assert s in row, (s, row)
-    outputs = r.text("table.cases")
+    open_sections(r.page)
+    outputs = r.text("#cases")
     for case in result["cases"]:
         assert case["output"].strip()[:40] in outputs
