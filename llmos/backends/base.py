@@ -58,6 +58,7 @@ class ChatResult:
     finish_reason: str | None = None
     raw: str = ""  # the text exactly as generated, so the next prompt reuses its cached tokens
     malformed: str | None = None  # why the reply could not be read (the loop asks for a repair)
+    logprobs: list[float] | None = None  # the chosen tokens' log-probs, when sampling asks
 
 
 @runtime_checkable
