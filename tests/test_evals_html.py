@@ -323,11 +323,28 @@ def test_bad_input_names_the_field(result: dict, edit, message: str) -> None:
         render_html(result)
 
 
-def test_nulls_where_the_shape_allows_them(result: dict) -> None:
+def test_nulls_and_a_cell_that_ran_nothing(open_report, result: dict) -> None:
     result["cells"][0]["pass_k"] = None
     result["cells"][1]["latency_p95"] = float("nan")
-    page = render_html(result)
-    assert "NaN" not in page and "n/a" in page  # and the data block stays valid JSON
+    result["cells"][2].update(passed=0, total=0, pass_rate=None, wilson=[0.0, 1.0])
+    result["cases"] = [c for c in result["cases"] if c["cell"] != result["cells"][2]["id"]]
+    result["cases"][0]["cell"] = "a-cell-this-run-lacks"  # shown by its id
+    assert "NaN" not in render_html(result)
+    r = open_report(result)
+    r.assert_clean()
+    rows = r.page.locator("table.cells tbody tr")
+    assert "—" in rows.nth(0).inner_text().split("\t")[7]  # no pass^k
+    assert "n/a" in rows.nth(1).inner_text().split("\t")[-1]  # p95 NaN
+    third = rows.nth(2).inner_text()
+    assert "0/0" in third and "n/a" in third
+    # the empty cell draws no bar and no Pareto point; the others do
+    assert r.page.locator("svg[aria-label='Cost against accuracy'] circle").count() == 3
+    bar = r.page.locator("svg[aria-label='Accuracy by cell'] rect.bar").nth(2)
+    assert bar.get_attribute("width") == "0.0"
+    open_sections(r.page)
+    assert "a-cell-this-run-lacks" in r.text("#cases")
+    data = json.loads(r.page.locator("script#eval-result").text_content() or "")
+    assert data["cells"][1]["latency_p95"] is None  # valid JSON: NaN became null
 
 
 def test_pareto_front_and_histogram() -> None:
