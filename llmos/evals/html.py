@@ -60,7 +60,10 @@ _CASE_FIELDS: dict[str, tuple[type, ...]] = {
     "latency_s": (int, float),
     "assertions": (list,),
 }
-_NULLABLE = {"pass_k", "pass_rate", "cost", "latency_p50", "latency_p95", "score", "latency_s"}
+# null is shown as n/a (or an empty output); the JSON shape allows it for pass_k, and a failed
+# run may leave the others unset
+_NULLABLE = {"pass_k", "pass_rate", "cost", "latency_p50", "latency_p95", "score", "latency_s",
+             "output"}  # fmt: skip
 
 
 def _check(obj: Any, fields: dict[str, tuple[type, ...]], where: str) -> None:
@@ -224,7 +227,7 @@ def _case_row(c: dict, labels: dict[str, str]) -> list[str]:
     cell = esc(labels.get(c["cell"], c["cell"]))
     return [cell, esc(c["test"]), esc(c.get("description", "")), esc(c.get("repeat", 0)),
             _verdict(c["passed"]), score, fmt_seconds(c["latency_s"]), fmt_int(c.get("tokens")),
-            fmt_cost(c.get("cost")), _output(c["output"]), checks]  # fmt: skip
+            fmt_cost(c.get("cost")), _output(c["output"] or ""), checks]  # fmt: skip
 
 
 def _cases_tables(cases: Sequence[dict], labels: dict[str, str]) -> str:
@@ -276,6 +279,7 @@ th{background:#f3f5f7}td{font-variant-numeric:tabular-nums}
 .pass{color:#17692e;font-weight:600}.fail{color:#b3261e;font-weight:600}.muted{color:#6b737c}
 pre.out{margin:0;white-space:pre-wrap;word-break:break-word;max-width:520px;font-size:12px}
 details summary{cursor:pointer;list-style:none}
+details.section>summary{list-style:revert;font-weight:600;margin:6px 0}
 svg text{font:12px system-ui,sans-serif;fill:#1d232a}svg text.axis,svg text.muted{fill:#6b737c}
 .grid{stroke:#e4e7ea}.axisline{stroke:#9aa1a8}.bar{fill:#4c7bd9}.whisker{stroke:#1d232a;stroke-width:1.5}
 .pt{fill:#fff;stroke:#4c7bd9;stroke-width:2}.front-pt{fill:#d9534c;stroke:#d9534c}

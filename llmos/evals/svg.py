@@ -139,7 +139,7 @@ def pareto_chart(cells: Sequence[dict]) -> tuple[str, str]:
         xs = [float(c["prompt_tokens"] + c["completion_tokens"]) for c in usable]
         xname = "tokens (every cell cost $0)"
         xfmt = lambda v: fmt_int(round(v))  # noqa: E731
-    left, right, top, bottom, height = 80, 30, 20, 50, 360
+    left, right, top, bottom, height = 80, 56, 20, 50, 360
     plot_w, plot_h = WIDTH - left - right, height - top - bottom
     # a margin, so that no point sits on the frame; one x value gets a range around it
     x_lo, x_hi = min(xs), max(xs)
