@@ -329,6 +329,7 @@ def test_nulls_and_a_cell_that_ran_nothing(open_report, result: dict) -> None:
     result["cells"][2].update(passed=0, total=0, pass_rate=None, wilson=[0.0, 1.0])
     result["cases"] = [c for c in result["cases"] if c["cell"] != result["cells"][2]["id"]]
     result["cases"][0]["cell"] = "a-cell-this-run-lacks"  # shown by its id
+    result["cases"][1]["output"] = None  # shown as an empty output
     assert "NaN" not in render_html(result)
     r = open_report(result)
     r.assert_clean()
@@ -343,6 +344,7 @@ def test_nulls_and_a_cell_that_ran_nothing(open_report, result: dict) -> None:
     assert bar.get_attribute("width") == "0.0"
     open_sections(r.page)
     assert "a-cell-this-run-lacks" in r.text("#cases")
+    assert case_row(r.page, result["cases"][1]).locator("pre.out").text_content() == ""
     data = json.loads(r.page.locator("script#eval-result").text_content() or "")
     assert data["cells"][1]["latency_p95"] is None  # valid JSON: NaN became null
 
