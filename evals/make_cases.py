@@ -2,7 +2,7 @@
 suite: workspace files, a question, the regex a right answer matches and the one it must not)
 as promptfoo-style test cases for evals/agent.yaml.
 
-    .venv/bin/python evals/make_cases.py [--tasks 12] [--seed 0]
+    .venv/bin/python evals/make_cases.py [--tasks 6] [--seed 0] [--out agent_cases.jsonl]
 """
 
 from __future__ import annotations
@@ -31,15 +31,16 @@ def case(task) -> dict:  # noqa: ANN001 - a benchmarks.agent_tasks.Task
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", type=int, default=12)
+    parser.add_argument("--tasks", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="agent_cases.jsonl", help="a file name in evals/")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent))
     from benchmarks.agent_tasks import make_tasks
 
     lines = [json.dumps(case(t)) for t in make_tasks(args.tasks, args.seed)]
-    (HERE / "agent_cases.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(lines)} cases to {HERE / 'agent_cases.jsonl'}")
+    (HERE / args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} cases to {HERE / args.out}")
 
 
 if __name__ == "__main__":

@@ -51,14 +51,25 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [f"# Eval: {result['suite']['name']}", "",
              f"run `{result['run_id']}`, suite hash `{result['suite']['hash']}`, "
              f"{len(result['cases'])} cases in {result['duration_s']:.1f} s", ""]  # fmt: skip
-    head = ["cell", "passed", "pass rate (95% CI)", "pass^k", "tokens", "cost", "p50 s", "p95 s"]
+    head = [
+        "cell",
+        "passed",
+        "pass rate (95% CI)",
+        "pass^k",
+        "flaky",
+        "tokens",
+        "cost",
+        "p50 s",
+        "p95 s",
+    ]
     lines += [_row(head), _row(["---"] * len(head))]
     for c in result["cells"]:
         lo, hi = c["wilson"]
         pk = "" if c["pass_k"] is None else f"{c['pass_k']:.0%} (k={c['k']})"
         lines.append(_row([
             c["label"], f"{c['passed']}/{c['total']}", f"{c['pass_rate']:.0%} ({lo:.0%}-{hi:.0%})",
-            pk, f"{c['prompt_tokens'] + c['completion_tokens']:,}", f"${c['cost']:.6f}",
+            pk, c.get("flaky_tests", ""), f"{c['prompt_tokens'] + c['completion_tokens']:,}",
+            f"${c['cost']:.6f}",
             f"{c['latency_p50']:.2f}", f"{c['latency_p95']:.2f}",
         ]))  # fmt: skip
     if result["gates"]:

@@ -105,8 +105,10 @@ def _cell_summary(cell: Cell, cases: list[dict[str, Any]], repeat: int) -> dict[
     mine = [c for c in cases if c["cell"] == cell.id]
     passed = sum(c["passed"] for c in mine)
     by_test: dict[str, list[bool]] = {}
+    texts: dict[str, set[str]] = {}
     for c in mine:
         by_test.setdefault(c["test"], []).append(c["passed"])
+        texts.setdefault(c["test"], set()).add(c["output"])
     pass_k = (
         sum(pass_hat_k(sum(v), len(v), repeat) for v in by_test.values()) / max(1, len(by_test))
         if repeat > 1
@@ -122,6 +124,9 @@ def _cell_summary(cell: Cell, cases: list[dict[str, Any]], repeat: int) -> dict[
         "completion_tokens": sum(c["completion_tokens"] for c in mine),
         "cost": sum(c["cost"] for c in mine),
         "latency_p50": percentile(lat, 0.5), "latency_p95": percentile(lat, 0.95),
+        # across repeats: tests whose verdict flipped, and tests whose text changed at all
+        "flaky_tests": sum(len(set(v)) > 1 for v in by_test.values()),
+        "varied_outputs": sum(len(v) > 1 for v in texts.values()),
         "model_hash": providers.model_hash(cell.model) if cell.kind != "openai_http" else None,
     }  # fmt: skip
 
