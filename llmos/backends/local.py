@@ -79,6 +79,8 @@ class LocalBackend:
         usage = Usage(len(final.prompt_token_ids), final.num_cached_tokens, len(out.token_ids))
         seconds = final.metrics.get("engine_seconds", 0.0)  # its share of the engine's steps
         result = ChatResult(raw, [], usage, seconds, out.finish_reason, raw=raw)
+        if out.logprobs is not None:  # sampling asked: the chosen tokens' own log-probs
+            result.logprobs = [t.logprob for t in out.logprobs]
         if calls is not None:
             calls.finish(out)
             result.finish_reason = out.finish_reason

@@ -10,12 +10,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from llmos.backends import Backend, resolve
+from llmos.backends import Backend
 from llmos.backends.base import ToolCall
 from llmos.kernel import journal, loop
 from llmos.kernel.meter import Meter, Price
 from llmos.kernel.process import Process, Status
 from llmos.kernel.program import Program, ProgramError
+from llmos.kernel.router import resolve  # backend names, plus cascade:[...]
 from llmos.kernel.store import Store, default_db_path
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from llmos.kernel.router import CascadeConfig
 from llmos.kernel.tools import Policy, Tool, table, tool_of
 
 
@@ -58,6 +59,8 @@ class Program:
     # writes on another turn is its signal to stop calling tools, and the answer turn follows.
     answer_turn: str = "chat"
     summarize: bool = False  # summarize what trimming drops from the context, else elide it
+    # The checks a `cascade:[...]` model runs before it escalates (router.CascadeConfig's fields)
+    cascade: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the .py file that defines it (its custom tools)
     # The program's own tools (@tool functions listed in `tools`, or defined in its .py file);
     # not stored: a process loaded from the store has only their names until it runs again.
@@ -93,6 +96,10 @@ class Program:
             )
         if not isinstance(self.sampling, dict):
             raise ProgramError("sampling must be a mapping like {temperature: 0}")
+        try:
+            CascadeConfig.from_dict(self.cascade)
+        except (TypeError, ValueError) as exc:
+            raise ProgramError(str(exc)) from None
 
     def tool_choice_for(self, turn: int) -> str | dict[str, Any]:
         choices = [self.tool_choice] if isinstance(self.tool_choice, str) else self.tool_choice
