@@ -22,8 +22,11 @@ from openai import OpenAI
 
 from llmos import LLM
 from llmos.engine.async_engine import AsyncEngine
+from llmos.engine.sequence import CompletionOutput, RequestOutput
+from llmos.engine.tool_calls import ChatTools, check_tools
 from llmos.server.app import create_app
 from llmos.server.launch import RunningServer, serve_in_thread
+from llmos.server.messages import Reply
 from llmos.server.state import ServerConfig
 
 MODEL = "smollm2-135m"
@@ -225,14 +228,12 @@ def test_a_tool_round_trip(client: Anthropic) -> None:
     # this small model may call again: either way, no call syntax in a text block
     assert {b.type for b in answer.content} <= {"text", "tool_use"} and answer.content
     assert not any("<tool_call" in getattr(b, "text", "") for b in answer.content)
-    # (greedily it calls again: cut short by max_tokens, the call is still a tool_use block)
+    # cut short by max_tokens, perhaps mid-call: still no call text
     cut = client.messages.create(
         model=MODEL, max_tokens=24, messages=history, tools=[WEATHER], extra_body=GREEDY
     )
-    assert cut.stop_reason in ("max_tokens", "tool_use")
-    assert [(b.type, getattr(b, "name", None)) for b in cut.content] == [
-        ("tool_use", "get_weather")
-    ]
+    assert {b.type for b in cut.content} <= {"text", "tool_use"}
+    assert not any("<tool_call" in getattr(b, "text", "") for b in cut.content)
     final = client.messages.create(
         model=MODEL,
         max_tokens=24,
@@ -252,6 +253,24 @@ def test_a_tool_round_trip(client: Anthropic) -> None:
         model=MODEL, messages=[*history[:2], {"role": "user", "content": [longer]}], tools=[WEATHER]
     )
     assert n2.input_tokens > n1.input_tokens
+
+
+def test_a_call_cut_by_max_tokens_is_a_tool_use_block(llm: LLM) -> None:
+    """The reply of a call the engine cut short (data as the engine leaves it): a tool_use
+    block with the input so far, as the stream sent it, never `<tool_call>` text."""
+    tools = ChatTools.build(llm.tokenizer, check_tools([_openai(WEATHER)]), "auto")
+    cut = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Pa'
+    out = RequestOutput("msg_1", [1, 2, 3], [CompletionOutput(0, cut, [7] * 9, "length")], True)
+    message = Reply("msg_1", MODEL, [], tools).message(out)
+    assert message["stop_reason"] == "max_tokens"
+    ((use,),) = [message["content"]]
+    assert use["type"] == "tool_use" and use["name"] == "get_weather" and use["input"] == {}
+    assert message["usage"]["output_tokens"] == 9 and message["usage"]["input_tokens"] == 3
+
+
+def _openai(tool: dict[str, Any]) -> dict[str, Any]:
+    parameters = tool["input_schema"]
+    return {"type": "function", "function": {"name": tool["name"], "parameters": parameters}}
 
 
 def test_a_streamed_tool_call_sends_input_json_deltas(client: Anthropic) -> None:

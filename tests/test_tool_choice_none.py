@@ -53,7 +53,7 @@ BEG: list[dict[str, Any]] = [
 ]
 SEEDS = range(6)
 CALL_SYNTAX = re.compile(
-    r'</?tool(?:[s_>-]|call)|\{\s*"name"\s*:\s*"[^"]*"\s*,\s*"arguments"', re.I
+    r'</?tool(?:[^a-z]|s|call)|\{\s*"name"\s*:\s*"[^"]*"\s*,\s*"arguments"', re.I
 )
 
 

@@ -56,14 +56,15 @@ _PROBE = [
 _NATIVE: dict[str, bool] = {}  # chat template source → whether it renders `tools`
 
 
-# An answer holds no call syntax, not even a look-alike: no tag that starts `<tool_`, `<tools`,
-# `<tool-`, `<toolcall` or `<tool>` in any case (nor its closing form), and no call object's head
+# An answer holds no call syntax, not even a look-alike: no tag that starts `<tool` then a
+# character that is not a letter (`<tool_call`, `<tool>`, `<tool:get_weather>`...), `<tools` or
+# `<toolcall`, in any case, opening or closing (`<toolbar>` is fine), and no call object's head
 # (`{"name": "...", "arguments"`).
 # With "none" no call can be made at all (small models, seeing the tools in the prompt, write
 # `<tool_call_2>`, `<tool_request>[{"name": ..., "arguments": ...}]</tool_call>` and the like);
 # with "auto" a reply that starts `<tool_` can only go on as a real call.
 LOOKALIKE = (
-    r"<\/?[tT][oO][oO][lL](?:[sS_>-]|[cC][aA][lL][lL])"
+    r"<\/?[tT][oO][oO][lL](?:[^a-zA-Z]|[sS]|[cC][aA][lL][lL])"
     r'|\{\s*"name"\s*:\s*"(?:[^"\\]|\\.)*"\s*,\s*"arguments"'
 )
 ANSWER_TEXT = f"TEXT: /(?s:.*)/ & ~/(?s:.*)(?:{LOOKALIKE})(?s:.*)/"
