@@ -28,7 +28,7 @@ SUITE_KEYS = {
 }  # fmt: skip
 TEST_KEYS = {
     "id", "description", "vars", "assert", "options", "threshold", "files", "choices",
-    "answer", "metadata", "provider",
+    "answer", "metadata",
 }  # fmt: skip
 GATE_KEYS = {"pass_rate", "pass_k", "test_pass_k", "max_cost", "max_latency_p95", "max_latency_p50"}
 MATRIX_KEYS = {"providers", "prompts", "sampling", "engine"}
