@@ -520,6 +520,7 @@ def test_streamed_response_is_stored_and_continues(client: OpenAI) -> None:
 # -- `llmos serve` as a user runs it ------------------------------------------------------------
 def test_llmos_serve_keeps_responses_in_its_db(tmp_path: Path) -> None:
     db = tmp_path / "responses.sqlite"
+    stderr = (tmp_path / "stderr").open("w")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -536,16 +537,20 @@ def test_llmos_serve_keeps_responses_in_its_db(tmp_path: Path) -> None:
             str(db),
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
         text=True,
     )
+
+    def log() -> str:
+        return (tmp_path / "stderr").read_text()[-3000:]
+
     try:
         assert proc.stdout is not None
         banner = ""
         deadline = time.monotonic() + 180
         while "Ctrl+C" not in banner:  # the banner ends with it
             line = proc.stdout.readline()
-            assert line and time.monotonic() < deadline, f"llmos serve exited: {banner}"
+            assert line and time.monotonic() < deadline, f"llmos serve exited: {log()}"
             banner += line
         url = re.search(r"http://127\.0\.0\.1:\d+", banner).group(0)  # type: ignore[union-attr]
         with OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
@@ -554,11 +559,12 @@ def test_llmos_serve_keeps_responses_in_its_db(tmp_path: Path) -> None:
                 model=MODEL, input="Bye", previous_response_id=first.id, max_output_tokens=4
             )
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        assert proc.wait(90) == 0, log()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+        stderr.close()
     with sqlite3.connect(db) as conn:
         rows = dict(conn.execute("SELECT id, input FROM responses").fetchall())
     assert set(rows) == {first.id, second.id}
