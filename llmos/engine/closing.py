@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 NEAR = 32  # tokens left beyond the plan's length (and reach) at which the plan is kept up to date
 WINDOW = 16  # ... and at which sampling is narrowed to tokens that keep the plan possible
 TOP_K = 16  # the most likely allowed tokens checked per step inside the window
+MASS = 0.95  # ... or fewer, once those checked hold this much of the probability
 SEARCHES = 2  # ... of which those that leave the plan get a search of their own
 SKIP = 4  # plan tokens one sampled token may cover
 NARROW_BUDGET = 40  # masks such a search may compute (it runs on the engine thread)
@@ -261,16 +262,19 @@ class BudgetMatcher:
 
     def narrow(self, logits: torch.Tensor | None, allowed: torch.Tensor) -> list[int]:
         """The tokens this step may pick: of the `TOP_K` most likely allowed ones (by `logits`,
-        [V]), those after which the grammar can still complete in the tokens then left (the
-        plan, a suffix of it, or for the `SEARCHES` likeliest, a plan searched anew); and always
-        the plan's next token. Without logits, only that token."""
+        [V]; fewer once they hold `MASS` of the probability), those after which the grammar can
+        still complete in the tokens then left (the plan, a suffix of it, or for the `SEARCHES`
+        likeliest, a plan searched anew); and always the plan's next token. Without logits,
+        only that token."""
         assert self.plan is not None and self.plan
         plan, room = self.plan, self.left - 1  # room: the tokens left after this one
         keep = {plan[0]: plan[1:]}
         if logits is not None:
             scores = logits.float().masked_fill(~allowed, float("-inf"))
+            top = torch.topk(scores, min(TOP_K, int(allowed.sum())))
+            mass = torch.softmax(scores, -1)[top.indices].cumsum(0).tolist()  # at temperature 1
             searches = SEARCHES
-            for t in torch.topk(scores, min(TOP_K, int(allowed.sum()))).indices.tolist():
+            for t, seen in zip(top.indices.tolist(), mass, strict=True):
                 if t in keep:
                     continue
                 if t == self.vocab.eos:  # allowed, so the grammar is complete: it ends here
@@ -286,6 +290,8 @@ class BudgetMatcher:
                 self.inner.rollback(1)
                 if after is not None and len(after) <= room:
                     keep[t] = after
+                if seen >= MASS:
+                    break
         self._kept = keep
         return list(keep)
 
