@@ -179,7 +179,7 @@ def test_python_check_in_the_program_file_and_tiers_by_name(kernel: Kernel, tmp_
         "from llmos import Program\n"
         f"program = Program(model='cascade:[scripted:{tmp_path}/small.json, "
         f"scripted:{tmp_path}/big.json]', cascade={{'python': 'even'}})\n"
-        "def even(answer, tool_calls):\n"
+        "def even(answer, tool_calls, messages):\n"
         "    return int(answer) % 2 == 0 or f'{answer} is odd'\n"
     )
     pid = kernel.spawn(src, "An even number?", workspace=tmp_path)

@@ -59,8 +59,8 @@ class CascadeConfig:
     sample_temperature: float = 0.7  # re-samples of a greedy (temperature 0) program use this
     schema: bool = True  # the program's output_schema checks an answer
     tool_args: bool = True  # each tool call's arguments must match its tool's JSON schema
-    # "name" of a function in the program's .py file, or "module:function";
-    # f(answer: str | None, tool_calls: list[ToolCall]) -> True/None (pass), False or a reason
+    # "name" of a function in the program's .py file, or "module:function"; f(answer: str |
+    # None, tool_calls: list[ToolCall], messages: list[dict]) -> True/None (pass), False or why
     python: str | None = None
     # argv run with run_command in the workspace ("{answer}" in an item becomes the answer);
     # exit code 0 passes
@@ -218,7 +218,7 @@ class Cascade:
             if why:
                 return why
         if config.python:
-            why = _python(config.python, checks.source, result)
+            why = _python(config.python, checks.source, result, request.messages)
             if why:
                 return why
         if config.command and not result.tool_calls:
@@ -346,10 +346,12 @@ def _schema(text: str, schema: dict[str, Any]) -> str | None:
     return None
 
 
-def _python(spec: str, source: str | None, result: ChatResult) -> str | None:
+def _python(
+    spec: str, source: str | None, result: ChatResult, messages: list[Message]
+) -> str | None:
     fn = _check_function(spec, source)
     try:
-        verdict = fn(result.content, result.tool_calls)
+        verdict = fn(result.content, result.tool_calls, messages)
     except Exception as exc:  # noqa: BLE001 - the program's check failing is a failed check
         return f"the python check {spec} raised {type(exc).__name__}: {exc}"
     if verdict is True or verdict is None:
