@@ -20,17 +20,14 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
-
 from llmos import backends
 from llmos.backends.base import Backend, ChatRequest, ChatResult, Message
-from llmos.kernel.tools import Policy, execute
+from llmos.kernel import checks as check_of
+from llmos.kernel.checks import CascadeError
+from llmos.kernel.tools import Policy
 
 if TYPE_CHECKING:
     from llmos.kernel.process import Process
@@ -45,10 +42,6 @@ JUDGE_PROMPT = (
     "Here is a request and an answer to it.\n\nRequest:\n{task}\n\nAnswer:\n{answer}\n\n"
     "Is the answer correct and complete? Reply yes or no."
 )
-
-
-class CascadeError(ValueError):
-    """A cascade name or `cascade:` section that cannot be used; the message names the field."""
 
 
 @dataclass(slots=True)
@@ -210,19 +203,21 @@ class Cascade:
         if not result.tool_calls and not (result.content or "").strip():
             return "the reply was empty"
         if config.tool_args:
-            why = _tool_args(result, request.tools)
+            why = check_of.tool_args(result, request.tools)
             if why:
                 return why
         if config.schema and checks.output_schema is not None and not result.tool_calls:
-            why = _schema(result.content or "", checks.output_schema)
+            why = check_of.schema(result.content or "", checks.output_schema)
             if why:
                 return why
         if config.python:
-            why = _python(config.python, checks.source, result, request.messages)
+            why = check_of.python(config.python, checks.source, result, request.messages)
             if why:
                 return why
         if config.command and not result.tool_calls:
-            why = await asyncio.to_thread(_command, config.command, result, checks)
+            why = await asyncio.to_thread(
+                check_of.command, config.command, result, checks.workspace, checks.policy
+            )
             if why:
                 return why
         if config.min_confidence is not None and result.logprobs:
@@ -316,93 +311,6 @@ def _assistant(result: ChatResult) -> Message:
 
 def _note(reason: str) -> Message:
     return {"role": "user", "content": FEEDBACK.format(why=reason)}
-
-
-def _tool_args(result: ChatResult, tools: list[dict[str, Any]]) -> str | None:
-    schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools}
-    for call in result.tool_calls:
-        if call.name not in schemas:
-            return f"tool call: unknown tool {call.name!r}; the tools are {sorted(schemas)}"
-        try:
-            args = json.loads(call.arguments or "{}")
-        except json.JSONDecodeError as exc:
-            return f"tool call {call.name}: the arguments are not JSON ({exc.msg})"
-        try:
-            jsonschema.validate(args, schemas[call.name])
-        except jsonschema.ValidationError as exc:
-            return f"tool call {call.name}: the arguments do not match its schema: {exc.message}"
-    return None
-
-
-def _schema(text: str, schema: dict[str, Any]) -> str | None:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f"the answer is not JSON ({exc.msg})"
-    try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError as exc:
-        return f"the answer does not match the output schema: {exc.message}"
-    return None
-
-
-def _python(
-    spec: str, source: str | None, result: ChatResult, messages: list[Message]
-) -> str | None:
-    fn = _check_function(spec, source)
-    try:
-        verdict = fn(result.content, result.tool_calls, messages)
-    except Exception as exc:  # noqa: BLE001 - the program's check failing is a failed check
-        return f"the python check {spec} raised {type(exc).__name__}: {exc}"
-    if verdict is True or verdict is None:
-        return None
-    if verdict is False:
-        return f"the python check {spec} rejected the answer"
-    return f"the python check {spec}: {verdict}"
-
-
-def _check_function(spec: str, source: str | None) -> Callable[..., Any]:
-    import importlib
-
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        module: Any = importlib.import_module(module_name)
-    else:  # a function in the program's own .py file (loaded with the program)
-        attr = spec
-        real = os.path.realpath(source) if source else None
-        module = next((m for m in list(sys.modules.values()) if _defined_in(m, real)), None)
-        if source is None or module is None:
-            raise CascadeError(
-                f"cascade.python: {spec!r} names no function: the program has no .py file; "
-                "use 'module:function'"
-            )
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise CascadeError(f"cascade.python: {spec!r} is not a function")
-    return fn
-
-
-def _defined_in(module: Any, path: str | None) -> bool:
-    file = getattr(module, "__file__", None)
-    if not file or not path or os.path.basename(file) != os.path.basename(path):
-        return False
-    return os.path.realpath(file) == path
-
-
-def _command(argv: list[str], result: ChatResult, checks: Checks) -> str | None:
-    if checks.workspace is None:
-        raise CascadeError("cascade.command needs a process's workspace (run it in the kernel)")
-    answer = result.content or ""
-    args = [a.replace("{answer}", answer) for a in argv]
-    policy = dataclasses.replace(checks.policy or Policy(), allowed_tools=None, read_only=False)
-    if args[0] not in policy.commands:  # the program's own check, not the model's call
-        policy.commands = [*policy.commands, args[0]]
-    run = execute("run_command", {"argv": args}, checks.workspace, policy)
-    if not run.ok:
-        return f"the check command {' '.join(argv)} could not run: {run.error}"
-    if not run.output.startswith("exit code 0"):
-        return f"the check command {' '.join(argv)} failed: {run.output[-400:]}"
-    return None
 
 
 def split_spec(spec: str) -> list[str]:
