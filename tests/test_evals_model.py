@@ -89,6 +89,9 @@ def test_a_passing_run_exits_0_with_its_reports(runs: dict) -> None:
     rubric = by[(greedy, "rubric", 0)]["assertions"][0]
     assert rubric["type"] == "llm-rubric" and rubric["reason"].startswith("judge said")
     assert "PASS" in rubric["reason"] or "FAIL" in rubric["reason"]
+    assert result["engines"] and all(
+        e["kv_blocks_used"] == 0 and e["kv_blocks_orphaned"] == 0 for e in result["engines"]
+    ), result["engines"]
     junit = ET.parse(runs["tmp"] / "a" / "junit.xml").getroot()
     assert (
         sum(int(s.get("tests")) for s in junit.iter("testsuite") if s.get("name") != "gates") == 16

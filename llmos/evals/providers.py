@@ -119,6 +119,7 @@ class Engines:
         self._local: dict[tuple[str, str], Any] = {}
         self._http: dict[tuple[str, str], Any] = {}
         self.judges: set[tuple[str, str]] = set()  # engines a judge uses: kept to the end
+        self.closed: list[dict[str, Any]] = []  # each engine's KV blocks when it was let go
 
     def local(self, model: str, engine: dict[str, Any]) -> Any:
         from llmos.backends.local import LocalBackend
@@ -170,7 +171,14 @@ class Engines:
     async def close(self, keep: set[tuple[str, str]] | None = None) -> None:
         for key in list(self._local):
             if keep is None or key not in keep:
-                await self._local.pop(key).aclose()
+                backend = self._local.pop(key)
+                stats = backend.engine.stats()
+                self.closed.append({
+                    "model": key[0], "flags": json.loads(key[1]),
+                    "kv_blocks_used": stats.kv_blocks_used,
+                    "kv_blocks_orphaned": stats.kv_blocks_orphaned,
+                })  # fmt: skip
+                await backend.aclose()
         if keep is None:
             for backend in self._http.values():
                 await backend.aclose()

@@ -145,8 +145,9 @@ def run_suite(suite: Suite, repeat: int = 1, progress: Any = None, seed: int = 0
         )  # noqa: E501
         groups.setdefault(key, []).append(cell)
 
+    engines = providers.Engines(seed)
+
     async def main() -> list[dict[str, Any]]:
-        engines = providers.Engines(seed)
         graded: list[dict[str, Any]] = []
         try:
             with tempfile.TemporaryDirectory(prefix="llmos-eval-") as tmp:
@@ -178,4 +179,5 @@ def run_suite(suite: Suite, repeat: int = 1, progress: Any = None, seed: int = 0
         "cases": cases,
         "gates": [],
         "baseline": None,
+        "engines": engines.closed,  # KV blocks still held when each engine was let go: 0
     }
