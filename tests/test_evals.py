@@ -304,3 +304,16 @@ def test_reports(tmp_path: Path) -> None:
     md = paths[2].read_text()
     assert "| A | 3/4 | 75% (" in md and "FAIL pass_rate [A]" in md
     assert "a / t2: pass -> fail" in md
+
+
+def test_cli_option_errors_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, "providers: [local]\ntests: [{}]\n")
+    for args, message in [
+        (["--html"], "--html writes report.html"),
+        (["--baseline", "last", "--no-store"], "cannot go with --no-store"),
+        (["--baseline", "nope"], "--baseline: no run 'nope'"),
+        (["--repeat", "0"], "--repeat must be at least 1"),
+    ]:
+        result = CliRunner().invoke(app, ["eval", str(path), "--db", str(tmp_path / "h.db"), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)

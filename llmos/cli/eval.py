@@ -37,6 +37,8 @@ def eval_(
 
     if html and out is None:
         raise config_error("--html writes report.html into the --out folder; give --out")
+    if baseline is not None and no_store:
+        raise config_error("--baseline reads the stored runs; it cannot go with --no-store")
     try:
         spec = load_suite(suite)
         store = None if no_store else history.History(db_path(db))
