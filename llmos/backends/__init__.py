@@ -1,8 +1,8 @@
 """Where an LLM call goes: the local engine, any OpenAI-compatible URL, or a script.
 
 `resolve("local:smollm2-135m")`, `resolve("openai_http:MODEL@http://host:8000/v1")`,
-`resolve("scripted:turns.json")`. Implementations import lazily, so naming a remote backend
-never loads torch."""
+`resolve("scripted:turns.json")`, `resolve("pool:[local, openai_http:m@URL]")` (see
+pool_spec.py). Implementations import lazily, so naming a remote backend never loads torch."""
 
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ def resolve(name: str) -> Backend:
 
         model, _, url = rest.partition("@")
         return OpenAIHTTPBackend(url, model)
+    if kind == "pool" and rest:
+        from llmos.backends.pool_spec import parse
+
+        return parse(rest)
     if kind == "scripted" and rest:
         from llmos.backends.scripted import ScriptedBackend
 
         return ScriptedBackend.from_file(rest)
     raise UnknownBackendError(
         f"model: unknown backend {name!r}; use 'local[:MODEL]', "
-        "'openai_http:MODEL@URL' or 'scripted:FILE.json'"
+        "'openai_http:MODEL@URL', 'pool:[NAME, NAME, ...]' or 'scripted:FILE.json'"
     )

@@ -59,6 +59,7 @@ class ChatResult:
     raw: str = ""  # the text exactly as generated, so the next prompt reuses its cached tokens
     malformed: str | None = None  # why the reply could not be read (the loop asks for a repair)
     logprobs: list[float] | None = None  # the chosen tokens' log-probs, when sampling asks
+    backend: str | None = None  # the backend that answered (a pool's member); None: this one
 
 
 @runtime_checkable

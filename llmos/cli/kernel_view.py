@@ -56,7 +56,9 @@ def step_lines(step: Any, index: int, full: bool = False) -> list[str]:
         head = (
             f"[bold]#{index} model[/bold] [dim]{step.prompt_tokens} prompt "
             f"({step.cached_tokens} cached) + {step.completion_tokens} completion tokens, "
-            f"{step.engine_seconds:.2f}s, ${step.cost:.6f}[/dim]"
+            f"{step.engine_seconds:.2f}s, ${step.cost:.6f}"
+            + (f" via {escape(step.backend)}" if getattr(step, "backend", None) else "")
+            + "[/dim]"
         )
         lines = [head]
         if step.malformed:

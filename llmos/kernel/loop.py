@@ -208,7 +208,7 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     garbage = _garbage(result)
     if garbage is not None:
         return GiveUp("backend", f"backend {ctx.backend.name} returned garbage: {garbage}")
-    cost = ctx.meter.price(ctx.backend.kind, ctx.backend.name).cost(result)
+    cost = ctx.meter.price_for(ctx.backend, result).cost(result)  # who answered, priced
     u = result.usage
     turn = ModelTurn(
         result.content,
@@ -222,8 +222,9 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
         result.finish_reason,
         result.malformed,
         answering,
+        result.backend or ctx.backend.name,
     )
-    journal.append(ctx.store, proc, turn, model=ctx.backend.name)
+    journal.append(ctx.store, proc, turn, model=turn.backend)
     return classify(proc, turn)
 
 

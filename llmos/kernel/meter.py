@@ -47,6 +47,21 @@ class Meter:
         """A price for the exact backend name first, then for its kind."""
         return self.prices.get(name) or self.prices.get(kind) or Price()
 
+    def price_for(self, backend: Any, result: ChatResult) -> Price:
+        """The price of the backend that answered: a pool's member (its own price, else the
+        table's for its name or kind), another composite's member (by its name, or the kind its
+        name starts with: "local:...", "openai_http:..."), or the backend itself."""
+        if not result.backend or result.backend == backend.name:
+            return self.price(backend.kind, backend.name)
+        answered = result.backend
+        lookup = getattr(backend, "member", None)
+        member = lookup(answered) if callable(lookup) else None
+        if member is None:
+            return self.price(answered.partition(":")[0], answered)
+        if member.price:
+            return Price(**member.price)
+        return self.price(member.kind, answered)
+
     def set_budget(
         self, user: str, max_tokens: int | None = None, max_cost: float | None = None
     ) -> None:

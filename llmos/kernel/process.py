@@ -40,6 +40,7 @@ class ModelTurn:
     finish_reason: str | None = None
     malformed: str | None = None
     answering: bool = False  # the answer turn (tool_choice "none" after tool results)
+    backend: str | None = None  # the backend that answered (a pool's member), as metered
 
 
 @dataclass(slots=True)
