@@ -163,6 +163,26 @@ def test_an_ample_budget_leaves_greedy_output_unchanged(llm: LLM) -> None:
     assert len(outs[0].token_ids) < 100 - 48  # well before the window
 
 
+def test_opening_a_large_optional_part_cannot_outrun_the_budget(llm: LLM) -> None:
+    """The shortest completion is tiny (`{}`), but one freely sampled key opens ~30 required
+    tokens: narrowing starts early enough (the grammar's reach) that it still closes."""
+    inner = {
+        "type": "object",
+        "properties": {f"field_{i}": {"type": "string", "pattern": EMAIL} for i in range(4)},
+        "required": [f"field_{i}" for i in range(4)],
+    }
+    schema = {"type": "object", "properties": {"profile": inner, "note": {"type": "string"}}}
+    need = needed(llm, ASK, chat=True, params={"json_schema": schema})
+    assert need <= 3, need
+    for extra in (20, 33):
+        params = SamplingParams(
+            temperature=1.5, seed=extra, n=6, max_tokens=need + extra, json_schema=schema
+        )
+        for out in llm.chat(ASK, params)[0].outputs:
+            assert out.finish_reason == "stop", out.text
+            jsonschema.validate(json.loads(out.text), schema)
+
+
 def test_the_plan_completes_patterns_from_inside_them(llm: LLM) -> None:
     """The closing search from mid-pattern states: every plan it finds is valid."""
     grammars = llm.engine.grammars
@@ -235,3 +255,30 @@ def test_http_tool_call_completes_inside_max_tokens(client: OpenAI) -> None:  # 
         assert choice.finish_reason == "tool_calls"
         (call,) = choice.message.tool_calls or []
         jsonschema.validate(json.loads(call.function.arguments), NOTE["function"]["parameters"])
+
+
+def test_http_streamed_json_schema_completes(client: OpenAI) -> None:  # noqa: F811
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,  # type: ignore[arg-type]
+            response_format=fmt,  # type: ignore[arg-type]
+            max_tokens=3,
+            stream=True,
+        )
+    assert isinstance(info.value.body, dict) and info.value.body.get("param") == "max_tokens"
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,  # type: ignore[arg-type]
+            response_format=fmt,  # type: ignore[arg-type]
+            max_tokens=24,
+            temperature=1.5,
+            seed=4,
+            stream=True,
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    jsonschema.validate(json.loads(text), PERSON)
