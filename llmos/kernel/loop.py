@@ -195,10 +195,10 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     )
     proc.status = Status.RUNNING
     journal.save_status(ctx.store, proc)
+    chat_for = getattr(ctx.backend, "chat_for", None)  # a cascade checks against the program
+    call = chat_for(request, proc) if chat_for else ctx.backend.chat(request)
     try:
-        result = await asyncio.wait_for(
-            ctx.backend.chat(request), max(0.01, prog.limits.max_seconds - proc.elapsed)
-        )
+        result = await asyncio.wait_for(call, max(0.01, prog.limits.max_seconds - proc.elapsed))
     except TimeoutError:
         return GiveUp(
             "time_limit", f"time limit: {prog.limits.max_seconds:g}s ran out during a model call"
@@ -208,6 +208,8 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     garbage = _garbage(result)
     if garbage is not None:
         return GiveUp("backend", f"backend {ctx.backend.name} returned garbage: {garbage}")
+    for attempt in getattr(result, "attempts", ()):  # a cascade's rejected tries: steps too
+        _journal_attempt(proc, ctx, attempt.result, attempt.reason, answering)
     cost = ctx.meter.price_for(ctx.backend, result).cost(result)  # who answered, priced
     u = result.usage
     turn = ModelTurn(
@@ -226,6 +228,30 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     )
     journal.append(ctx.store, proc, turn, model=turn.backend)
     return classify(proc, turn)
+
+
+def _journal_attempt(
+    proc: Process, ctx: Context, result: ChatResult, reason: str, answering: bool
+) -> None:
+    """A rejected attempt: its own turn, metered to the backend that made it, then why it
+    failed (the projection shows both, as the cascade's next ask saw them)."""
+    u = result.usage
+    turn = ModelTurn(
+        result.content,
+        result.tool_calls,
+        result.raw,
+        u.prompt_tokens,
+        u.cached_tokens,
+        u.completion_tokens,
+        result.engine_seconds,
+        ctx.meter.price_for(ctx.backend, result).cost(result),
+        result.finish_reason,
+        malformed=f"rejected by the cascade: {reason}",
+        answering=answering,
+        backend=result.backend,
+    )
+    journal.append(ctx.store, proc, turn, model=result.backend or ctx.backend.name)
+    journal.append(ctx.store, proc, ErrorStep("bad_answer", reason))
 
 
 def call_tools(proc: Process, backend: Backend) -> list[dict[str, Any]]:
