@@ -10,7 +10,7 @@ gold answer: a schema, tool-argument schemas, a python check that the answer is 
 request (the name and age appear in the text; the value is in the file; the answer is a number),
 and the answer tokens' confidence (their geometric-mean probability).
 
-Rows: always-small, always-strong, and the real `Cascade` at one confidence bar. Then the
+Rows: always-small, always-strong, and the real `Cascade` at each `--bar` (confidence). Then the
 RouterBench way, from each task's precomputed outcomes (the small answer, its checks and
 confidence; the oracle's draw): sweep the confidence bar and, for the baseline, a query-length
 threshold (the longest queries go to the strong tier, without looking at any answer), and
@@ -273,21 +273,24 @@ async def run_all(tier: Any, todo: list[Task], config: CascadeConfig | None) -> 
     return await asyncio.gather(*(one(t) for t in todo))
 
 
-def smallest_share(points: list[tuple[float, float]], target: float) -> float | None:
-    """The least strong-call share among (share, accuracy) points that reaches `target`."""
-    ok = [share for share, acc in points if acc >= target - 1e-12]
-    return min(ok) if ok else None
+def smallest_share(
+    points: list[tuple[float, float, float]], target: float
+) -> tuple[float, float, float] | None:
+    """The (share, accuracy, cost) point with the least strong-call share that reaches `target`."""
+    ok = [pt for pt in points if pt[1] >= target - 1e-12]
+    return min(ok, key=lambda pt: (pt[0], pt[2])) if ok else None
 
 
 def main(
     record: Annotated[Path | None, typer.Option(help="Write a section here.")] = None,
     per_kind: int = 12,
     p: float = 0.9,
-    bar: float = 0.85,
+    bar: Annotated[list[float] | None, typer.Option(help="Live cascade bars.")] = None,
     seed: int = 16,
 ) -> None:
     from llmos.backends.local import LocalBackend
 
+    bars_live = bar or [0.5, 0.85]
     rng = random.Random(seed)
     todo = tasks(per_kind, rng)
     draws = {t.prompt: rng.random() < p for t in todo}
@@ -321,18 +324,20 @@ def main(
         t0 = time.monotonic()
         strong = await run_all(strong_only, todo, CascadeConfig(tool_args=False))
         strong_s = time.monotonic() - t0
-        oracle.calls = 0
-        t0 = time.monotonic()
-        live = await asyncio.gather(
-            *(both.run(request_of(t), Checks(configure(t.config, bar), t.schema)) for t in todo)
-        )
+        live = []
+        for b in bars_live:
+            oracle.calls = 0
+            t0 = time.monotonic()
+            results = await asyncio.gather(
+                *(both.run(request_of(t), Checks(configure(t.config, b), t.schema)) for t in todo)
+            )
+            live.append((b, results, oracle.calls, time.monotonic() - t0))
         return {
             "small": small,
             "reasons": reasons,
             "strong": strong,
             "live": live,
-            "live_strong_calls": oracle.calls,
-            "times": (small_s, strong_s, time.monotonic() - t0),
+            "times": (small_s, strong_s),
         }
 
     out = asyncio.run(go())
@@ -340,10 +345,8 @@ def main(
     n = len(todo)
     small_ok = [correct(t, r) for t, r in zip(todo, out["small"], strict=True)]
     strong_ok = [correct(t, r) for t, r in zip(todo, out["strong"], strict=True)]
-    live_ok = [correct(t, r) for t, r in zip(todo, out["live"], strict=True)]
     small_cost = [cost_of(r) for r in out["small"]]
     strong_cost = [cost_of(r) for r in out["strong"]]
-    live_cost = [cost_of(r) + sum(cost_of(a.result) for a in r.attempts) for r in out["live"]]
     conf = [
         math.exp(sum(r.logprobs) / len(r.logprobs)) if r.logprobs else 1.0 for r in out["small"]
     ]
@@ -371,16 +374,17 @@ def main(
     length_pts = [by_length(c) for c in sorted({*lengths, max(lengths) + 1})]
     acc_strong = sum(strong_ok) / n
     target = 0.95 * acc_strong
-    share_c = smallest_share([(s, a) for s, a, _ in cascade_pts], target)
-    share_l = smallest_share([(s, a) for s, a, _ in length_pts], target)
-    offline = cascade_at(bar)
-    live_up = [r.backend == "oracle" for r in out["live"]]
-    off_up = [not ok or (u and c < bar) for ok, u, c in zip(passed, uses_conf, conf, strict=True)]
-    differ = sum(a != b for a, b in zip(live_up, off_up, strict=True))
-    live_share = out["live_strong_calls"] / n
+    best_c = smallest_share(cascade_pts, target)
+    best_l = smallest_share(length_pts, target)
+    differ = 0
+    for b, results, _, _ in out["live"]:
+        off_up = [not ok or (u and c < b) for ok, u, c in zip(passed, uses_conf, conf, strict=True)]
+        differ += sum((r.backend == "oracle") != e for r, e in zip(results, off_up, strict=True))
 
-    def pct(x: float | None) -> str:
-        return "never" if x is None else f"{x:.0%}"
+    def needed(point: tuple[float, float, float] | None) -> list[str]:
+        if point is None:
+            return ["never", "", ""]
+        return [f"{point[0]:.0%}", f"{point[1]:.1%}", f"${point[2]:.5f}"]
 
     def kind_acc(ok: list[bool]) -> str:
         kinds = ["extraction", "tool", "arithmetic", "file_value"]
@@ -391,7 +395,7 @@ def main(
         ]
         return " / ".join(f"{x:.0%}" for x in per)
 
-    small_s, strong_s, live_s = out["times"]
+    small_s, strong_s = out["times"]
     rows = [
         [
             "always small (SmolLM2-135M)",
@@ -409,22 +413,27 @@ def main(
             "100%",
             f"{strong_s:.1f}",
         ],
-        [
-            f"cascade, confidence bar {bar}",
-            f"{sum(live_ok) / n:.1%}",
-            kind_acc(live_ok),
-            f"${sum(live_cost):.5f}",
-            f"{live_share:.0%}",
-            f"{live_s:.1f}",
-        ],
     ]
+    for b, results, calls, wall in out["live"]:
+        ok = [correct(t, r) for t, r in zip(todo, results, strict=True)]
+        cost = sum(cost_of(r) + sum(cost_of(a.result) for a in r.attempts) for r in results)
+        rows.append(
+            [
+                f"cascade, confidence bar {b}",
+                f"{sum(ok) / n:.1%}",
+                kind_acc(ok),
+                f"${cost:.5f}",
+                f"{calls / n:.0%}",
+                f"{wall:.1f}",
+            ]
+        )
     table = md_table(
         ["route", "accuracy", "extract / tool / arith / file", "cost", "strong calls", "wall s"],
         rows,
     )
     sweep_rows = [
-        ["cascade (checks, then confidence bar)", pct(share_c)],
-        ["query-length threshold (longest go strong)", pct(share_l)],
+        ["cascade (checks, then confidence bar)", *needed(best_c)],
+        ["query-length threshold (longest go strong)", *needed(best_l)],
     ]
     fails = sum(not x for x in passed)
     m = machine()
@@ -442,13 +451,14 @@ def main(
         "the answer tokens' geometric-mean probability against the bar (tool, arithmetic and "
         "file tasks). Each escalated attempt is metered to its own backend.\n\n"
         + table
-        + f"\n\nThe small tier failed a deterministic check on {fails} of {n} tasks. "
-        f"Replayed from the precomputed outcomes at the same bar the cascade makes "
-        f"{offline[0]:.0%} strong calls for {offline[1]:.1%} accuracy; the live run's "
-        f"escalation decisions differ from the replay on {differ} of {n} tasks.\n\n"
+        + f"\n\nThe small tier failed a deterministic check on {fails} of {n} tasks. A live "
+        "cascade's cost includes the small tier's call on every task and, on escalation, the "
+        "failed attempt and its reason in the strong tier's prompt (feedback). The live runs' "
+        f"escalation decisions differ from the replay below on {differ} of "
+        f"{n * len(out['live'])} task runs.\n\n"
         f"Share of strong calls needed to reach 95% of strong-only accuracy "
         f"({target:.1%}), sweeping each router's one knob over the precomputed outcomes:\n\n"
-        + md_table(["router", "strong calls needed"], sweep_rows)
+        + md_table(["router", "strong calls needed", "accuracy there", "cost there"], sweep_rows)
     )
     console.print(body)
     if record is not None:
