@@ -297,9 +297,12 @@ def main(
     local = LocalBackend()
     oracle = Oracle({t.prompt: t for t in todo}, draws, local.count_tokens)
 
-    def configure(cfg: CascadeConfig, min_confidence: float | None) -> CascadeConfig:
+    def configure(
+        cfg: CascadeConfig, min_confidence: float | None, samples: int | list[int] = 1
+    ) -> CascadeConfig:
         c = CascadeConfig(**{f: getattr(cfg, f) for f in cfg.__slots__})  # type: ignore[attr-defined]
         c.min_confidence = min_confidence if cfg.min_confidence is not None else None
+        c.samples = samples
         return c
 
     async def go() -> dict[str, Any]:
@@ -325,13 +328,16 @@ def main(
         strong = await run_all(strong_only, todo, CascadeConfig(tool_args=False))
         strong_s = time.monotonic() - t0
         live = []
-        for b in bars_live:
+        for b, k in [*((b, 1) for b in bars_live), (bars_live[-1], 3)]:
             oracle.calls = 0
             t0 = time.monotonic()
             results = await asyncio.gather(
-                *(both.run(request_of(t), Checks(configure(t.config, b), t.schema)) for t in todo)
+                *(
+                    both.run(request_of(t), Checks(configure(t.config, b, [k, 1]), t.schema))
+                    for t in todo
+                )
             )
-            live.append((b, results, oracle.calls, time.monotonic() - t0))
+            live.append((b, k, results, oracle.calls, time.monotonic() - t0))
         return {
             "small": small,
             "reasons": reasons,
@@ -377,7 +383,9 @@ def main(
     best_c = smallest_share(cascade_pts, target)
     best_l = smallest_share(length_pts, target)
     differ = 0
-    for b, results, _, _ in out["live"]:
+    for b, k, results, _, _ in out["live"]:
+        if k > 1:
+            continue  # re-samples are not in the replay
         off_up = [not ok or (u and c < b) for ok, u, c in zip(passed, uses_conf, conf, strict=True)]
         differ += sum((r.backend == "oracle") != e for r, e in zip(results, off_up, strict=True))
 
@@ -414,12 +422,12 @@ def main(
             f"{strong_s:.1f}",
         ],
     ]
-    for b, results, calls, wall in out["live"]:
+    for b, k, results, calls, wall in out["live"]:
         ok = [correct(t, r) for t, r in zip(todo, results, strict=True)]
         cost = sum(cost_of(r) + sum(cost_of(a.result) for a in r.attempts) for r in results)
         rows.append(
             [
-                f"cascade, confidence bar {b}",
+                f"cascade, confidence bar {b}" + (f", small sampled up to {k}x" if k > 1 else ""),
                 f"{sum(ok) / n:.1%}",
                 kind_acc(ok),
                 f"${cost:.5f}",
@@ -455,10 +463,18 @@ def main(
         "cascade's cost includes the small tier's call on every task and, on escalation, the "
         "failed attempt and its reason in the strong tier's prompt (feedback). The live runs' "
         f"escalation decisions differ from the replay below on {differ} of "
-        f"{n * len(out['live'])} task runs.\n\n"
+        f"{n * len(bars_live)} task runs (re-samples are not replayed). With up to 3 samples "
+        "the small tier is asked again at temperature 0.7 with seeds +1 and +2 before the "
+        "strong tier is.\n\n"
         f"Share of strong calls needed to reach 95% of strong-only accuracy "
         f"({target:.1%}), sweeping each router's one knob over the precomputed outcomes:\n\n"
         + md_table(["router", "strong calls needed", "accuracy there", "cost there"], sweep_rows)
+        + (
+            f"\n\nAt that point the cascade costs {best_c[2] / sum(strong_cost):.0%} of "
+            "always-strong (replayed, without the feedback context a live escalation adds)."
+            if best_c is not None
+            else ""
+        )
     )
     console.print(body)
     if record is not None:

@@ -145,6 +145,12 @@ def test_samples_retry_the_same_tier_with_new_seeds(kernel: Kernel, tmp_path: Pa
     # a greedy program's re-samples get the sampling temperature, else they would repeat
     assert [r.sampling.get("temperature") for r in small.requests] == [None, 0.7, 0.7]
     assert [r[1] for r in usage(kernel, p.pid)] == ["small", "small", "small"]
+    # one sample per tier from a list: the big tier asked once after three small tries
+    small.requests.clear()
+    small.turns = says("never")
+    program = {"output_schema": SCHEMA, "cascade": {"samples": [3, 1], "feedback": False}}
+    p = spawn(kernel, cascade, tmp_path, **program)
+    assert p.answer == '{"n": 9}' and len(small.requests) == 3 and len(big.requests) == 1
 
 
 def test_low_confidence_escalates(kernel: Kernel, tmp_path: Path) -> None:
@@ -220,6 +226,8 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
         Program(cascade={"sampels": 2})
     with pytest.raises(ProgramError, match="cascade.samples must be an integer >= 1"):
         Program(cascade={"samples": 0})
+    with pytest.raises(ProgramError, match="cascade.samples must be an integer >= 1"):
+        Program(cascade={"samples": [3, "1"]})
     with pytest.raises(ProgramError, match="cascade.min_confidence must be in"):
         Program(cascade={"min_confidence": 2})
     with pytest.raises(ProgramError, match="cascade.command must be a list of strings"):

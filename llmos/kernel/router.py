@@ -48,7 +48,9 @@ JUDGE_PROMPT = (
 class CascadeConfig:
     """A program's `cascade:` section (every field optional)."""
 
-    samples: int = 1  # attempts per tier, each with its own seed, before the next tier
+    # attempts per tier, each with its own seed, before the next tier; a list: one per tier
+    # (its last entry repeating), e.g. [3, 1]: the small model thrice, the big one once
+    samples: int | list[int] = 1
     sample_temperature: float = 0.7  # re-samples of a greedy (temperature 0) program use this
     schema: bool = True  # the program's output_schema checks an answer
     tool_args: bool = True  # each tool call's arguments must match its tool's JSON schema
@@ -64,8 +66,11 @@ class CascadeConfig:
     feedback: bool = True  # later asks see the failed attempts and why they failed
 
     def __post_init__(self) -> None:
-        if not isinstance(self.samples, int) or self.samples < 1:
-            raise CascadeError(f"cascade.samples must be an integer >= 1, got {self.samples!r}")
+        counts = self.samples if isinstance(self.samples, list) else [self.samples]
+        if not counts or not all(isinstance(c, int) and c >= 1 for c in counts):
+            raise CascadeError(
+                f"cascade.samples must be an integer >= 1 or a list of them, got {self.samples!r}"
+            )
         if not 0.0 <= self.sample_temperature <= 2.0:
             raise CascadeError(
                 f"cascade.sample_temperature must be in [0, 2], got {self.sample_temperature}"
@@ -84,6 +89,11 @@ class CascadeConfig:
             raise CascadeError(f"cascade.command must be a list of strings, got {self.command!r}")
         if self.python is not None and not isinstance(self.python, str):
             raise CascadeError(f"cascade.python must be a function's name, got {self.python!r}")
+
+    def samples_for(self, tier: int) -> int:
+        if isinstance(self.samples, int):
+            return self.samples
+        return self.samples[min(tier, len(self.samples) - 1)]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CascadeConfig:
@@ -170,8 +180,8 @@ class Cascade:
         config, attempts = checks.config, []
         messages = list(request.messages)
         result: ChatResult | None = None
-        for tier in self.tiers:
-            for k in range(config.samples):
+        for i, tier in enumerate(self.tiers):
+            for k in range(config.samples_for(i)):
                 sampling = _sampling(request.sampling, k, config, tier)
                 asked = dataclasses.replace(
                     request,
