@@ -5,11 +5,13 @@ A small model at a high temperature can run on inside an unbounded JSON string u
 constrained sequence keeps a *closing plan*: a short token sequence that takes its grammar from
 the current state to the end (close the string, give the remaining required fields their
 shortest values, close the brackets, EOS). While the tokens left exceed the plan by a margin
-the model samples freely and nothing is computed. Near the end, the tokens it may pick are
-narrowed to its most likely allowed ones that keep the plan (or a suffix of it) possible in
-the tokens then left, and the plan's own next token is always among them: so the output ends
-valid, with finish reason "stop". A grammar whose plan does not fit `max_tokens` is refused up
-front with the number of tokens it needs (see `GrammarCompiler.matchers`).
+(`WINDOW` plus the grammar's *reach*: what one sampled token that opens an optional field or an
+array item may add, see `all_required`) the model samples freely and nothing is computed.
+Nearer the end, the tokens it may pick are narrowed to its most likely allowed ones that keep
+the plan (a suffix of it, or a plan searched anew) possible in the tokens then left, and the
+plan's own next token is always among them: so the output ends valid, finish reason "stop".
+A grammar whose plan does not fit `max_tokens` is refused up front with the number of tokens it
+needs (see `GrammarCompiler.matchers`).
 
 The plan is found by a greedy depth-first search over llguidance's matcher (`try_consume_tokens`
 and `rollback`, about 3 us each; a mask, 0.1-2 ms) that prefers tokens which close strings and
