@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmos import LLM, Kernel, Program
 from llmos.backends import resolve
@@ -345,6 +347,40 @@ def test_context_overflow_falls_back_to_a_longer_window(
     assert pool.log[-2].outcome == "context" and pool.log[-2].action == "fallback"
     assert pool.context_window == 100_000
     assert run(pool.chat(HI)).backend == small.name  # a short prompt still fits the first
+
+
+def test_a_timed_out_call_gives_its_kv_blocks_back(
+    llm: LLM, fakes: FakeServer, real: RunningServer
+) -> None:
+    """llmos serve is too slow for its 0.2 s timeout on a long answer: the pool falls back, and
+    the abandoned request is aborted in the engine, its KV blocks back."""
+    slow = llmos_serve(real, timeout=0.2)
+    backup = fake(fakes, "kvbackup")
+    pool = Pool([slow, backup], PoolConfig(retries=0))
+    story = ChatRequest(
+        [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+        sampling={"max_tokens": 400, "temperature": 0},
+    )
+    left_before = client_left(real)
+    assert run(pool.chat(story)).backend == backup.name
+    assert pool.log[-2].outcome == "timeout" and slow.failures == 1
+    deadline = time.monotonic() + 30
+    while llm.engine.has_unfinished_requests() or llm.engine.blocks.num_used:
+        assert time.monotonic() < deadline, "the abandoned request kept its KV blocks"
+        time.sleep(0.05)
+    while client_left(real) == left_before:  # the server saw the client leave (a 499)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def client_left(server: RunningServer) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "llmos_requests_total" and s.labels.get("status") == "499"
+    )
 
 
 def test_bad_request_fails_without_fallback(fakes: FakeServer) -> None:
