@@ -168,10 +168,15 @@ def test_judge_rejects_then_accepts(kernel: Kernel, tmp_path: Path) -> None:
         return {"content": "yes" if "Answer:\nParis" in request.messages[-1]["content"] else "no"}
 
     judge = Tier("judge", verdict)
-    small, big = Tier("small", says("Lyon")), Tier("big", says("Paris"))
-    cascade = Cascade([small, big], CascadeConfig(judge="judge"), judge)
+    small, mid, big = (
+        Tier("small", says("Lyon")),
+        Tier("mid", says("Paris")),
+        Tier("big", says("?")),
+    )
+    cascade = Cascade([small, mid, big], CascadeConfig(judge="judge"), judge)
     p = spawn(kernel, cascade, tmp_path, cascade={"judge": "judge"})
-    assert p.answer == "Paris" and len(judge.requests) == 2
+    # the judge rejects the small answer and passes the middle one: the big tier is not asked
+    assert p.answer == "Paris" and len(judge.requests) == 2 and not big.requests
     assert "Give n." in judge.requests[0].messages[0]["content"]
     assert "judge rated the answer 0.00" in p.steps[1].message
 

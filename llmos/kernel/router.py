@@ -193,16 +193,17 @@ class Cascade:
                 )
                 result = await tier.chat(asked)
                 result.backend = result.backend or tier.name
+                if i == len(self.tiers) - 1 and k == config.samples_for(i) - 1:
+                    break  # the last ask: its answer stands whatever a check would say
                 reason = await self.check(result, request, checks)
                 if reason is None:
                     return _final(result, attempts)
                 attempts.append(Attempt(result, reason))
                 if config.feedback:
                     messages = [*messages, _assistant(result), _note(reason)]
-        # every tier failed its checks: the strongest tier's last answer stands (the loop's
-        # own checks still apply to it)
+        # every earlier ask failed its checks: the last tier's last answer stands, unchecked
+        # here (the loop's own checks still apply to it)
         assert result is not None
-        attempts.pop()
         return _final(result, attempts)
 
     async def check(self, result: ChatResult, request: ChatRequest, checks: Checks) -> str | None:
