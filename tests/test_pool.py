@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from llmos.backends.pool import (
 )
 from llmos.backends.scripted import ScriptedBackend
 from llmos.engine.async_engine import AsyncEngine
+from llmos.kernel.meter import DEFAULT_PRICES, Meter, Price
+from llmos.kernel.store import Store
 from llmos.server.app import create_app
 from llmos.server.launch import RunningServer, bind, serve_in_thread, url_of
 
@@ -582,3 +584,20 @@ def test_cli_run_logs_usage_show_the_answering_backend(
     usage = cli("usage")
     assert serve in usage and down not in usage
     assert "hi@1" in cli("ps", "--all")
+
+
+def test_the_meter_prices_the_member_that_answered(tmp_path: Path) -> None:
+    """Its own price first; else the price table's for its name, then for its kind."""
+    meter = Meter(Store(tmp_path / "m.db"), {"openai_http:b@http://b": Price(prompt_per_mtok=9)})
+    a = Member(OpenAIHTTPBackend("http://a", "a"), price={"completion_per_mtok": 3.0})
+    b = Member(OpenAIHTTPBackend("http://b", "b"))
+    c = Member(OpenAIHTTPBackend("http://c", "c"))
+    pool = Pool([a, b, c])
+    result = run(ScriptedBackend([{"content": "x"}]).chat(HI))
+    assert meter.price_for(pool, replace(result, backend=a.name)) == Price(completion_per_mtok=3)
+    assert meter.price_for(pool, replace(result, backend=b.name)) == Price(prompt_per_mtok=9)
+    assert meter.price_for(pool, replace(result, backend=c.name)) == DEFAULT_PRICES["openai_http"]
+    # a composite without members to look up (a cascade): by the answering name's kind
+    local = replace(result, backend="local:smollm2-135m")
+    assert meter.price_for(ScriptedBackend([]), local) == DEFAULT_PRICES["local"]
+    assert meter.price_for(pool, result) == Price()  # unattributed: the pool's own kind
