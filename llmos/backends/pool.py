@@ -13,7 +13,7 @@ import asyncio
 import email.utils
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -215,7 +215,8 @@ class Pool:
         self.log: deque[Attempt] = deque(maxlen=1000)
         self._waiters: list[asyncio.Future[None]] = []
 
-    def __iter__(self):  # noqa: ANN204 - the members, in order of preference
+    def __iter__(self) -> Iterator[Member]:
+        """The members, in order of preference."""
         return iter(self.members)
 
     def member(self, name: str) -> Member | None:
