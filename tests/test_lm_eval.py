@@ -55,19 +55,20 @@ def server(llm: LLM, reference: list[list[float]]) -> Iterator[RunningServer]:
         yield running
 
 
-def lm(server: RunningServer) -> Any:
+def lm(server: RunningServer, batch_size: int = 1) -> Any:
     return get_model("local-completions")(
         base_url=f"{server.url}/v1/completions",
         model="smollm2-135m",
         tokenizer_backend="remote",
         max_retries=1,
+        batch_size=batch_size,  # > 1: one request carries a batch of token-id prompts
     )
 
 
 def test_loglikelihood_picks_the_engines_answers(
     server: RunningServer, reference: list[list[float]]
 ) -> None:
-    model = lm(server)
+    model = lm(server, batch_size=4)
     requests = [
         Instance("loglikelihood", doc={}, arguments=(q, c), idx=j)
         for q, choices in QUESTIONS
