@@ -286,3 +286,39 @@ def test_the_real_local_model_as_the_small_tier(llm: Any) -> None:
     assert attempt.result.backend == "local:smollm2-135m" and "low confidence" in attempt.reason
     assert attempt.result.content == low.content and attempt.result.usage.completion_tokens > 0
     assert 0.0 <= score <= 1.0
+
+
+def test_llmos_run_a_yaml_cascade_then_logs_and_usage(tmp_path: Path) -> None:
+    """`model: cascade:[...]` in a YAML program through the real CLI, rows in SQLite."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    (tmp_path / "small.json").write_text(json.dumps([{"content": "n is 3"}]))
+    (tmp_path / "big.json").write_text(json.dumps([{"content": "?"}, {"content": '{"n": 3}'}]))
+    (tmp_path / "prog.yaml").write_text(
+        f"name: counter\nmodel: cascade:[scripted:{tmp_path}/small.json, "
+        f"scripted:{tmp_path}/big.json]\noutput_schema: {json.dumps(SCHEMA)}\n"
+        "cascade: {samples: 1, feedback: true}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LLMOS_BACKEND"}
+    env.update(LLMOS_DB=str(tmp_path / "k.db"), OMP_NUM_THREADS="1", COLUMNS="200")
+    llmos = str(Path(sys.executable).parent / "llmos")
+
+    def cli(*args: str) -> str:
+        r = subprocess.run(
+            [llmos, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert json.loads(cli("run", "prog.yaml", "--input", "Give n.")) == {"n": 3}
+    with sqlite3.connect(env["LLMOS_DB"]) as db:
+        models = [r[0] for r in db.execute("SELECT model FROM usage ORDER BY seq")]
+    assert models == ["scripted:small.json", "scripted:big.json"]
+    logs = cli("logs", "1")
+    assert "via scripted:small.json\n  unusable output: n is 3" in logs
+    assert "bad_answer: the answer is not JSON" in logs and "via scripted:big.json" in logs
+    usage = cli("usage")
+    assert "scripted:small.json" in usage and "scripted:big.json" in usage
