@@ -140,6 +140,7 @@ def grade(spec: dict, out: Output, vars: dict | None = None, base: Path = Path("
         ({"type": "is-json", "value": {"type": "object", "required": ["a"]}}, '{"a": 1}', True),
         ({"type": "numeric", "value": {"expected": 3.14, "tolerance": 0.01}}, "pi is 3.141", True),
         ({"type": "numeric", "value": 42}, "it is 41", False),
+        ({"type": "numeric", "value": 42}, "12 + 30 = 42", True),
         ({"type": "python", "value": "output.upper() == 'OK'"}, "ok", True),
         (
             {"type": "similar", "value": "the cat sat on the mat", "method": "bm25"},

@@ -143,10 +143,11 @@ def check_schema(a: Any) -> None:
 
 def numeric(a: Any, out: Any, ctx: Context) -> Grade:
     spec = a.value if isinstance(a.value, dict) else {"expected": a.value}
-    m = re.search(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", out.text.replace(",", ""))
-    if m is None:
+    # the last number, as GSM8K-style graders read an answer ("12 + 30 = 42")
+    found = re.findall(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", out.text.replace(",", ""))
+    if not found:
         return False, 0.0, "no number in the output"
-    got, want = float(m.group()), float(spec["expected"])
+    got, want = float(found[-1]), float(spec["expected"])
     tol = float(spec.get("tolerance", 0.0))
     ok = abs(got - want) <= tol + 1e-12
     return ok, float(ok), f"{got:g} is {'within' if ok else 'not within'} {tol:g} of {want:g}"

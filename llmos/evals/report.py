@@ -87,9 +87,11 @@ def to_markdown(result: dict[str, Any]) -> str:
             _row(["cell", "test", "repeat", "why"]),
             _row(["---"] * 4),
         ]  # noqa: E501
-        for c in failed[:200]:
+        for c in failed[:40]:
             why = "; ".join(a["reason"] for a in c["assertions"] if not a["passed"])
             lines.append(_row([c["cell"], c["test"], c["repeat"], why[:160]]))
+        if len(failed) > 40:
+            lines += ["", f"... and {len(failed) - 40} more (result.json and junit.xml list all)"]
     base = result.get("baseline")
     if base:
         lines += ["", f"## Against baseline `{base['run_id']}`: {len(base['flips'])} flips", ""]
