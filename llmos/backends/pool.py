@@ -62,6 +62,7 @@ class Attempt:
     action: str  # "answered", "retry", "fallback", "fail", "skipped"
     at: float  # the pool's clock when the attempt ended
     detail: str = ""
+    started: float = 0.0  # when it was sent
 
 
 @dataclass(slots=True)
@@ -271,6 +272,7 @@ class Pool:
                 await self._wait(left, not_before, start, attempts)
                 continue
             m.calls += 1
+            sent = self.clock()
             try:
                 timeout = m.timeout or cfg.timeout
                 result = await asyncio.wait_for(m.backend.chat(request), timeout)
@@ -293,7 +295,7 @@ class Pool:
                 ):
                     action = "fallback"  # out of retries here: the next member
                 detail = f"{type(exc).__name__}: {exc}"[:300]
-                attempts.append(Attempt(m.name, kind, action, self.clock(), detail))
+                attempts.append(Attempt(m.name, kind, action, self.clock(), detail, sent))
                 self.log.append(attempts[-1])
                 if action == "fail":
                     why = self._why(attempts, f"{kind} is not retried")
@@ -307,7 +309,7 @@ class Pool:
             finally:
                 self._wake()
             m.breaker.success()
-            self.log.append(Attempt(m.name, "ok", "answered", self.clock()))
+            self.log.append(Attempt(m.name, "ok", "answered", self.clock(), started=sent))
             return replace(result, backend=m.name)
 
     async def _wait(
