@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from llmos.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+REACH_CAP = 128  # the most reach counted (a larger one asks more of max_tokens than it saves)
 NEAR = 32  # tokens left beyond the plan's length (and reach) at which the plan is kept up to date
 WINDOW = 16  # ... and at which sampling is narrowed to tokens that keep the plan possible
 TOP_K = 16  # the most likely allowed tokens checked per step inside the window
@@ -176,7 +178,18 @@ class BudgetMatcher:
     end. The engine uses it as a matcher (`consume_token`, `is_stopped`, `get_error`); the mask
     builder asks `steer` each step and, inside the window, `narrow` with the step's logits."""
 
-    __slots__ = ("inner", "vocab", "budget", "used", "plan", "hint", "failed", "reach", "_kept")
+    __slots__ = (
+        "inner",
+        "vocab",
+        "budget",
+        "used",
+        "plan",
+        "hint",
+        "failed",
+        "_reach",
+        "_reach_of",
+        "_kept",
+    )
 
     def __init__(
         self,
@@ -184,12 +197,14 @@ class BudgetMatcher:
         vocab: ClosingVocab,
         budget: int,
         plan: list[int] | None,
-        reach: int = 0,
+        reach: int | Callable[[], int] = 0,
     ) -> None:
         self.inner = inner
         # how much one freely sampled token may add to the plan (opening an optional field or
-        # an array item): narrowing starts that much earlier, so no such jump outruns the budget
-        self.reach = reach
+        # an array item): narrowing starts that much earlier, so no such jump outruns the budget.
+        # A callable is asked only once the end is within `REACH_CAP` (it builds a matcher)
+        self._reach = reach if isinstance(reach, int) else None
+        self._reach_of = None if isinstance(reach, int) else reach
         self.vocab = vocab
         self.budget = budget  # the sequence's max_tokens
         self.used = 0  # tokens consumed
@@ -201,6 +216,15 @@ class BudgetMatcher:
     @property
     def left(self) -> int:
         return self.budget - self.used
+
+    def _far(self) -> bool:
+        """Whether the end is too far for any jump to matter: nothing to do this step."""
+        if self.left > self.hint + REACH_CAP + NEAR:
+            return True
+        if self._reach is None:
+            assert self._reach_of is not None
+            self._reach = min(REACH_CAP, self._reach_of())
+        return self.left > self.hint + self._reach + NEAR
 
     # -- the matcher the engine sees ----------------------------------------------------------
     def consume_token(self, token: int) -> bool:
@@ -230,7 +254,7 @@ class BudgetMatcher:
         self._kept = {}
         if after is not None:
             self.plan = after
-        elif self.left > self.hint + self.reach + NEAR:
+        elif self._far():
             self.plan = None  # far from the end: find it again when it matters
         else:
             tail = self._suffix(0)
@@ -249,7 +273,7 @@ class BudgetMatcher:
         """Before a step's mask: whether this step's sampling must be narrowed (`narrow`)."""
         if self.failed or self.inner.is_stopped() or self.inner.is_error():
             return False
-        if self.left > self.hint + self.reach + NEAR:
+        if self._far():
             return False
         if self.plan is None:
             self.plan = complete(self.inner, self.vocab, limit=min(LIMIT, max(self.left, 1)))
@@ -260,7 +284,7 @@ class BudgetMatcher:
                 self.failed = True
                 return False
             self.hint = len(self.plan)
-        return self.left - len(self.plan) <= WINDOW + self.reach
+        return self.left - len(self.plan) <= WINDOW + (self._reach or 0)
 
     def narrow(self, logits: torch.Tensor | None, allowed: torch.Tensor) -> list[int]:
         """The tokens this step may pick: of the `TOP_K` most likely allowed ones (by `logits`,

@@ -19,6 +19,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -277,7 +278,7 @@ class GrammarCompiler:
                     f"{param}: llguidance cannot use it: {proto.get_error().strip()}", param=param
                 )
             plan = complete(proto.deep_copy(), self.closing_vocab, LIMIT)
-            entry = (proto, plan, self._reach(params))
+            entry = (proto, plan, self._lazy_reach(grammar, params))
             with self._lock:
                 self._prototypes[grammar] = entry
                 while len(self._prototypes) > self.PROTOTYPES:
@@ -297,6 +298,18 @@ class GrammarCompiler:
             for _ in range(params.n)
         ]
 
+    def _lazy_reach(self, grammar: str, params: SamplingParams) -> Callable[[], int]:
+        """`_reach`, computed on first use (by the sequence that gets near its end first) and
+        kept for every later request with this grammar."""
+        box: list[int] = []
+
+        def reach() -> int:
+            if not box:
+                box.append(self._reach(params))
+            return box[0]
+
+        return reach
+
     def _reach(self, params: SamplingParams) -> int:
         """How many tokens one sampled token may add to the shortest completion: that of the
         schema (or of the largest embedded in a Lark grammar, a tool call's) with all its
@@ -310,6 +323,8 @@ class GrammarCompiler:
             return 0 if params.regex is not None or params.choice is not None else NEAR
         best = 0
         for schema in schemas:
+            if params.json_schema is not None and all_required(schema) == schema:
+                continue  # nothing optional to open: no jump
             grammar, error = _compile(
                 "json_schema", json.dumps(styled_schema(all_required(schema)))
             )
