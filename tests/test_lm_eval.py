@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api] (tenacity)")
-
+import tenacity  # noqa: E402,F401 - lm-eval's API models need lm-eval[api]: fail loudly without it
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402

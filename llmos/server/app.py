@@ -38,7 +38,15 @@ from llmos.server.responses import (
 )
 from llmos.server.responses_protocol import ResponseObject, ResponsesRequest
 from llmos.server.state import ServerConfig, ServerState
-from llmos.server.tokenize import detokenize, tokenize, tokenizer_info
+from llmos.server.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    detokenize,
+    tokenize,
+    tokenizer_info,
+)
 
 _HEALTH_TIMEOUT = 10.0  # seconds for the engine thread to answer between two steps
 
@@ -64,7 +72,16 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
             state.metrics.count(status)
 
     errors.install(app, count)
-    openapi.install(app, [ChatCompletionRequest, CompletionRequest, ResponsesRequest])
+    openapi.install(
+        app,
+        [
+            ChatCompletionRequest,
+            CompletionRequest,
+            ResponsesRequest,
+            TokenizeRequest,
+            DetokenizeRequest,
+        ],
+    )
     app.add_middleware(
         Guard,
         api_key=state.config.api_key,
@@ -125,12 +142,20 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     async def messages_count_tokens(request: Request) -> Response:
         return await count_tokens(state, request)
 
-    @app.post("/tokenize")
+    @app.post(
+        "/tokenize",
+        openapi_extra=openapi.body(TokenizeRequest),
+        responses=openapi.responses(TokenizeResponse, stream=False),
+    )
     async def tokenize_route(request: Request) -> Response:
         with errors.internal_errors(request.url.path):
             return await tokenize(state, request)
 
-    @app.post("/detokenize")
+    @app.post(
+        "/detokenize",
+        openapi_extra=openapi.body(DetokenizeRequest),
+        responses=openapi.responses(DetokenizeResponse, stream=False),
+    )
     async def detokenize_route(request: Request) -> Response:
         with errors.internal_errors(request.url.path):
             return await detokenize(state, request)
