@@ -210,22 +210,7 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
         return GiveUp("backend", f"backend {ctx.backend.name} returned garbage: {garbage}")
     for attempt in getattr(result, "attempts", ()):  # a cascade's rejected tries: steps too
         _journal_attempt(proc, ctx, attempt.result, attempt.reason, answering)
-    cost = ctx.meter.price_for(ctx.backend, result).cost(result)  # who answered, priced
-    u = result.usage
-    turn = ModelTurn(
-        result.content,
-        result.tool_calls,
-        result.raw,
-        u.prompt_tokens,
-        u.cached_tokens,
-        u.completion_tokens,
-        result.engine_seconds,
-        cost,
-        result.finish_reason,
-        result.malformed,
-        answering,
-        result.backend or ctx.backend.name,
-    )
+    turn = _turn(ctx, result, answering)  # who answered, priced by its own price
     journal.append(ctx.store, proc, turn, model=turn.backend)
     return classify(proc, turn)
 
@@ -235,8 +220,17 @@ def _journal_attempt(
 ) -> None:
     """A rejected attempt: its own turn, metered to the backend that made it, then why it
     failed (the projection shows both, as the cascade's next ask saw them)."""
+    turn = _turn(ctx, result, answering, malformed=f"rejected by the cascade: {reason}")
+    journal.append(ctx.store, proc, turn, model=turn.backend)
+    journal.append(ctx.store, proc, ErrorStep("bad_answer", reason))
+
+
+def _turn(
+    ctx: Context, result: ChatResult, answering: bool, malformed: str | None = None
+) -> ModelTurn:
+    """The transcript step of a model call, metered to the backend that answered."""
     u = result.usage
-    turn = ModelTurn(
+    return ModelTurn(
         result.content,
         result.tool_calls,
         result.raw,
@@ -246,12 +240,10 @@ def _journal_attempt(
         result.engine_seconds,
         ctx.meter.price_for(ctx.backend, result).cost(result),
         result.finish_reason,
-        malformed=f"rejected by the cascade: {reason}",
-        answering=answering,
-        backend=result.backend,
+        malformed or result.malformed,
+        answering,
+        result.backend or ctx.backend.name,
     )
-    journal.append(ctx.store, proc, turn, model=result.backend or ctx.backend.name)
-    journal.append(ctx.store, proc, ErrorStep("bad_answer", reason))
 
 
 def call_tools(proc: Process, backend: Backend) -> list[dict[str, Any]]:
