@@ -8,6 +8,7 @@ batching runs them together; their sampling settings may differ per request."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import time
@@ -275,7 +276,9 @@ def load_program(cell: Cell) -> Any:
 
     assert cell.program is not None
     try:
-        program = Program.load(cell.program)
+        # a copy: a .py program file's module (and its `program`) is loaded once per process,
+        # so one cell's options must not reach another cell's program
+        program = copy.deepcopy(Program.load(cell.program))
     except ProgramError as exc:
         raise SuiteError(f"{cell.provider}: {exc}") from None
     opts = dict(cell.program_options)
