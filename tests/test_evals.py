@@ -318,3 +318,12 @@ def test_cli_option_errors_exit_2(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["eval", str(path), "--db", str(tmp_path / "h.db"), *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
+
+
+def test_each_cell_gets_its_own_program() -> None:
+    from llmos.evals.providers import load_program
+
+    suite = load_suite(Path(__file__).resolve().parents[1] / "evals" / "agent_matrix.yaml")
+    programs = [load_program(c) for c in suite.cells]  # all loaded before any runs
+    assert [p.typed_args for p in programs] == [True] * 4 + [False] * 4
+    assert len({id(p) for p in programs}) == len(programs)
