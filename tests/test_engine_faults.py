@@ -183,3 +183,33 @@ def test_orphaned_blocks_are_counted_and_zero_in_normal_work() -> None:
     assert stats.kv_blocks_used == stats.kv_blocks_pinned > 0  # only the pins hold blocks now
     llm.blocks._free.pop()  # a leak: a block off the free list that nothing holds
     assert llm.stats().kv_blocks_orphaned == 1
+
+
+def test_a_caller_cancelled_while_its_add_waits_leaves_no_error_and_no_blocks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The add command still runs after its caller stopped waiting (here: a time limit while a
+    slow command held the engine thread); settling its cancelled future used to raise
+    InvalidStateError on the engine thread. Its queued abort gives the blocks back."""
+    ae = AsyncEngine(lambda: LLMEngine(kv_cache_memory="64MiB", max_num_seqs=4))
+    ae.start()
+    try:
+        gate = threading.Event()
+        busy = ae.call(lambda _: gate.wait(TIMEOUT))  # holds the engine thread between steps
+
+        async def impatient() -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(_collect(ae, "Hello there", "late"), 0.2)
+
+        asyncio.run(impatient())
+        waited = ae.call(lambda _: "answered")  # queued after the add and its abort
+        gate.set()
+        busy.result(TIMEOUT)
+        assert waited.result(TIMEOUT) == "answered"
+        _no_blocks_held(ae)
+        out = asyncio.run(_collect(ae, "Hello there", "after"))
+        assert out is not None and out.finished
+    finally:
+        ae.shutdown()
+    failures = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert not failures, [r.getMessage() + str(r.exc_info) for r in failures]

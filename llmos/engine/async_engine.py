@@ -20,7 +20,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,14 +144,17 @@ class AsyncEngine:
         added: Future[list[int]] = Future()
 
         def add() -> None:
-            try:
-                self.engine.add_request(
-                    rid, prompt, params, priority=priority, user=user, retain=retain
-                )
-                self._streams[rid] = stream
-                added.set_result([])
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                added.set_exception(exc)
+            # the caller may have been cancelled while it waited (its abort is queued next)
+            with contextlib.suppress(InvalidStateError):
+                try:
+                    self.engine.add_request(
+                        rid, prompt, params, priority=priority, user=user, retain=retain
+                    )
+                    self._streams[rid] = stream
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    added.set_exception(exc)
+                else:
+                    added.set_result([])
 
         self._submit(add)
         finished = False
@@ -187,10 +190,13 @@ class AsyncEngine:
         fut: Future[Any] = Future()
 
         def do() -> None:
-            try:
-                fut.set_result(fn(self.engine))
-            except BaseException as exc:  # noqa: BLE001
-                fut.set_exception(exc)
+            with contextlib.suppress(InvalidStateError):  # the caller stopped waiting
+                try:
+                    value = fn(self.engine)
+                except BaseException as exc:  # noqa: BLE001
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(value)
 
         try:
             self._submit(do)
