@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import json
 import re
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
 
 import jsonschema
 
-from llmos.backends.base import Backend, ChatRequest, ChatResult, Message, ToolCall, Usage
-from llmos.kernel import argtypes, evidence, journal, memory, report
+from llmos.backends.base import Backend, ChatRequest, ChatResult, Message, ToolCall
+from llmos.kernel import calltools, evidence, journal, memory, report
 from llmos.kernel.meter import Meter
 from llmos.kernel.process import (
     ApprovalStep,
@@ -37,9 +33,7 @@ from llmos.kernel.process import (
     ToolResultStep,
 )
 from llmos.kernel.store import Store
-from llmos.kernel.tools import Tool, ToolContext, ToolResult, execute
-
-T = TypeVar("T")
+from llmos.kernel.tools import ToolResult, execute
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +152,7 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     if stop is not None:
         return stop
     prog = proc.program
-    tools = call_tools(proc, ctx.backend)
+    tools = calltools.for_call(proc, ctx.backend)
     choice = "none" if answer else (prog.tool_choice_for(proc.num_turns) if tools else "none")
     names = {t["function"]["name"] for t in tools}
     if isinstance(choice, dict) and choice["function"]["name"] not in names:
@@ -205,7 +199,7 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
         )
     except Exception as exc:  # noqa: BLE001 - a failed backend stops the run with a report
         return GiveUp("backend", f"backend {ctx.backend.name} failed: {type(exc).__name__}: {exc}")
-    garbage = _garbage(result)
+    garbage = calltools.garbage(result)
     if garbage is not None:
         return GiveUp("backend", f"backend {ctx.backend.name} returned garbage: {garbage}")
     for attempt in getattr(result, "attempts", ()):  # a cascade's rejected tries: steps too
@@ -246,76 +240,8 @@ def _turn(
     )
 
 
-def call_tools(proc: Process, backend: Backend) -> list[dict[str, Any]]:
-    """The program's tools for this model call, their typed arguments as the workspace has them
-    now (an enum of the real files, ...), or plain strings for a program with typed_args off."""
-    prog = proc.program
-    table = prog.tool_table
-    here = ToolContext(Path(proc.workspace), prog.policy, proc.input) if prog.typed_args else None
-    enforced = bool(getattr(backend, "enforces_schema", False))
-    tools = [argtypes.resolve(table[name], here, enforced) for name in prog.tools if name in table]
-    return [_skip_made(proc, t, table[t["function"]["name"]]) for t in tools] if here else tools
-
-
-def _skip_made(proc: Process, entry: dict[str, Any], tool: Tool) -> dict[str, Any]:
-    """A read-only tool with one typed argument: the values it was already called with (and
-    nothing else) go in `x-llmos-skip`, which the local grammar leaves out of the enum (the
-    same read gives the same answer, and a small model otherwise repeats its first call) while
-    the tool prompt, and so the conversation's cached KV, stays the same."""
-    if not tool.read_only or len(tool.arg_types) != 1:
-        return entry
-    (name,) = tool.arg_types
-    default = inspect.signature(tool.fn).parameters[name].default
-    made: list[str] = []
-    for step in proc.steps:
-        if isinstance(step, ToolCallStep) and step.name == tool.name:
-            try:
-                args = json.loads(step.arguments or "{}")
-            except json.JSONDecodeError:
-                continue
-            value = args.get(name, default) if isinstance(args, dict) else None
-            if set(args) <= {name} and isinstance(value, str) and value not in made:
-                made.append(value)
-    props = entry["function"]["parameters"].get("properties", {})
-    if not made or "enum" not in props.get(name, {}):
-        return entry
-    params = {**entry["function"]["parameters"]}
-    params["properties"] = {**props, name: {**props[name], "x-llmos-skip": made}}
-    return {**entry, "function": {**entry["function"], "parameters": params}}
-
-
 def _has_results(proc: Process) -> bool:
     return any(isinstance(s, ToolResultStep) for s in proc.steps)
-
-
-def _garbage(result: object) -> str | None:
-    """Why a backend's reply is not a well-formed ChatResult (a backend bug, not the model's
-    mistake: a model's unreadable text comes back as `malformed`), or None."""
-    if not isinstance(result, ChatResult):
-        return f"{type(result).__name__} instead of a ChatResult"
-    if not isinstance(result.content, str | None):
-        return f"content is a {type(result.content).__name__}"
-    if not isinstance(result.tool_calls, list) or not all(
-        isinstance(c, ToolCall)
-        and isinstance(c.id, str)
-        and isinstance(c.name, str)
-        and isinstance(c.arguments, str)
-        for c in result.tool_calls
-    ):
-        return "tool_calls is not a list of ToolCall(id, name, arguments: str)"
-    u = result.usage
-    if not isinstance(u, Usage) or not all(
-        isinstance(n, int) and n >= 0
-        for n in (u.prompt_tokens, u.cached_tokens, u.completion_tokens)
-    ):
-        return "usage is not a Usage of token counts"
-    if not isinstance(result.engine_seconds, int | float) or not isinstance(result.raw, str):
-        return "engine_seconds or raw has the wrong type"
-    if not isinstance(result.malformed, str | None) or not isinstance(
-        result.finish_reason, str | None
-    ):
-        return "malformed or finish_reason has the wrong type"
-    return None
 
 
 def classify(proc: Process, turn: ModelTurn) -> NextStep:
@@ -423,36 +349,10 @@ async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
             proc.status = Status.WAITING_TOOL
             journal.append(ctx.store, proc, ToolCallStep(call.id, call.name, call.arguments))
         run = functools.partial(execute, call.name, call.arguments, proc.workspace, policy)
-        result = await in_thread(functools.partial(run, table=table))
+        result = await calltools.in_thread(functools.partial(run, table=table))
         _observe(ctx, proc, call, result)
     proc.status = Status.RUNNING
     return CallModel()
-
-
-async def in_thread(fn: Callable[[], T]) -> T:
-    """`fn()` in a thread of its own: hung tools (each abandoned after its timeout) can never
-    use up a shared pool and starve the other processes' calls."""
-    running = asyncio.get_running_loop()
-    future: asyncio.Future[T] = running.create_future()
-
-    def settle(value: Any, exc: BaseException | None) -> None:
-        if future.cancelled():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
-
-    def work() -> None:
-        try:
-            value = fn()
-        except BaseException as exc:  # noqa: BLE001 - our bug: raised in the loop, not lost
-            running.call_soon_threadsafe(settle, None, exc)
-        else:
-            running.call_soon_threadsafe(settle, value, None)
-
-    threading.Thread(target=work, name="llmos-call", daemon=True).start()
-    return await future
 
 
 def _observe(ctx: Context, proc: Process, call: ToolCall, result: ToolResult) -> None:
