@@ -75,7 +75,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any] | bytes]] = [
     ("chat/completions", {"messages": CHAT_OK, "n": 0}),
     ("chat/completions", {"messages": CHAT_OK, "response_format": {"type": "xml"}}),
     ("chat/completions", {"messages": CHAT_OK, "tools": [WEATHER_TOOL], "tool_choice": "x"}),
-    ("chat/completions", {"messages": CHAT_OK, "logit_bias": {"1": 5}}),
+    ("chat/completions", {"messages": CHAT_OK, "logit_bias": {"1": 500}}),  # past 100
     ("chat/completions", {"messages": CHAT_OK, "max_tokens": -5, "stream": True}),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "Hi"}'),
     ("completions", {"prompt": [1, 2**40], "echo": True}),
@@ -194,10 +194,13 @@ def good_request(rng: random.Random) -> tuple[str, dict[str, Any]]:
             "json_schema": {"name": "person", "schema": PERSON, "strict": True},
         }
         body["messages"] = [{"role": "user", "content": f"A person who loves {topic}, as JSON."}]
+        # room for the schema's shortest completion (a smaller budget is refused up front)
+        body["max_tokens"] = rng.randint(40, 64)
     elif shape < 0.30:
         body["tools"] = [WEATHER_TOOL]
         body["tool_choice"] = rng.choice(["auto", "required"])
         body["messages"] = [{"role": "user", "content": "What is the weather in Paris?"}]
+        body["max_tokens"] = rng.randint(40, 64)  # room for the shortest call
     return "chat/completions", body
 
 

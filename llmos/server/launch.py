@@ -86,6 +86,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
+        # listening at once: a client that connects as soon as the banner shows the URL waits
+        # in the backlog while the app starts, instead of being refused
+        sock.listen(2048)
     except OSError:
         sock.close()
         raise
