@@ -79,3 +79,65 @@ gates: {{test_pass_k: {{capital: 1.0}}}}
     metrics = httpx.get(f"{server}/metrics", timeout=30).text
     used = re.search(r"^llmos_kv_blocks_used (\S+)", metrics, re.MULTILINE)
     assert used is not None and float(used.group(1)) == 0.0, metrics[:2000]
+
+
+CHOICES = [
+    ("The capital of France is", [" Paris", " Berlin", " Madrid"]),
+    ("Two plus two equals", [" four", " seven", " purple"]),
+    ("The opposite of hot is", [" cold", " loud", " Tuesday"]),
+]
+
+
+def test_choices_score_the_same_locally_and_over_http(server: str, tmp_path: Path) -> None:
+    """Log-likelihood choices on an http provider: /tokenize, then one /v1/completions with
+    echo and logprobs per case; the scores are the local engine's own prompt logprobs."""
+    tests = "\n".join(
+        f"  - {{id: q{i}, vars: {{q: {json.dumps(q)}}}, choices: {json.dumps(cs)}, answer: 0}}"
+        for i, (q, cs) in enumerate(CHOICES)
+    )
+    suite = tmp_path / "choices.yaml"
+    suite.write_text(f"""
+prompts: ["{{{{q}}}}"]
+providers:
+  - {{id: local:smollm2-135m, label: local}}
+  - {{id: "openai_http:smollm2-135m@{server}/v1", label: http}}
+tests:
+{tests}
+""")
+    result = CliRunner().invoke(app, ["eval", str(suite), "--no-store", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "result.json").read_text())
+    scores: dict[tuple[str, str], list[float]] = {}
+    for c in data["cases"]:
+        label = c["cell"].split("-", 1)[1]
+        scores[(label, c["test"])] = [t["logprob"] for t in c["transcript"]]
+        assert c["passed"], c  # each right answer is the likeliest here
+        assert c["prompt_tokens"] > 0
+    for i, (_, cs) in enumerate(CHOICES):
+        local, http = scores[("local", f"q{i}")], scores[("http", f"q{i}")]
+        assert len(local) == len(http) == len(cs)
+        assert all(v < 0 for v in local), local
+        assert http == pytest.approx(local, abs=2e-3), (local, http)
+
+
+def test_choices_over_http_without_tokenize(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server with no /tokenize (a 404 here): the choice's tokens are found by the echoed
+    tokens' text offsets, and score as with /tokenize."""
+    import asyncio
+
+    from llmos.backends.openai_http import OpenAIHTTPBackend
+    from llmos.evals import choices
+
+    async def both() -> tuple[list, list]:
+        backend = OpenAIHTTPBackend(f"{server}/v1", "smollm2-135m")
+        try:
+            with_ids = await choices.http_logprobs(backend, *CHOICES[0])
+            monkeypatch.setattr(choices, "_root", lambda b: f"{server}/no-such-place")
+            by_offsets = await choices.http_logprobs(backend, *CHOICES[0])
+        finally:
+            await backend.aclose()
+        return with_ids, by_offsets
+
+    with_ids, by_offsets = asyncio.run(both())
+    assert [s[1] for s in with_ids] == [s[1] for s in by_offsets]  # the same prompt tokens
+    assert [s[0] for s in by_offsets] == pytest.approx([s[0] for s in with_ids], abs=1e-4)

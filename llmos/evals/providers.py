@@ -224,45 +224,6 @@ async def run_completion(backend: Any, cell: Cell, case: Case, repeat: int) -> O
                   price("local", result), elapsed)  # fmt: skip
 
 
-async def choice_logprob(backend: Any, context: str, choice: str) -> tuple[float, int, float]:
-    """The log-probability of `choice` after `context` (lm-eval's loglikelihood): the prompt
-    log-probabilities of the tokens `context + choice` adds. Returns (logprob, prompt tokens,
-    engine seconds)."""
-    from llmos import SamplingParams
-
-    tok = backend.engine.tokenizer
-    ctx_ids, ids = tok.encode(context), tok.encode(context + choice)
-    n = 0
-    while n < min(len(ctx_ids), len(ids)) and ctx_ids[n] == ids[n]:
-        n += 1
-    n = max(n, 1)  # the first token has no log-probability
-    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    final = None
-    async for out in backend.engine.generate(ids, params):
-        final = out
-    assert final is not None and final.prompt_logprobs is not None
-    total = sum(final.prompt_logprobs[i][ids[i]] for i in range(n, len(ids)))
-    return total, len(ids), final.metrics.get("engine_seconds", 0.0)
-
-
-async def run_choices(backend: Any, cell: Cell, case: Case) -> Output:
-    if cell.kind != "local":
-        raise SuiteError(
-            f"tests {case.id}: choices are scored by log-likelihood on a local provider"
-        )  # noqa: E501
-    assert case.choices is not None
-    context = prompt_text(cell, case)
-    start = time.perf_counter()
-    scored = await asyncio.gather(*(choice_logprob(backend, context, c) for c in case.choices))
-    elapsed = time.perf_counter() - start
-    best = max(range(len(scored)), key=lambda i: scored[i][0])
-    seconds = sum(s[2] for s in scored)
-    result = ChatResult(None, [], Usage(sum(s[1] for s in scored)), seconds)
-    transcript = [{"choice": c, "logprob": s[0]} for c, s in zip(case.choices, scored, strict=True)]
-    return Output(case.choices[best], result.usage.prompt_tokens, 0, price("local", result),
-                  elapsed, transcript=transcript)  # fmt: skip
-
-
 def _args(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from llmos.evals import assertions, providers
+from llmos.evals import assertions, choices, providers
 from llmos.evals.suite import Case, Cell, Suite, SuiteError
 
 Job = tuple[Cell, Case, int]
@@ -63,7 +63,8 @@ async def _run_group(cells: list[Cell], suite: Suite, repeat: int, engines: prov
         cell, case, r = job
         try:
             if case.choices is not None:
-                return await providers.run_choices(backend, cell, case)
+                context = providers.prompt_text(cell, case)
+                return await choices.run_choices(backend, cell, case, context)
             if cell.kind == "program":
                 return await providers.run_program(kernel, cell, case, r, root)
             if cell.mode == "completion":
@@ -98,6 +99,7 @@ async def _grade(
         "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
         "steps": out.steps, "status": out.status, "error": out.error,
         "tool_calls": out.tool_calls,
+        "transcript": out.transcript,  # a program's steps; each choice's log-likelihood
     }  # fmt: skip
 
 
