@@ -91,6 +91,10 @@ def test_suite_loads_promptfoo_shape_and_crosses_the_matrix(tmp_path: Path) -> N
         ),  # noqa: E501
         ("providers: [local]\ntests: [{choices: [a, b], answer: c}]\n", "tests[0].answer"),
         ("providers: [local]\ntests: file://missing.jsonl\n", "missing.jsonl"),
+        (
+            "providers: [local]\ntests: [{assert: [{type: similar, value: x, method: embed}]}]\n",
+            "tests[0].assert[0]: similar's method .* no embeddings",
+        ),
         ("providers: []\ntests: [{}]\n", "providers"),
         ("providers: [local]\ntests: [{assert: [{type: is-json, value: {type: 5}}]}]\n", "schema"),
     ],

@@ -195,7 +195,9 @@ def python(a: Any, out: Any, ctx: Context) -> Grade:
     raise _err(a, f"the python check returned {type(value).__name__}; use bool, float or dict")
 
 
-# -- similarity: BM25 (lexical), with the method named ----------------------------------------
+# -- similarity: BM25 or term-count cosine (lexical), with the method named ---------------------
+# No embedding method: the engine returns no hidden states and the server has no
+# /v1/embeddings, and a made-up vector would be worse than an honest lexical score.
 def _terms(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
@@ -242,7 +244,11 @@ def similar(a: Any, out: Any, ctx: Context) -> Grade:
 def check_similar(a: Any) -> None:
     _need_value(a)
     if (a.method or "bm25") not in SIMILAR_METHODS:
-        raise _err(a, f"similar's method must be one of {list(SIMILAR_METHODS)}, got {a.method!r}")
+        raise _err(
+            a,
+            f"similar's method must be one of {list(SIMILAR_METHODS)} (lexical: llmos's engine "
+            f"and server expose no embeddings, so no embedding method), got {a.method!r}",
+        )
 
 
 # -- llm-rubric: a judge model through any backend ---------------------------------------------
