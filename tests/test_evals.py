@@ -331,3 +331,75 @@ def test_each_cell_gets_its_own_program() -> None:
     programs = [load_program(c) for c in suite.cells]  # all loaded before any runs
     assert [p.typed_args for p in programs] == [True] * 4 + [False] * 4
     assert len({id(p) for p in programs}) == len(programs)
+
+
+# Every assertion type with an output it passes on: its not- form must fail there, and pass
+# on the output it fails on. A new type without an entry here fails the first check.
+NEGATABLE: dict[str, tuple[dict, Output, Output]] = {
+    "equals": ({"value": "Paris"}, Output(text="Paris"), Output(text="Rome")),
+    "contains": ({"value": "Par"}, Output(text="Paris"), Output(text="Rome")),
+    "icontains": ({"value": "par"}, Output(text="Paris"), Output(text="Rome")),
+    "contains-any": ({"value": ["x", "Par"]}, Output(text="Paris"), Output(text="Rome")),
+    "contains-all": ({"value": ["P", "s"]}, Output(text="Paris"), Output(text="Rome")),
+    "icontains-any": ({"value": ["x", "par"]}, Output(text="Paris"), Output(text="Rome")),
+    "icontains-all": ({"value": ["p", "S"]}, Output(text="Paris"), Output(text="Rome")),
+    "regex": ({"value": r"^\d+$"}, Output(text="42"), Output(text="x42")),
+    "starts-with": ({"value": "Par"}, Output(text="Paris"), Output(text="Rome")),
+    "is-json": ({}, Output(text='{"a": 1}'), Output(text="{a: 1}")),
+    "json-schema": (
+        {"value": {"type": "object", "required": ["a"]}},
+        Output(text='{"a": 1}'),
+        Output(text='{"b": 1}'),
+    ),
+    "numeric": ({"value": {"expected": 4, "tolerance": 0.5}}, Output(text="4.2"), Output("5")),
+    "python": ({"value": "len(output) < 3"}, Output(text="ok"), Output(text="too long")),
+    "similar": ({"value": "red apple pie"}, Output(text="red apple pie"), Output(text="stocks")),
+    "llm-rubric": ({"value": "Says yes."}, Output(text="yes"), Output(text="no")),
+    "tool-called": (
+        {"value": {"name": "read_file", "arguments": {"path": "a"}}},
+        Output(tool_calls=[{"name": "read_file", "arguments": {"path": "a"}}]),
+        Output(tool_calls=[{"name": "read_file", "arguments": {"path": "b"}}]),
+    ),
+    "max-steps": ({"value": 2}, Output(steps=2), Output(steps=3)),
+    "max-cost": ({"value": 0.01}, Output(cost=0.01), Output(cost=0.02)),
+    "cost": ({"threshold": 0.01}, Output(cost=0.001), Output(cost=0.02)),
+    "latency": ({"threshold": 1000}, Output(latency_s=0.5), Output(latency_s=2.0)),
+}
+
+
+def test_not_inverts_every_assertion_type() -> None:
+    from llmos.evals.suite import _assertion
+
+    assert set(NEGATABLE) == set(assertions.TYPES)
+
+    async def judge(provider: str, prompt: str) -> str:  # a rubric judge that reads the answer
+        return "PASS" if "Answer: yes\n" in prompt else "FAIL"
+
+    for kind, (spec, good, bad) in NEGATABLE.items():
+        cases = [(kind, good, True), (kind, bad, False)]
+        cases += [(f"not-{kind}", good, False), (f"not-{kind}", bad, True)]
+        for name, out, want in cases:
+            a = _assertion({"type": name, **spec}, "t")
+            r = asyncio.run(assertions.grade(a, out, assertions.Context({}, Path("."), judge)))
+            assert r["passed"] is want and r["type"] == name, (name, out, r)
+            if name.startswith("not-"):
+                assert r["reason"].startswith("not: "), r
+
+
+def test_every_engine_option_crosses_in_a_matrix(tmp_path: Path) -> None:
+    """Every field of the engine's config is a matrix flag (speculative decoding's too, once
+    it is one), and each flag set is its own engine; the model and seed are not flags."""
+    from dataclasses import fields
+
+    from llmos.engine.config import EngineConfig
+
+    names = {f.name for f in fields(EngineConfig)} - {"model", "seed", "user_weights"}
+    assert {"deterministic", "quantization", "kv_cache_dtype"} <= names
+    engine = ", ".join(f"{{{n}: {json.dumps(getattr(EngineConfig(), n))}}}" for n in sorted(names))
+    suite = load_suite(write(tmp_path, f"providers: [local]\ntests: [{{}}]\n"
+                                       f"matrix: {{engine: [{engine}]}}\n"))  # fmt: skip
+    assert sorted(next(iter(c.engine)) for c in suite.cells) == sorted(names)
+    assert len({c.engine_key for c in suite.cells}) == len(names)
+    with pytest.raises(SuiteError, match=r"matrix.engine\[0\]"):
+        load_suite(write(tmp_path, "providers: [local]\ntests: [{}]\n"
+                                   "matrix: {engine: [{seed: 3}]}\n"))  # fmt: skip

@@ -15,12 +15,17 @@ from typing import Any
 
 import yaml
 
-# The engine options `LLM(...)` takes that a configuration may set (see ARCHITECTURE.md).
-ENGINE_KEYS = {
-    "deterministic", "quantization", "kv_cache_dtype", "max_model_len", "block_size",
-    "kv_cache_memory", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
-    "max_prefill_chunk", "enable_prefix_caching", "device",
-}  # fmt: skip
+
+def _engine_keys() -> set[str]:
+    """The engine options `LLM(model, **engine_options)` takes that a configuration may set:
+    every field of the engine's config, so a new flag (speculative decoding's, say) can be
+    crossed in a matrix the day it lands. The model is the provider's; the seed is --seed."""
+    from llmos.engine.config import EngineConfig
+
+    return {f.name for f in fields(EngineConfig)} - {"model", "seed", "user_weights"}
+
+
+ENGINE_KEYS = _engine_keys()
 PROGRAM_KEYS = {"version", "typed_args", "tool_choice", "answer_turn", "max_steps", "model"}
 SUITE_KEYS = {
     "description", "name", "prompts", "providers", "tests", "defaultTest", "matrix", "gates",
