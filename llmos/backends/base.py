@@ -60,6 +60,7 @@ class ChatResult:
     malformed: str | None = None  # why the reply could not be read (the loop asks for a repair)
     logprobs: list[float] | None = None  # the chosen tokens' log-probs, when sampling asks
     backend: str | None = None  # the backend that answered (a pool's member); None: this one
+    first_chunk_seconds: float | None = None  # call to first token, where the backend knows it
 
 
 @runtime_checkable

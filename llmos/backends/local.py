@@ -79,6 +79,8 @@ class LocalBackend:
         usage = Usage(len(final.prompt_token_ids), final.num_cached_tokens, len(out.token_ids))
         seconds = final.metrics.get("engine_seconds", 0.0)  # its share of the engine's steps
         result = ChatResult(raw, [], usage, seconds, out.finish_reason, raw=raw)
+        if "first_token" in final.metrics:  # for the trace's time_to_first_chunk
+            result.first_chunk_seconds = final.metrics["first_token"] - final.metrics["arrival"]
         if out.logprobs is not None:  # sampling asked: the chosen tokens' own log-probs
             result.logprobs = [t.logprob for t in out.logprobs]
         if calls is not None:

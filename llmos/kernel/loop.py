@@ -20,7 +20,16 @@ from dataclasses import dataclass
 import jsonschema
 
 from llmos.backends.base import Backend, ChatRequest, ChatResult, Message, ToolCall
-from llmos.kernel import calltools, evidence, journal, memory, report
+from llmos.kernel import (
+    calltools,
+    evidence,
+    journal,
+    memory,
+    memory_policies,
+    memory_tools,
+    report,
+    trace,
+)
 from llmos.kernel.meter import Meter
 from llmos.kernel.process import (
     ApprovalStep,
@@ -81,8 +90,11 @@ class Context:
     killed: Callable[[Process], bool]
     paused: float = 0.0  # seconds spent waiting for a person: not the program's wall time
     detached: bool = False  # the kernel is shutting down: stop, but stay resumable
+    syscalls: dict[str, calltools.Syscall] | None = None  # the kernel's own (spawn_agent, ...)
+    budget: Callable[[Process], str | None] | None = None  # a process tree's shared budget
 
 
+@trace.agent_run  # the invoke_agent span
 async def run(proc: Process, ctx: Context) -> None:
     """Run (or resume) a process until it stops. Sets its status, answer or report."""
     started, base = time.monotonic(), proc.elapsed
@@ -122,8 +134,9 @@ def give_up(proc: Process, ctx: Context, step: GiveUp) -> None:
 def resume_point(proc: Process) -> NextStep:
     if proc.pending_calls():
         return RunTools(proc.pending_calls())
-    if proc.steps and isinstance(proc.steps[-1], ModelTurn):
-        return classify(proc, proc.steps[-1])
+    last = proc.steps[-1] if proc.steps else None
+    if isinstance(last, ModelTurn) and not isinstance(last, memory.SummaryTurn):
+        return classify(proc, last)
     return CallModel()
 
 
@@ -144,6 +157,8 @@ def check_limits(proc: Process, ctx: Context) -> GiveUp | None:
     if proc.elapsed >= lim.max_seconds:
         return GiveUp("time_limit", f"time limit: {proc.elapsed:.1f}s of {lim.max_seconds:g}s")
     why = ctx.meter.over_budget(proc.owner, proc.usage, lim)
+    if why is None and ctx.budget is not None:
+        why = ctx.budget(proc)
     return GiveUp("budget", why) if why else None
 
 
@@ -152,7 +167,7 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     if stop is not None:
         return stop
     prog = proc.program
-    tools = calltools.for_call(proc, ctx.backend)
+    tools = calltools.for_call(proc, ctx.backend) + memory_tools.schemas(proc)
     choice = "none" if answer else (prog.tool_choice_for(proc.num_turns) if tools else "none")
     names = {t["function"]["name"] for t in tools}
     if isinstance(choice, dict) and choice["function"]["name"] not in names:
@@ -171,12 +186,10 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
             msgs = [*msgs, {"role": "user", "content": memory.ANSWER.format(task=proc.input)}]
     if ctx.backend.context_window:
         room = ctx.backend.context_window - int(prog.sampling.get("max_tokens") or 256) - 8
-        msgs = memory.fit(
-            msgs,
-            memory.counter(ctx.backend.count_tokens, tools),
-            room,
-            summarize_dropped=prog.summarize,
-        )
+        try:  # what the memory manager did to fit is a transcript step (memory_policies)
+            msgs = await memory_policies.fit_call(proc, ctx, msgs, tools, room)
+        except memory.ContextOverflow as exc:
+            return GiveUp("context", f"context window: {exc}")
     request = ChatRequest(
         msgs,
         tools,
@@ -191,6 +204,7 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     journal.save_status(ctx.store, proc)
     chat_for = getattr(ctx.backend, "chat_for", None)  # a cascade checks against the program
     call = chat_for(request, proc) if chat_for else ctx.backend.chat(request)
+    call = trace.chat(call, request, ctx.backend, proc)  # the chat span
     try:
         result = await asyncio.wait_for(call, max(0.01, prog.limits.max_seconds - proc.elapsed))
     except TimeoutError:
@@ -318,7 +332,7 @@ async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
             return GiveUp("killed", "killed by a person (kill)")
         if call.id in started:  # it was running when the kernel stopped
             tool = table.get(call.name)
-            if tool is None or not tool.read_only:
+            if tool is None or not (tool.read_only or call.name in (ctx.syscalls or {})):
                 _observe(
                     ctx,
                     proc,
@@ -348,8 +362,12 @@ async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
         if call.id not in started:
             proc.status = Status.WAITING_TOOL
             journal.append(ctx.store, proc, ToolCallStep(call.id, call.name, call.arguments))
+        if memory_tools.handles(proc, call.name):  # memory syscalls: the kernel's own store
+            _observe(ctx, proc, call, memory_tools.run(ctx.store, proc, call))
+            continue
         run = functools.partial(execute, call.name, call.arguments, proc.workspace, policy)
-        result = await calltools.in_thread(functools.partial(run, table=table))
+        work = calltools.run_call(ctx.syscalls, proc, call, functools.partial(run, table=table))
+        result = await trace.tool(work, call, proc)  # the execute_tool span
         _observe(ctx, proc, call, result)
     proc.status = Status.RUNNING
     return CallModel()
