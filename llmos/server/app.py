@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from llmos import __version__
 from llmos.engine.async_engine import AsyncEngine
-from llmos.server import errors, openapi
+from llmos.server import errors, openapi, tracing
 from llmos.server.chat import create_chat_completion
 from llmos.server.completions import create_completion
 from llmos.server.limits import Guard
@@ -89,6 +89,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         is_draining=lambda: state.draining,
         on_refused=lambda _path, status: state.metrics.count(status),
     )
+    tracing.install(app, state)  # request spans and trace id headers, when tracing is on
 
     @app.post(
         "/v1/chat/completions",
@@ -188,7 +189,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await state.metrics.render_async(engine), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
