@@ -59,6 +59,33 @@ def serve(
         "to keep them until the server stops. Default: responses.sqlite in the llmos cache "
         "folder (LLMOS_CACHE_DIR; in memory when that is set empty).",
     ),
+    api_keys: str | None = typer.Option(
+        None,
+        "--api-keys",
+        help="YAML file of API keys, each to a user ('sk-...: alice') or to "
+        "{user, admin: true}: a user sees and controls only their own processes and usage.",
+    ),
+    kernel_db: str | None = typer.Option(
+        None,
+        "--kernel-db",
+        help="The kernel's SQLite file for /v1/processes (default: $LLMOS_DB or "
+        "~/.local/share/llmos/llmos.db, as `llmos run`).",
+    ),
+    workspace_root: str | None = typer.Option(
+        None,
+        "--workspace-root",
+        help="Processes' workspaces must lie under this folder "
+        "(default: ~/.local/share/llmos/workspaces).",
+    ),
+    programs: str | None = typer.Option(
+        None,
+        "--programs",
+        help="A folder of program files (.yaml/.py), spawnable by name (the file's stem) "
+        "beside the built-in 'assistant'.",
+    ),
+    no_kernel: bool = typer.Option(
+        False, "--no-kernel", help="Serve the model only: no /v1/processes, /v1/usage."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
     model: str = MODEL,
     max_model_len: int | None = MAX_MODEL_LEN,
@@ -113,7 +140,15 @@ def serve(
         sock.close()
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    app = create_app(engine, config)
+    try:
+        kernel = None if no_kernel else _host(engine, kernel_db, workspace_root, api_keys, programs)
+    except ValueError as exc:  # RequestError, ProgramError: names the flag
+        engine.shutdown()
+        sock.close()
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    app = create_app(engine, config, kernel)
+    app.state.eval_reports = _eval_reports(kernel)
     verbose = verbose or logging.getLogger().isEnabledFor(logging.INFO)
     server = make_server(app, grace=grace, verbose=verbose)
     typer.echo(banner(url_of(sock), server_state(app).model_name, api_key is not None))
@@ -121,6 +156,29 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
+
+
+def _host(engine, db, workspace_root, api_keys, programs):  # noqa: ANN001, ANN202
+    """The kernel beside the engine (/v1/processes), its users and its programs."""
+    from llmos.cli.kernel_view import db_path
+    from llmos.cli.run import default_program
+    from llmos.server.processes_host import ProcessHost, programs_in
+    from llmos.server.users import Users
+
+    users = Users.load(api_keys)
+    registered = {"assistant": default_program, **(programs_in(programs) if programs else {})}
+    return ProcessHost.on_engine(
+        engine, db_path(db), workspace_root=workspace_root, users=users, programs=registered
+    )
+
+
+def _eval_reports(kernel):  # noqa: ANN001, ANN202
+    """The console's eval reports, from the kernel DB's eval history (None without one)."""
+    if kernel is None:
+        return None
+    from llmos.cli.console_evals import EvalHistoryReports
+
+    return EvalHistoryReports(kernel.kernel.store.path)
 
 
 def default_responses_db() -> str:

@@ -16,11 +16,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from llmos import __version__
 from llmos.engine.async_engine import AsyncEngine
-from llmos.server import errors, openapi, tracing
+from llmos.server import console, errors, openapi, processes, tracing
 from llmos.server.chat import create_chat_completion
 from llmos.server.completions import create_completion
 from llmos.server.limits import Guard
 from llmos.server.messages import count_tokens, create_message
+from llmos.server.processes_host import ProcessHost
 from llmos.server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -47,11 +48,16 @@ from llmos.server.tokenize import (
     tokenize,
     tokenizer_info,
 )
+from llmos.server.users import Authenticate, User
 
 _HEALTH_TIMEOUT = 10.0  # seconds for the engine thread to answer between two steps
 
 
-def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
+def create_app(
+    engine: AsyncEngine, config: ServerConfig | None = None, kernel: ProcessHost | None = None
+) -> FastAPI:
+    """With `kernel`, the app also serves /v1/processes and /v1/usage, and maps API keys to
+    users (see users.py)."""
     state = ServerState(engine, config or ServerConfig())
     store = ResponseStore(state.config.responses_db)
 
@@ -61,6 +67,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         try:
             yield
         finally:
+            if kernel is not None:  # its processes stop (resumable) before the engine does
+                await asyncio.to_thread(kernel.close)
             await asyncio.to_thread(engine.shutdown)
             store.close()
 
@@ -80,11 +88,18 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
             ResponsesRequest,
             TokenizeRequest,
             DetokenizeRequest,
+            *(processes.MODELS if kernel is not None else []),
         ],
     )
+    if kernel is not None:  # its keys (with --api-key's, an admin's) replace the Guard's one
+        if state.config.api_key:
+            kernel.users.keys.setdefault(state.config.api_key, User("admin", admin=True))
+        app.add_middleware(
+            Authenticate, users=kernel.users, on_refused=lambda _p, s: state.metrics.count(s)
+        )
     app.add_middleware(
         Guard,
-        api_key=state.config.api_key,
+        api_key=state.config.api_key if kernel is None else None,
         max_body_bytes=state.config.max_body_bytes,
         is_draining=lambda: state.draining,
         on_refused=lambda _path, status: state.metrics.count(status),
@@ -190,6 +205,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(await state.metrics.render_async(engine), media_type=CONTENT_TYPE_LATEST)
+
+    if kernel is not None:
+        processes.install(app, state, kernel)
+    console.install(app, state, kernel)
 
     return app
 
