@@ -87,7 +87,31 @@ def step_lines(step: Any, index: int, full: bool = False) -> list[str]:
         return [f"#{index} [yellow]{escape(step.what)}:[/yellow] {escape(step.message)}"]
     if kind == "final_answer":
         return [f"#{index} [bold green]answer[/bold green]"]
+    if kind == "memory":  # what the memory manager did to fit a model call
+        return [f"#{index} [magenta]memory[/magenta] {escape(memory_line(step))}"]
+    if kind == "memory_summary":
+        return [
+            f"#{index} [magenta]memory summary[/magenta] [dim]{step.prompt_tokens} prompt + "
+            f"{step.completion_tokens} completion tokens, ${step.cost:.6f}[/dim]",
+            "  " + escape(_clip(step.content or step.raw, n)),
+        ]
     raise AssertionError(f"unknown step kind {kind!r}")
+
+
+def memory_line(c: Any) -> str:
+    """A compaction in one line: the policy, what it did, and the tokens before and after."""
+    est = " (estimated)" if c.estimate else ""
+    if c.overflow:
+        return f"{c.policy}: overflow, the call was not made: {c.overflow}"
+    did = [f"dropped {c.cut} oldest messages"] if c.cut else []
+    did += [f"elided {len(c.elided)} outputs"] if c.elided else []
+    did += [f"summarized {c.summarized}"] if c.summarized else []
+    did += [f"paged in {len(c.paged_in)} from recall"] if c.paged_in else []
+    did += ["kept the last compaction (same prefix)"] if c.reused else []
+    return (
+        f"{c.policy}: {', '.join(did) or 'nothing'}; {c.tokens_before} → {c.tokens_after} "
+        f"tokens{est} (room {c.limit})"
+    )
 
 
 def show_header(p: Process) -> None:

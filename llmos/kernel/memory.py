@@ -1,16 +1,29 @@
 """The context window as memory. The prompt is a projection of the transcript (`to_messages`);
-when it would not fit, `fit` first elides old tool outputs, then drops the oldest exchanges,
-leaving a note or a compact summary of what was dropped. Token counts are the backend's own
-(the local engine's tokenizer), so "fits" means fits."""
+when it would not fit, `compact` makes it fit, and says what it did (a `Compaction`, which the
+loop records as a transcript step). What it does, in order, until the prompt fits:
+
+1. elide old tool outputs (oldest first);
+2. drop the oldest messages, a whole unit at a time (an assistant call with all its results),
+   leaving one note that stands for them (a count, a summary, or a pointer to recall memory);
+3. as a last resort, elide the tool outputs and long messages of the newest units too;
+4. else raise `ContextOverflow`: nothing is ever cut silently.
+
+The pinned head (system prompt with its core memory, the tools, the task) is never touched, and
+a compaction cuts down to `low_water` of the room, so later turns only append: they reuse the
+previous compaction (`prior`) and keep the prompt's front byte-identical for the prefix cache.
+Token counts are the backend's own (the local engine's tokenizer)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 from llmos.backends.base import Message
-from llmos.kernel.process import ErrorStep, ModelTurn, Process, ToolResultStep
+from llmos.kernel import memory_tools
+from llmos.kernel.memory_config import MemoryConfig
+from llmos.kernel.process import STEP_TYPES, ErrorStep, ModelTurn, Process, ToolResultStep
 
 # An answer that only restated a failed call's error gets this once (the error names the
 # valid choices, e.g. the nearest files).
@@ -26,6 +39,43 @@ REPAIR = (
     "Your last reply could not be used: {why}. Reply again: either only a JSON tool call "
     "object, or your final answer as plain text."
 )
+ELIDE_OVER = 80  # characters: shorter contents are not worth eliding
+
+
+class ContextOverflow(Exception):
+    """The pinned part of the prompt (or its newest message) alone does not fit."""
+
+
+@dataclass(slots=True)
+class Compaction:
+    """What the memory manager did to fit one model call: a transcript step ("memory")."""
+
+    kind: ClassVar[str] = "memory"
+    policy: str
+    limit: int  # the room for the prompt, in tokens
+    tokens_before: int
+    tokens_after: int
+    cut: int = 0  # body messages (after the pinned head) dropped, oldest first
+    elided: list[int] = field(default_factory=list)  # body indices whose content was elided
+    note: str = ""  # what stands for the dropped messages
+    summarized: int = 0  # messages this call folded into the summary (summarize)
+    paged_in: list[str] = field(default_factory=list)  # recall hits paged in (page)
+    reused: bool = False  # the previous compaction's cut: the prompt's front is unchanged
+    estimate: bool = False  # counts are a remote backend's estimate, not its tokenizer's
+    overflow: str | None = None  # why it could not fit (the call was not made)
+    summary_prompt_tokens: int = 0  # what the summarizer's calls cost (metered separately)
+    summary_completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class SummaryTurn(ModelTurn):
+    """The summarizer's model call: metered to the process like any turn, never projected."""
+
+    kind: ClassVar[str] = "memory_summary"
+
+
+STEP_TYPES.setdefault(Compaction.kind, Compaction)
+STEP_TYPES.setdefault(SummaryTurn.kind, SummaryTurn)
 
 
 def system_prompt(proc: Process) -> str:
@@ -35,6 +85,8 @@ def system_prompt(proc: Process) -> str:
             "\n\nYour final answer must be only a JSON value that matches this JSON "
             f"schema:\n{json.dumps(proc.program.output_schema)}"
         )
+    if proc.program.memory_config.policy == "page":
+        text += "\n\n" + memory_tools.render_core(memory_tools.core_blocks(proc))
     return text
 
 
@@ -44,6 +96,8 @@ def to_messages(proc: Process) -> list[Message]:
         {"role": "user", "content": proc.input},
     ]
     for step in proc.steps:
+        if isinstance(step, SummaryTurn):
+            continue
         if isinstance(step, ModelTurn):
             m: Message = {"role": "assistant", "content": step.content, "raw": step.raw}
             if step.tool_calls and not step.malformed:
@@ -67,15 +121,192 @@ def to_messages(proc: Process) -> list[Message]:
     return msgs
 
 
-def _exchanges(msgs: list[Message]) -> list[list[Message]]:
-    """Group the conversation (after system + input) into assistant-led exchanges."""
-    groups: list[list[Message]] = []
-    for m in msgs:
-        if m["role"] == "assistant" or not groups:
-            groups.append([m])
-        else:
-            groups[-1].append(m)
-    return groups
+class Counter:
+    """Token counts: exact for a whole prompt (`total`), and per message (`one`, cached), so
+    `compact` sums instead of re-tokenizing the prompt after every change."""
+
+    def __init__(
+        self,
+        count_tokens: Callable[[list[Message], list[dict[str, Any]]], int],
+        tools: list[dict[str, Any]] | None = None,
+        estimate: bool = False,
+    ) -> None:
+        self.count_tokens, self.tools, self.estimate = count_tokens, tools or [], estimate
+        self._cache: dict[str, int] = {}
+        self._base: int | None = None
+
+    def total(self, msgs: list[Message]) -> int:
+        return self.count_tokens(msgs, self.tools)
+
+    def one(self, m: Message) -> int:
+        key = json.dumps(m, sort_keys=True, default=str)
+        n = self._cache.get(key)
+        if n is None:
+            if self._base is None:  # what a template adds once per prompt (a default system)
+                empty: Message = {"role": "user", "content": ""}
+                one, two = (self.count_tokens([empty] * k, []) for k in (1, 2))
+                self._base = max(0, 2 * one - two)
+            n = max(1, self.count_tokens([m], []) - self._base)
+            if len(self._cache) > 20_000:
+                self._cache.clear()
+            self._cache[key] = n
+        return n
+
+
+def units(body: Sequence[Message]) -> list[int]:
+    """Where each droppable unit starts: an assistant message with tool calls owns the tool
+    results that follow it (dropping one without the other leaves an orphan)."""
+    starts = []
+    for i, m in enumerate(body):
+        if m["role"] == "tool" and starts and i > 0:
+            continue
+        starts.append(i)
+    return starts
+
+
+def elided(m: Message) -> Message:
+    what = "output" if m["role"] == "tool" else "message"
+    n = len(m.get("content") or "")
+    out = {**m, "content": f"[{what} elided to save context: {n} characters]"}
+    out.pop("raw", None)
+    return out
+
+
+def _elidable(m: Message) -> bool:
+    return len(m.get("content") or "") > ELIDE_OVER and not m.get("tool_calls")
+
+
+def build(
+    msgs: list[Message], c: Compaction, pinned: int = 2, paged: Message | None = None
+) -> list[Message]:
+    """The prompt a compaction stands for (the transcript's messages are not changed)."""
+    head, body = msgs[:pinned], msgs[pinned:]
+    gone = set(c.elided)
+    kept = [elided(m) if i in gone else m for i, m in enumerate(body) if i >= c.cut]
+    out = head + ([{"role": "user", "content": c.note}] if c.cut else []) + kept
+    if paged is not None:  # at the end, before the newest unit: the prefix stays put
+        at = len(out) - 1
+        while at > pinned and out[at]["role"] == "tool":
+            at -= 1
+        out.insert(max(pinned, at), paged)
+    return out
+
+
+def drop_note(n: int, policy: str) -> str:
+    if policy == "page":
+        return (
+            f"[{n} earlier messages left the context window; they are in recall memory: "
+            "search them with recall_search]"
+        )
+    return f"[{n} earlier messages were dropped to fit the context]"
+
+
+def compact(
+    msgs: list[Message],
+    counter: Counter,
+    limit: int,
+    cfg: MemoryConfig | None = None,
+    *,
+    prior: Compaction | None = None,
+    pinned: int = 2,
+    reserve: int = 0,
+    note_for: Callable[[list[Message], int], str] | None = None,
+) -> tuple[list[Message], Compaction | None]:
+    """`msgs` made to fit in `limit` tokens (with `reserve` tokens left over for text the
+    caller adds: a summary, paged-in memory), and what was done; None when nothing had to be.
+    Raises ContextOverflow when even the pinned head and the newest message cannot fit."""
+    cfg = cfg or MemoryConfig()
+    note_for = note_for or (lambda _dropped, cut: drop_note(cut, cfg.policy))
+    head, body = msgs[:pinned], msgs[pinned:]
+    head_n = counter.total(head)
+    sizes = [counter.one(m) for m in body]
+    before = head_n + sum(sizes)
+    if prior is None and before <= limit:
+        return msgs, None
+    room = limit - reserve
+    if prior is not None and prior.cut <= len(body):  # the last compaction still fits: reuse
+        c = replace(prior, reused=True, summarized=0, paged_in=[], overflow=None)
+        c.summary_prompt_tokens = c.summary_completion_tokens = 0
+        if _estimate(c, head_n, sizes, body, counter) <= room:
+            return _finish(msgs, c, before, counter, limit, pinned)
+    c = Compaction(cfg.policy, limit, before, 0, estimate=counter.estimate)
+    if prior is not None:  # what was gone stays gone: the front stays as it was
+        c.cut, c.elided, c.note = min(prior.cut, len(body)), list(prior.elided), prior.note
+    for attempt in range(3):
+        _shrink(c, body, sizes, head_n, int(room * cfg.low_water), room, cfg, counter, note_for)
+        out, c = _finish(msgs, c, before, counter, limit + 0, pinned)
+        if c.tokens_after + reserve <= limit:
+            return out, c
+        room -= c.tokens_after + reserve - limit + 4 * (attempt + 1)  # the sums were short
+    raise ContextOverflow(
+        f"the prompt cannot fit: {c.tokens_after} tokens after compaction, room for {limit}"
+    )
+
+
+def _estimate(
+    c: Compaction, head_n: int, sizes: list[int], body: list[Message], counter: Counter
+) -> int:
+    gone = set(c.elided)
+    n = head_n + (counter.one({"role": "user", "content": c.note}) if c.cut else 0)
+    for i in range(c.cut, len(body)):
+        n += counter.one(elided(body[i])) if i in gone else sizes[i]
+    return n
+
+
+def _shrink(
+    c: Compaction,
+    body: list[Message],
+    sizes: list[int],
+    head_n: int,
+    target: int,
+    room: int,
+    cfg: MemoryConfig,
+    counter: Counter,
+    note_for: Callable[[list[Message], int], str],
+) -> None:
+    """Cut `c` down until its estimate is under `target` (else under `room`, else raise)."""
+
+    def est() -> int:
+        return _estimate(c, head_n, sizes, body, counter)
+
+    recent = max(0, len(body) - cfg.keep_recent)
+    for i in range(c.cut, recent):  # 1: old tool outputs, oldest first
+        if est() <= target:
+            return
+        if body[i]["role"] == "tool" and _elidable(body[i]) and i not in c.elided:
+            c.elided.append(i)
+    starts = [s for s in units(body) if s > c.cut] + [len(body)]
+    last = starts[-2] if len(starts) > 1 else c.cut  # the newest unit is never dropped
+    note_n = counter.one({"role": "user", "content": note_for([], max(1, c.cut))}) + 8
+    while est() + (0 if c.cut else note_n) > target and starts[0] <= last:  # 2: drop oldest
+        if len(body) - starts[0] < cfg.keep_recent and est() <= room - note_n:
+            break  # the recent messages go only as a last resort
+        c.cut = starts.pop(0)
+        c.elided = [i for i in c.elided if i >= c.cut]
+        c.note = note_for(body[: c.cut], c.cut)
+        if counter.one({"role": "user", "content": c.note}) > room // 4:  # a note kept short
+            c.note = drop_note(c.cut, cfg.policy)
+    for i in range(c.cut, len(body) - 1):  # 3: the newest units' long contents
+        if est() <= room:
+            return
+        if _elidable(body[i]) and i not in c.elided:
+            c.elided.append(i)
+    if est() > room and body and body[-1]["role"] == "tool" and _elidable(body[-1]):
+        c.elided.append(len(body) - 1)  # the newest result, elided (its call stays)
+    if est() > room:
+        raise ContextOverflow(
+            f"the prompt cannot fit in {room} tokens: the pinned system prompt, tools and task "
+            f"take {head_n} and the newest message {sizes[-1] if sizes else 0}"
+        )
+
+
+def _finish(
+    msgs: list[Message], c: Compaction, before: int, counter: Counter, limit: int, pinned: int
+) -> tuple[list[Message], Compaction]:
+    c.elided.sort()
+    out = build(msgs, c, pinned)
+    c.tokens_before, c.tokens_after, c.limit = before, counter.total(out), limit
+    return out, c
 
 
 def summarize(dropped: list[Message]) -> str:
@@ -97,30 +328,12 @@ def fit(
     *,
     summarize_dropped: bool = False,
 ) -> list[Message]:
-    """The messages, trimmed until `count(messages) <= limit` where that is possible."""
-    if count(msgs) <= limit:
-        return msgs
-    head, body = msgs[:2], [dict(m) for m in msgs[2:]]
-    cut = max(0, len(body) - KEEP_RECENT)
-    for m in body[:cut]:  # 1: elide old tool outputs, oldest first
-        if m["role"] == "tool" and len(m.get("content") or "") > 80:
-            m["content"] = f"[output elided to save context: {len(m['content'])} characters]"
-            if count(head + body) <= limit:
-                return head + body
-    groups = _exchanges(body)
-    dropped: list[Message] = []
-    trial = head + body
-    while len(groups) > 1 and sum(map(len, groups[1:])) >= KEEP_RECENT - 1:  # 2: drop oldest
-        dropped += groups.pop(0)
-        note = (
-            summarize(dropped)
-            if summarize_dropped
-            else f"[{len(dropped)} earlier messages were dropped to fit the context]"
-        )
-        trial = head + [{"role": "user", "content": note}] + [m for g in groups for m in g]
-        if count(trial) <= limit:
-            break
-    return trial  # the best it can do: the newest messages are kept whole
+    """The messages, trimmed (policy trim) until `count(messages) <= limit`; raises
+    ContextOverflow where that is impossible."""
+    counter = Counter(lambda m, _tools: count(m))
+    note_for = (lambda d, _n: summarize(d)) if summarize_dropped else None
+    out, _ = compact(msgs, counter, limit, MemoryConfig(low_water=1.0), note_for=note_for)
+    return out
 
 
 def counter(

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from llmos.kernel.memory_config import MemoryConfig
 from llmos.kernel.router import CascadeConfig
 from llmos.kernel.tools import Policy, Tool, table, tool_of
 
@@ -59,6 +60,8 @@ class Program:
     # writes on another turn is its signal to stop calling tools, and the answer turn follows.
     answer_turn: str = "chat"
     summarize: bool = False  # summarize what trimming drops from the context, else elide it
+    # The memory policy: trim | summarize | page, or a mapping of memory_config.MemoryConfig
+    memory: dict[str, Any] | str = field(default_factory=dict)
     # The checks a `cascade:[...]` model runs before it escalates (router.CascadeConfig's fields)
     cascade: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the .py file that defines it (its custom tools)
@@ -100,6 +103,14 @@ class Program:
             CascadeConfig.from_dict(self.cascade)
         except (TypeError, ValueError) as exc:
             raise ProgramError(str(exc)) from None
+        try:
+            MemoryConfig.from_dict(self.memory)
+        except (TypeError, ValueError) as exc:
+            raise ProgramError(str(exc)) from None
+
+    @property
+    def memory_config(self) -> MemoryConfig:
+        return MemoryConfig.from_dict(self.memory)
 
     def tool_choice_for(self, turn: int) -> str | dict[str, Any]:
         choices = [self.tool_choice] if isinstance(self.tool_choice, str) else self.tool_choice
