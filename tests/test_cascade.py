@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -178,7 +180,27 @@ def test_judge_rejects_then_accepts(kernel: Kernel, tmp_path: Path) -> None:
     # the judge rejects the small answer and passes the middle one: the big tier is not asked
     assert p.answer == "Paris" and len(judge.requests) == 2 and not big.requests
     assert "Give n." in judge.requests[0].messages[0]["content"]
-    assert "judge rated the answer 0.00" in p.steps[1].message
+    kinds = [s.kind for s in p.steps]
+    assert kinds == ["judge", "judge", "model_turn", "error", "model_turn", "final_answer"]
+    assert "judge rated the answer 0.00" in p.steps[3].message
+    # each judge call is metered to the process, its user and the judge's own model
+    rows = usage(kernel, p.pid)
+    assert [r[1] for r in rows] == ["judge", "judge", "small", "mid"]
+    assert rows[0][2] == 10 and p.usage.completion_tokens == 4 * 10
+    log = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "llmos"),
+            "logs",
+            str(p.pid),
+            "--db",
+            str(tmp_path / "k.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert log.returncode == 0 and "judge judge: 'no'" in log.stdout, log.stderr
 
 
 def test_python_check_in_the_program_file_and_tiers_by_name(kernel: Kernel, tmp_path: Path) -> None:

@@ -87,6 +87,12 @@ def step_lines(step: Any, index: int, full: bool = False) -> list[str]:
         return [f"#{index} [yellow]{escape(step.what)}:[/yellow] {escape(step.message)}"]
     if kind == "final_answer":
         return [f"#{index} [bold green]answer[/bold green]"]
+    if kind == "judge":  # a cascade's judge rated an answer (metered to the process)
+        return [
+            f"#{index} [cyan]judge[/cyan] {escape(step.backend or '?')}: "
+            f"{escape(repr(step.verdict))} [dim]{step.prompt_tokens} prompt + "
+            f"{step.completion_tokens} completion tokens, ${step.cost:.6f}[/dim]"
+        ]
     if kind == "memory":  # what the memory manager did to fit a model call
         return [f"#{index} [magenta]memory[/magenta] {escape(memory_line(step))}"]
     if kind == "memory_summary":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -11,7 +12,7 @@ from rich.table import Table
 from llmos.cli.kernel_view import DB, fail, open_kernel, out, show_end, show_header, step_lines
 
 PS_SQL = """SELECT p.pid, p.status, p.program_name, p.program_version, p.owner, p.priority,
-    p.input, p.runner_pid, p.created_at,
+    p.input, p.runner_pid, p.created_at, p.parent_pid,
     (SELECT COUNT(*) FROM usage u WHERE u.pid = p.pid) AS turns,
     (SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage u
      WHERE u.pid = p.pid) AS tokens,
@@ -27,11 +28,27 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+def tree_order(rows: list[Any]) -> list[tuple[Any, int]]:
+    """Rows in process-tree order (each child under its parent, oldest first) with depths."""
+    pids = {r["pid"] for r in rows}
+    kids: dict[int | None, list[Any]] = {}
+    for r in rows:
+        parent = r["parent_pid"] if r["parent_pid"] in pids else None
+        kids.setdefault(parent, []).append(r)
+    out: list[tuple[Any, int]] = []
+    stack = [(r, 0) for r in reversed(kids.get(None, []))]
+    while stack:
+        r, depth = stack.pop()
+        out.append((r, depth))
+        stack += [(c, depth + 1) for c in reversed(kids.get(r["pid"], []))]
+    return out
+
+
 def ps(
     all_: bool = typer.Option(False, "--all", "-a", help="Include finished processes."),
     db: str | None = DB,
 ) -> None:
-    """List processes (running ones, or every one with --all)."""
+    """List processes (running ones, or every one with --all), sub-agents under their parent."""
     from llmos.kernel.journal import runner_alive
 
     with open_kernel(db) as kernel:
@@ -51,14 +68,14 @@ def ps(
         header_style="bold",
     )
     now = time.time()
-    for r in rows:
+    for r, depth in tree_order(rows):
         status = r["status"]
         if status in FINISHED and not all_:
             continue
         if status not in FINISHED and not runner_alive(r):
             status += " (stopped: llmos resume)"
         table.add_row(
-            str(r["pid"]),
+            ("  " * (depth - 1) + "└─ " if depth else "") + str(r["pid"]),
             status,
             escape(f"{r['program_name']}@{r['program_version']}"),
             escape(r["owner"] or "-"),

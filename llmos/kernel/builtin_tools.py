@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 
-from llmos.kernel import patch, sandbox
+from llmos.kernel import fork_tools, patch, sandbox
 from llmos.kernel.sandbox import Refused
 from llmos.kernel.toolspec import (
     CommandLine,
@@ -273,6 +273,19 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 BUILTINS: dict[str, Tool] = {
     t.name: t
-    for t in map(tool_of, (read_file, list_dir, search_files, write_file, apply_patch, run_command))
+    for t in map(
+        tool_of,
+        (
+            read_file,
+            list_dir,
+            search_files,
+            write_file,
+            apply_patch,
+            run_command,
+            fork_tools.spawn_agent,
+            fork_tools.wait_agents,
+            fork_tools.map_agents,
+        ),
+    )
     if t is not None
 }

@@ -9,16 +9,31 @@ import asyncio
 import inspect
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from llmos.backends.base import Backend, ChatResult, ToolCall, Usage
 from llmos.kernel import argtypes
 from llmos.kernel.process import Process, ToolCallStep
-from llmos.kernel.tools import Tool, ToolContext
+from llmos.kernel.tools import BUILTINS, Tool, ToolContext, ToolResult
 
 T = TypeVar("T")
+Syscall = Callable[[Process, ToolCall], Awaitable[ToolResult]]  # the kernel runs it, on its loop
+
+
+async def run_call(
+    syscalls: dict[str, Syscall] | None,
+    proc: Process,
+    call: ToolCall,
+    run: Callable[[], ToolResult],
+) -> ToolResult:
+    """One tool call: a kernel system call (spawn_agent, ...) on the kernel's loop, where the
+    program's table has the built-in one; else `run()` in a thread of its own."""
+    syscall = (syscalls or {}).get(call.name)
+    if syscall is not None and proc.program.tool_table.get(call.name) is BUILTINS[call.name]:
+        return await syscall(proc, call)
+    return await in_thread(run)
 
 
 def for_call(proc: Process, backend: Backend) -> list[dict[str, Any]]:

@@ -8,7 +8,15 @@ import os
 import time
 from typing import Any
 
-from llmos.kernel.process import ModelTurn, Process, Status, Step, step_from_json, step_to_json
+from llmos.kernel.process import (
+    JudgeCall,
+    ModelTurn,
+    Process,
+    Status,
+    Step,
+    step_from_json,
+    step_to_json,
+)
 from llmos.kernel.program import Program
 from llmos.kernel.store import Store
 
@@ -21,13 +29,22 @@ def create(
     owner: str | None,
     priority: int,
     backend: str | None,
+    *,
+    parent: int | None = None,
+    key: str | None = None,
 ) -> int:
+    """A new process row. With `key` (a sub-agent's stable spawn key) it is made at most once:
+    the row that key already names is returned instead, so a resumed fork spawns no twin."""
     now = time.time()
     with store.transaction() as db:
+        if key is not None:
+            row = db.execute("SELECT pid FROM processes WHERE spawn_key = ?", (key,)).fetchone()
+            if row is not None:
+                return int(row[0])
         cur = db.execute(
             "INSERT INTO processes (program, program_name, program_version, prompt_hash, input,"
-            " workspace, owner, priority, backend, status, created_at, updated_at, runner_pid)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " workspace, owner, priority, backend, status, created_at, updated_at, runner_pid,"
+            " parent_pid, spawn_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 program.to_json(),
                 program.name,
@@ -42,6 +59,8 @@ def create(
                 now,
                 now,
                 os.getpid(),
+                parent,
+                key,
             ),
         )
         assert cur.lastrowid is not None
@@ -58,7 +77,7 @@ def append(store: Store, proc: Process, step: Step, *, model: str | None = None)
             "INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?)",
             (proc.pid, seq, step.kind, step_to_json(step), sha, now),
         )
-        if isinstance(step, ModelTurn):
+        if isinstance(step, ModelTurn | JudgeCall):
             db.execute(
                 "INSERT INTO usage (pid, seq, user, model, prompt_tokens, cached_tokens,"
                 " completion_tokens, engine_seconds, cost, created_at)"
@@ -125,6 +144,7 @@ def load(store: Store, pid: int, program: Program | None = None) -> Process:
         reason=row["reason"],
         created_at=row["created_at"],
         elapsed=row["elapsed"],
+        parent=row["parent_pid"],
     )
 
 
@@ -183,3 +203,40 @@ def decide(store: Store, pid: int, call_id: str, allow: bool) -> None:
 def decision(store: Store, pid: int, call_id: str) -> bool | None:
     row = store.one("SELECT allow FROM approvals WHERE pid = ? AND call_id = ?", (pid, call_id))
     return None if row is None else bool(row[0])
+
+
+def children(store: Store, pid: int) -> list[int]:
+    """The pids `pid` spawned, oldest first."""
+    rows = store.query("SELECT pid FROM processes WHERE parent_pid = ? ORDER BY pid", (pid,))
+    return [r[0] for r in rows]
+
+
+def descendants(store: Store, pid: int) -> list[int]:
+    """Every process below `pid` in the tree, children before their own children."""
+    out, frontier = [], [pid]
+    while frontier:
+        below = [c for p in frontier for c in children(store, p)]
+        out += below
+        frontier = below
+    return out
+
+
+def tree_usage(store: Store, root: int) -> tuple[int, float]:
+    """Tokens and cost of `root` and every process below it (one budget for the tree)."""
+    pids = [root, *descendants(store, root)]
+    marks = ",".join("?" * len(pids))
+    row = store.one(
+        "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0), COALESCE(SUM(cost), 0)"
+        f" FROM usage WHERE pid IN ({marks})",
+        tuple(pids),
+    )
+    assert row is not None
+    return int(row[0]), float(row[1])
+
+
+def root_of(store: Store, pid: int) -> int:
+    while True:
+        row = store.one("SELECT parent_pid FROM processes WHERE pid = ?", (pid,))
+        if row is None or row[0] is None:
+            return pid
+        pid = row[0]

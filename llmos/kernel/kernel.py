@@ -13,6 +13,7 @@ from typing import Any
 from llmos.backends import Backend
 from llmos.backends.base import ToolCall
 from llmos.kernel import journal, loop
+from llmos.kernel.children import Children
 from llmos.kernel.meter import Meter, Price
 from llmos.kernel.process import Process, Status
 from llmos.kernel.program import Program, ProgramError
@@ -46,6 +47,7 @@ class Kernel:
         self._done: dict[int, threading.Event] = {}
         self._contexts: dict[int, loop.Context] = {}
         self._events: dict[int, asyncio.Event] = {}
+        self.children = Children(self)  # the fork/join system calls
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="llmos-kernel", daemon=True
@@ -66,14 +68,8 @@ class Kernel:
         engine: higher runs first, and may preempt lower."""
         if not isinstance(program, Program):
             program = Program.load(program)
-        known = program.tool_table
-        missing = [t for t in program.tools if t not in known]
-        if missing:
-            raise ProgramError(
-                f"tools: {missing} are neither built-in nor the program's own tools; "
-                f"known: {sorted(known)}"
-            )
-        backend = self._backend_for(program)
+        self.check_program(program)
+        backend = self.backend_for(program)
         ws = str(Path(workspace or os.getcwd()).resolve())
         if not Path(ws).is_dir():
             raise ProgramError(f"workspace {ws!r} is not a folder")
@@ -81,21 +77,22 @@ class Kernel:
         self._start(journal.load(self.store, pid, program), backend)
         return pid
 
-    def resume(self, pid: int) -> int:
-        """Continue a process that stopped mid-run (a crash, a closed terminal)."""
+    def resume(self, pid: int, program: Program | None = None) -> int:
+        """Continue a process that stopped mid-run (a crash, a closed terminal). Safe on the
+        kernel's own loop too (a parent resuming its children)."""
         if pid in self._done and not self._done[pid].is_set():
             return pid
         row = self._row(pid)
-        proc = journal.load(self.store, pid)
+        proc = journal.load(self.store, pid, program)
         if proc.status.finished:
             return pid
         if journal.runner_alive(row) and row["runner_pid"] != os.getpid():
             raise KernelError(f"process {pid} is running in OS process {row['runner_pid']}")
         source = proc.program.source
-        if source and os.path.isfile(source):  # running it again: now its code may load
+        if program is None and source and os.path.isfile(source):  # now its code may load
             proc.program = Program.load(source)
         journal.claim(self.store, pid)
-        self._start(proc, self._backend_for(proc.program))
+        self._start(proc, self.backend_for(proc.program))
         return pid
 
     def wait(self, pid: int, timeout: float | None = None) -> Process:
@@ -114,26 +111,31 @@ class Kernel:
         return journal.load(self.store, pid)
 
     def kill(self, pid: int) -> None:
-        """Stop a process: at once when it runs here, at its next step when it runs in
-        another OS process (`llmos kill`), or right away in the store when nothing runs it."""
+        """Stop a process and its sub-agents: at once when it runs here, at its next step when
+        it runs in another OS process (`llmos kill`), or right away in the store when nothing
+        runs it."""
         self._row(pid)
-        journal.request_kill(self.store, pid)
+        for p in [pid, *journal.descendants(self.store, pid)]:  # seen by any runner
+            journal.request_kill(self.store, p)
         task = self._tasks.get(pid)
         if task is not None and not self._done[pid].is_set():
             self._loop.call_soon_threadsafe(task.cancel)
-            self.wait(pid, 30)
+            self.wait(pid, 30)  # its end kills its children (_run)
             return
         row = self._row(pid)
         if journal.runner_alive(row) and row["runner_pid"] != os.getpid():
             return  # its runner sees the request at its next step
-        proc = journal.load(self.store, pid)
-        if not proc.status.finished:  # nothing runs it: record the kill now
-            loop.give_up(
-                proc,
-                self._context(proc, self.backend),
-                loop.GiveUp("killed", "killed by a person (kill)"),
-            )
-            journal.save_status(self.store, proc)
+        self._record_kill(pid, "killed by a person (kill)")
+        self._kill_children(pid)
+
+    def task_of(self, pid: int) -> tuple[asyncio.Task[None] | None, bool]:
+        """The task that runs `pid` here (None where none ever did) and whether it is done."""
+        done = self._done.get(pid)
+        return self._tasks.get(pid), done is None or done.is_set()
+
+    def tree(self, pid: int) -> list[Process]:
+        """`pid`'s sub-agents and theirs, children before their own children."""
+        return [self.get(p) for p in journal.descendants(self.store, pid)]
 
     def approve(self, pid: int, call_id: str, allow: bool = True) -> None:
         self._row(pid)
@@ -160,7 +162,7 @@ class Kernel:
     def close(self) -> None:
         """Stop the kernel. Processes still running stop where they are and stay resumable
         (`resume(pid)`), as after a crash, but with their last step saved cleanly."""
-        for pid, task in self._tasks.items():
+        for pid, task in list(self._tasks.items()):
             if not self._done[pid].is_set():
                 self._contexts[pid].detached = True
                 self._loop.call_soon_threadsafe(task.cancel)
@@ -184,7 +186,16 @@ class Kernel:
             raise KernelError(f"no process with pid {pid}")
         return row
 
-    def _backend_for(self, program: Program) -> Backend:
+    def check_program(self, program: Program) -> None:
+        known = program.tool_table
+        missing = [t for t in program.tools if t not in known]
+        if missing:
+            raise ProgramError(
+                f"tools: {missing} are neither built-in nor the program's own tools; "
+                f"known: {sorted(known)}"
+            )
+
+    def backend_for(self, program: Program) -> Backend:
         name = os.environ.get("LLMOS_BACKEND") or program.model
         if (
             self.backend is None
@@ -212,7 +223,31 @@ class Kernel:
             self.meter,  # type: ignore[arg-type]
             self._decide,
             lambda p: journal.kill_requested(self.store, p.pid),
+            syscalls=self.children.syscalls(),
+            budget=self.children.tree_budget,
         )
+
+    def _record_kill(self, pid: int, why: str) -> None:
+        """Nothing runs `pid`: record its kill in the store now."""
+        proc = journal.load(self.store, pid)
+        if not proc.status.finished:
+            loop.give_up(proc, self._context(proc, self.backend), loop.GiveUp("killed", why))
+            journal.save_status(self.store, proc)
+
+    def _kill_children(self, pid: int) -> None:
+        """A child does not outlive its parent: stop each unfinished one (never blocks, so the
+        kernel's loop may call it)."""
+        for child in journal.children(self.store, pid):
+            journal.request_kill(self.store, child)
+            task, done = self.task_of(child)
+            if task is not None and not done:
+                self._loop.call_soon_threadsafe(task.cancel)  # its own end kills its children
+                continue
+            row = self._row(child)
+            if journal.runner_alive(row) and row["runner_pid"] != os.getpid():
+                continue  # its runner sees the request at its next step
+            self._record_kill(child, f"killed: its parent process {pid} stopped")
+            self._kill_children(child)
 
     def _start(self, proc: Process, backend: Backend) -> None:
         self._procs[proc.pid] = proc
@@ -225,6 +260,9 @@ class Kernel:
             self._tasks[proc.pid] = self._loop.create_task(self._run(proc, ctx, done))
             started.set()
 
+        if threading.current_thread() is self._thread:  # a parent spawning on the loop
+            start()
+            return
         self._loop.call_soon_threadsafe(start)
         started.wait()
 
@@ -243,6 +281,8 @@ class Kernel:
         finally:
             if ctx.backend is not None:  # its next turn is not coming here
                 ctx.backend.release(loop.retain_key(proc))
+            if not ctx.detached:
+                self._kill_children(proc.pid)
             self._events.pop(proc.pid, None)
             done.set()
 

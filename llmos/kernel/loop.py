@@ -216,6 +216,8 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     garbage = calltools.garbage(result)
     if garbage is not None:
         return GiveUp("backend", f"backend {ctx.backend.name} returned garbage: {garbage}")
+    for judged in ctx.meter.judge_steps(ctx.backend, result):  # a cascade's judge: metered
+        journal.append(ctx.store, proc, judged, model=judged.backend)
     for attempt in getattr(result, "attempts", ()):  # a cascade's rejected tries: steps too
         _journal_attempt(proc, ctx, attempt.result, attempt.reason, answering)
     turn = _turn(ctx, result, answering)  # who answered, priced by its own price

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmos.backends.base import ChatResult
-from llmos.kernel.process import ProcessUsage
+from llmos.kernel.process import JudgeCall, ProcessUsage
 from llmos.kernel.program import Limits
 from llmos.kernel.store import Store
 
@@ -61,6 +61,24 @@ class Meter:
         if member.price:
             return Price(**member.price)
         return self.price(member.kind, answered)
+
+    def judge_steps(self, backend: Any, result: ChatResult) -> list[JudgeCall]:
+        """A cascade's judge calls in `result`, each priced by the judge that answered."""
+        steps = []
+        for verdict in getattr(result, "judged", ()):
+            u = verdict.usage
+            steps.append(
+                JudgeCall(
+                    verdict.content,
+                    u.prompt_tokens,
+                    u.cached_tokens,
+                    u.completion_tokens,
+                    verdict.engine_seconds,
+                    self.price_for(backend, verdict).cost(verdict),
+                    verdict.backend,
+                )
+            )
+        return steps
 
     def set_budget(
         self, user: str, max_tokens: int | None = None, max_cost: float | None = None

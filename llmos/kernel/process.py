@@ -44,6 +44,21 @@ class ModelTurn:
 
 
 @dataclass(slots=True)
+class JudgeCall:
+    """A cascade's judge model rating an answer: not a turn of the conversation (the prompt
+    never shows it), but tokens the process caused, metered to the judge's backend."""
+
+    kind: ClassVar[str] = "judge"
+    verdict: str | None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    engine_seconds: float = 0.0
+    cost: float = 0.0
+    backend: str | None = None
+
+
+@dataclass(slots=True)
 class ToolCallStep:
     """Written just before the call runs: a call without a result was interrupted."""
 
@@ -89,10 +104,20 @@ class FinalAnswer:
     text: str
 
 
-Step = ModelTurn | ToolCallStep | ToolResultStep | ApprovalStep | ErrorStep | FinalAnswer
+Step = (
+    ModelTurn | JudgeCall | ToolCallStep | ToolResultStep | ApprovalStep | ErrorStep | FinalAnswer
+)
 STEP_TYPES: dict[str, type] = {
     t.kind: t
-    for t in (ModelTurn, ToolCallStep, ToolResultStep, ApprovalStep, ErrorStep, FinalAnswer)
+    for t in (
+        ModelTurn,
+        JudgeCall,
+        ToolCallStep,
+        ToolResultStep,
+        ApprovalStep,
+        ErrorStep,
+        FinalAnswer,
+    )
 }
 
 
@@ -120,7 +145,7 @@ class ProcessUsage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def add(self, turn: ModelTurn) -> None:
+    def add(self, turn: ModelTurn | JudgeCall) -> None:
         self.prompt_tokens += turn.prompt_tokens
         self.cached_tokens += turn.cached_tokens
         self.completion_tokens += turn.completion_tokens
@@ -143,12 +168,13 @@ class Process:
     reason: str | None = None  # why it stopped, in one line
     created_at: float = 0.0
     elapsed: float = 0.0  # wall seconds spent running, over every resume
+    parent: int | None = None  # the process that spawned it (a sub-agent), else None
 
     @property
     def usage(self) -> ProcessUsage:
         u = ProcessUsage()
         for s in self.steps:
-            if isinstance(s, ModelTurn):
+            if isinstance(s, ModelTurn | JudgeCall):
                 u.add(s)
         return u
 

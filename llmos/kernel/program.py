@@ -30,9 +30,17 @@ class Limits:
     max_tokens: int | None = 200_000  # prompt + completion, over the process
     max_cost: float | None = None
     stuck_after: int = 3  # the same call with the same arguments this many times: stuck
+    max_children: int = 64  # sub-agents it may spawn in all (spawn_agent, map_agents)
+    max_parallel_children: int = 16  # of them running at once (map_agents waits for a slot)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "max_seconds", "stuck_after"):
+        for name in (
+            "max_steps",
+            "max_seconds",
+            "stuck_after",
+            "max_children",
+            "max_parallel_children",
+        ):
             if getattr(self, name) <= 0:
                 raise ProgramError(f"limits.{name} must be positive, got {getattr(self, name)}")
 
@@ -62,6 +70,12 @@ class Program:
     summarize: bool = False  # summarize what trimming drops from the context, else elide it
     # The memory policy: trim | summarize | page, or a mapping of memory_config.MemoryConfig
     memory: dict[str, Any] | str = field(default_factory=dict)
+    # Start each read-only call of a turn as soon as its arguments are complete in the stream
+    # (writes still wait for the turn's end and approval). The transcript is the same either way.
+    stream_tools: bool = True
+    # While the model decides, pre-run the read-only calls it made at this turn the last time
+    # this program ran on the same input; a wrong guess is discarded (no tokens, no step).
+    speculate_tools: bool = False
     # The checks a `cascade:[...]` model runs before it escalates (router.CascadeConfig's fields)
     cascade: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the .py file that defines it (its custom tools)

@@ -118,6 +118,7 @@ class Attempt:
 @dataclass(slots=True)
 class CascadeResult(ChatResult):
     attempts: list[Attempt] = field(default_factory=list)  # rejected, in order
+    judged: list[ChatResult] = field(default_factory=list)  # the judge's calls, each metered
 
 
 @dataclass(slots=True, frozen=True)
@@ -137,6 +138,7 @@ class Checks:
     workspace: str | None = None
     policy: Policy | None = None
     source: str | None = None  # the program's .py file (where a bare `python` name lives)
+    judged: list[ChatResult] = field(default_factory=list)  # the judge's verdicts, to meter
 
 
 class Cascade:
@@ -197,14 +199,14 @@ class Cascade:
                     break  # the last ask: its answer stands whatever a check would say
                 reason = await self.check(result, request, checks)
                 if reason is None:
-                    return _final(result, attempts)
+                    return _final(result, attempts, checks.judged)
                 attempts.append(Attempt(result, reason))
                 if config.feedback:
                     messages = [*messages, _assistant(result), _note(reason)]
         # every earlier ask failed its checks: the last tier's last answer stands, unchecked
         # here (the loop's own checks still apply to it)
         assert result is not None
-        return _final(result, attempts)
+        return _final(result, attempts, checks.judged)
 
     async def check(self, result: ChatResult, request: ChatRequest, checks: Checks) -> str | None:
         """Why `result` fails, cheapest check first, or None when it passes every one."""
@@ -239,7 +241,8 @@ class Cascade:
                     f"{confidence:.3f}, below {config.min_confidence}"
                 )
         if config.judge is not None:
-            score = await self._judge(self._judge_for(config.judge), result, request)
+            judge = self._judge_for(config.judge)
+            score = await self._judge(judge, result, request, checks.judged)
             if score < config.judge_min:
                 return f"the judge rated the answer {score:.2f}, below {config.judge_min}"
         return None
@@ -251,7 +254,15 @@ class Cascade:
             self._judges[name] = tier or resolve(name)
         return self._judges[name]
 
-    async def _judge(self, judge: Backend, result: ChatResult, request: ChatRequest) -> float:
+    async def _judge(
+        self,
+        judge: Backend,
+        result: ChatResult,
+        request: ChatRequest,
+        judged: list[ChatResult] | None = None,
+    ) -> float:
+        """The judge's probability that `result` is right; its call goes in `judged`, so the
+        loop meters it to the process like any other model call."""
         task = next(
             (m.get("content") for m in reversed(request.messages) if m["role"] == "user"), ""
         )
@@ -270,13 +281,16 @@ class Cascade:
                 user=request.user,
             )
         )
+        verdict.backend = verdict.backend or judge.name
+        if judged is not None:
+            judged.append(verdict)
         yes = (verdict.content or "").strip().lower().startswith("yes")
         p = math.exp(verdict.logprobs[0]) if verdict.logprobs else 1.0
         return p if yes else 1.0 - p
 
     def member(self, name: str) -> Member | Any | None:
         """The tier (or a pool tier's member) named `name`, for the meter's price."""
-        for tier in self.tiers:
+        for tier in [*self.tiers, *self._judges.values()]:
             if tier.name == name:
                 return Member(tier.kind, getattr(tier, "price", None))
             inner = getattr(tier, "member", None)
@@ -308,9 +322,9 @@ def _sampling(base: dict[str, Any], k: int, config: CascadeConfig, tier: Backend
     return sampling
 
 
-def _final(result: ChatResult, attempts: list[Attempt]) -> CascadeResult:
+def _final(result: ChatResult, attempts: list[Attempt], judged: list[ChatResult]) -> CascadeResult:
     values = {f.name: getattr(result, f.name) for f in dataclasses.fields(ChatResult)}
-    return CascadeResult(**values, attempts=attempts)
+    return CascadeResult(**values, attempts=attempts, judged=list(judged))
 
 
 def _assistant(result: ChatResult) -> Message:

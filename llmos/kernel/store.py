@@ -85,6 +85,16 @@ def m004_approvals_and_budgets(db: sqlite3.Connection) -> None:
         max_cost REAL)""")
 
 
+@migration
+def m005_process_tree(db: sqlite3.Connection) -> None:
+    """Sub-agents: a child's parent, and the stable key its spawn was journaled under (a
+    resumed fork finds the child it already made instead of making it twice)."""
+    db.execute("ALTER TABLE processes ADD COLUMN parent_pid INTEGER REFERENCES processes(pid)")
+    db.execute("ALTER TABLE processes ADD COLUMN spawn_key TEXT")
+    db.execute("CREATE UNIQUE INDEX processes_spawn_key ON processes(spawn_key)")
+    db.execute("CREATE INDEX processes_parent ON processes(parent_pid)")
+
+
 def default_db_path() -> Path:
     env = os.environ.get("LLMOS_DB")
     return Path(env) if env else Path.home() / ".local" / "share" / "llmos" / "llmos.db"
