@@ -50,14 +50,14 @@ def test_a_failing_output_step_fails_its_requests_and_the_engine_lives_on(
     """A bug in output processing (here: the stop check raising for one request) used to leave
     the request in the engine and its caller waiting forever."""
     llm = engine.engine
-    real = llm._check_stop
+    real = llm.output._check_stop
 
     def check_stop(seq, token):  # noqa: ANN001, ANN202
         if seq.request_id == "doomed" and seq.num_output_tokens == 3:
             raise KeyError("injected")
         return real(seq, token)
 
-    monkeypatch.setattr(llm, "_check_stop", check_stop)
+    monkeypatch.setattr(llm.output, "_check_stop", check_stop)
 
     async def main() -> tuple[BaseException | object, object]:
         return await asyncio.wait_for(
@@ -72,7 +72,7 @@ def test_a_failing_output_step_fails_its_requests_and_the_engine_lives_on(
     doomed, _ = asyncio.run(main())
     assert isinstance(doomed, StepFailed), doomed
     assert "KeyError" in str(doomed) and "doomed" in doomed.request_ids
-    monkeypatch.setattr(llm, "_check_stop", real)
+    monkeypatch.setattr(llm.output, "_check_stop", real)
     after = asyncio.run(asyncio.wait_for(_collect(engine, "Count to ten.", "after"), TIMEOUT))
     assert after.finished and len(after.outputs[0].token_ids) == PARAMS.max_tokens
     _no_blocks_held(engine)

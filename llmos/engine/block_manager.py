@@ -160,6 +160,15 @@ class BlockManager:
                 else:
                     self._free.append(block)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` tokens (rejected drafts' slots).
+        Those blocks hold no named prefix: a name covers computed, accepted tokens only."""
+        keep = self.blocks_for(num_tokens)
+        if len(seq.block_table) > keep:
+            assert seq.num_named_blocks <= keep
+            self._unref(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         self._unref(seq.block_table)
         seq.block_table = []

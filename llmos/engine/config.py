@@ -50,6 +50,10 @@ class EngineConfig:
     # models/quant.py), "q8", "q4" (lossy) or "fp32"
     quantization: str = "auto"
     seed: int = 0  # for requests without their own seed
+    # speculative decoding (engine/spec.py): "suffix", "ngram" or None (off), and the most
+    # draft tokens a sequence verifies per step
+    speculation: str | None = None
+    num_speculative_tokens: int = 8
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in DTYPES:
@@ -65,6 +69,19 @@ class EngineConfig:
             raise RequestError(
                 f"quantization must be one of {list(QUANT_MODES)}, got {self.quantization!r}",
                 param="quantization",
+            )
+        if self.speculation not in (None, "suffix", "ngram"):
+            raise RequestError(
+                f"speculation must be 'suffix', 'ngram' or None, got {self.speculation!r}",
+                param="speculation",
+            )
+        if not (
+            isinstance(self.num_speculative_tokens, int) and 1 <= self.num_speculative_tokens <= 32
+        ):
+            raise RequestError(
+                "num_speculative_tokens must be an integer in [1, 32], got "
+                f"{self.num_speculative_tokens!r}",
+                param="num_speculative_tokens",
             )
         if self.block_size < 1:
             raise RequestError(

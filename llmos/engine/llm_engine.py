@@ -11,10 +11,13 @@ import torch
 import llmos
 from llmos.engine.block_manager import BlockManager
 from llmos.engine.config import DTYPES, EngineConfig, parse_bytes
+from llmos.engine.guard_filter import attach, released
+from llmos.engine.output import OutputProcessor
 from llmos.engine.runner import ModelRunner, StepOutput
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
 from llmos.engine.sequence import CompletionOutput, RequestOutput, Sequence, SequenceStatus
+from llmos.engine.spec import PROPOSERS, Speculator
 from llmos.engine.stats import EngineStats
 from llmos.engine.structured import GrammarCompiler
 from llmos.errors import ContextLengthExceeded, RequestError, StepFailed
@@ -59,6 +62,11 @@ class LLMEngine:
             1, parse_bytes(config.kv_cache_memory) // per_block
         )
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.speculator = (
+            None
+            if config.speculation is None
+            else Speculator(PROPOSERS[config.speculation](), config.num_speculative_tokens)
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_seqs,
@@ -67,11 +75,14 @@ class LLMEngine:
                 dict(config.user_weights or {}),
             ),
             self.blocks,
+            None if self.speculator is None else self._draft,
         )
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype)
         self.grammars = GrammarCompiler(self.tokenizer, ckpt.config.vocab_size)
+        self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_steps = 0
+        self.spec_totals = [0, 0, 0]  # drafts, draft tokens, accepted tokens (all requests)
         log.info(
             "engine ready: model=%s device=%s kv_blocks=%d x %d tokens",
             self.model_name,
@@ -184,6 +195,7 @@ class LLMEngine:
             seq.matcher = matcher
         for seq in seqs:
             seq.bad_words_ids = bad_words
+            attach(seq)  # its output guards' hold-back filter (guard_filter.py)
         self.requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -207,6 +219,9 @@ class LLMEngine:
         if seqs is None:
             return False
         self.scheduler.abort(seqs)
+        if self.speculator is not None:
+            for seq in seqs:
+                self.speculator.forget(seq)
         return True
 
     def release(self, key: str) -> bool:
@@ -237,75 +252,58 @@ class LLMEngine:
     def _postprocess(
         self, plan: SchedulerPlan, step: StepOutput, seconds: float
     ) -> list[RequestOutput]:
-        share = seconds / len(plan.scheduled)  # the step's time, shared by what it advanced
-        for s in plan.scheduled:
-            s.seq.num_computed_tokens = s.start + s.num_new_tokens
-            s.seq.engine_seconds += share
-            self.blocks.commit(s.seq)
         for chunk in step.prompt:
             assert chunk.seq.prompt_logprobs is not None
             assert len(chunk.seq.prompt_logprobs) == chunk.first  # in order, none twice
             chunk.seq.prompt_logprobs.extend(chunk.entries)
-        touched: dict[str, None] = {}
         now = time.monotonic()
+        ended: list[tuple[Sequence, SequenceStatus]] = []
+        accepted: dict[int, int] = {}  # seq_id -> drafts accepted (their K/V are computed)
         for r in step.results:
             seq = r.seq
-            seq.token_ids.append(r.token_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            if seq.logprobs is not None and r.logprob is not None:
-                seq.logprobs.append(r.logprob)
-            status = self._advance_grammar(seq, r.token_id) or self._check_stop(seq, r.token_id)
+            kept, status = self.output.append(seq, r.token_ids, r.logprobs)
+            accepted[seq.seq_id] = min(kept, len(r.token_ids) - 1)
+            if r.num_drafted:
+                self._count_drafts(seq, r.num_drafted, len(r.token_ids) - 1)
             if status is not None:
-                self.scheduler.finish(seq, status)
-            touched[seq.request_id] = None
-        return [self._output(rid) for rid in touched]
+                ended.append((seq, status))
+        share = seconds / len(plan.scheduled)  # the step's time, shared by what it advanced
+        for s in plan.scheduled:
+            seq = s.seq
+            done = s.start + s.num_new_tokens
+            if seq.seq_id in accepted:  # sampled: all but its newest token are computed
+                done = min(done + accepted[seq.seq_id], seq.num_tokens - 1)
+            seq.num_computed_tokens = done
+            seq.engine_seconds += share
+            self.blocks.commit(seq)
+            if s.draft:  # the rejected drafts' slots go back (a later token overwrites them)
+                self.blocks.trim(seq, seq.num_tokens)
+        for seq, status in ended:
+            self.scheduler.finish(seq, status)
+            if self.speculator is not None:
+                self.speculator.forget(seq)
+        return [self._output(rid) for rid in dict.fromkeys(r.seq.request_id for r in step.results)]
 
-    @staticmethod
-    def _advance_grammar(seq: Sequence, token: int) -> SequenceStatus | None:
-        """Feed the token to the sequence's matcher. Only a matcher error (a grammar that hit
-        llguidance's limits) ends the sequence here, as aborted rather than unconstrained."""
-        if seq.matcher is None or seq.matcher.consume_token(token):
-            return None
-        log.warning("request %s: grammar failed: %s", seq.request_id, seq.matcher.get_error())
-        seq.text += seq.detokenizer.add([token], final=True)
-        return SequenceStatus.FINISHED_ABORTED
+    # -- speculation ----------------------------------------------------------------------
+    def _draft(self, seq: Sequence, room: int, batch: int) -> list[int]:
+        """The scheduler's drafter: at most `room` drafts, leaving the bonus token inside
+        max_tokens and the context."""
+        assert self.speculator is not None
+        room = min(room, seq.max_tokens - seq.num_output_tokens - 1)
+        room = min(room, self.max_model_len - seq.num_tokens - 1)
+        return self.speculator.draft(seq, room, batch)
 
-    def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
-        p = seq.params
-        n_out = seq.num_output_tokens
-        # (the sampler banned these until min_tokens were out: `Sequence.banned_stop_tokens`)
-        if token in seq.stop_tokens(self.tokenizer.eos_token_ids):
-            seq.text += seq.detokenizer.add([], final=True)
-            return SequenceStatus.FINISHED_STOPPED
-        delta = seq.detokenizer.add([token])
-        if delta:
-            seq.text += delta
-            if p.stop and n_out >= p.min_tokens and self._cut_at_stop(seq, len(delta)):
-                return SequenceStatus.FINISHED_STOPPED
-        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
-            seq.text += seq.detokenizer.add([], final=True)
-            return SequenceStatus.FINISHED_STOPPED
-        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.text += seq.detokenizer.add([], final=True)
-            return SequenceStatus.FINISHED_LENGTH
-        return None
-
-    @staticmethod
-    def _cut_at_stop(seq: Sequence, delta_len: int) -> bool:
-        """Find a stop string that the new text completes; cut the text there."""
-        p = seq.params
-        assert p.stop is not None
-        best: int | None = None
-        for stop in p.stop:
-            start = max(0, len(seq.text) - delta_len - len(stop) + 1)
-            idx = seq.text.find(stop, start)
-            if idx != -1 and (best is None or idx < best):
-                best = idx + (len(stop) if p.include_stop_str_in_output else 0)
-        if best is None:
-            return False
-        seq.text = seq.text[:best]
-        return True
+    def _count_drafts(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        seq.num_drafts += 1
+        seq.num_draft_tokens += drafted
+        seq.num_accepted_tokens += accepted
+        self.spec_totals[0] += 1
+        self.spec_totals[1] += drafted
+        self.spec_totals[2] += accepted
+        if self.speculator is not None:
+            self.speculator.observe(seq, drafted, accepted)
 
     def _output(self, request_id: str) -> RequestOutput:
         seqs = self.requests[request_id]
@@ -313,19 +311,18 @@ class LLMEngine:
         if finished:
             del self.requests[request_id]
         first = seqs[0]
-        outputs = [
-            CompletionOutput(
-                s.index,
-                s.visible_text(),
-                s.output_token_ids,
-                s.finish_reason,
-                list(s.logprobs) if s.logprobs is not None else None,
-            )
+        outputs = [  # what output guards released: text, and the token ids and logprobs in it
+            CompletionOutput(s.index, text, ids, s.finish_reason, logprobs)
             for s in seqs
+            for text, ids, logprobs in [released(s, s.visible_text())]
         ]
         metrics = {"arrival": first.arrival, "engine_seconds": sum(s.engine_seconds for s in seqs)}
         if first.first_token_time is not None:
             metrics["first_token"] = first.first_token_time
+        if self.speculator is not None:  # (vLLM's names, per request)
+            metrics["spec_num_drafts"] = sum(s.num_drafts for s in seqs)
+            metrics["spec_num_draft_tokens"] = sum(s.num_draft_tokens for s in seqs)
+            metrics["spec_num_accepted_tokens"] = sum(s.num_accepted_tokens for s in seqs)
         return RequestOutput(
             request_id,
             first.prompt_token_ids,
@@ -354,4 +351,7 @@ class LLMEngine:
             prefix_cache_queries=self.blocks.queried_tokens,
             prefix_cache_hits=self.blocks.hit_tokens,
             num_steps=self.num_steps,
+            spec_num_drafts=self.spec_totals[0],
+            spec_num_draft_tokens=self.spec_totals[1],
+            spec_num_accepted_tokens=self.spec_totals[2],
         )

@@ -12,6 +12,7 @@ from llmos.engine.sampling import SamplingBatch, logprobs_of, sample
 from llmos.engine.scheduler import ScheduledSeq, SchedulerPlan
 from llmos.engine.sequence import Sequence, TokenLogprob
 from llmos.engine.structured import MaskBuilder
+from llmos.engine.verify import DraftView, accept, draft_masks, expand
 from llmos.models.attention import AttentionMetadata, PrefillChunk
 from llmos.models.llama import LlamaModel
 
@@ -22,9 +23,13 @@ ROW_ATTENTION_PREFILL_ROWS = 64
 
 @dataclass(slots=True)
 class StepResult:
+    """A sequence's new tokens from one step: its accepted drafts (if any), then the token
+    sampled after them. `logprobs` has one entry per token when the request asked for them."""
+
     seq: Sequence
-    token_id: int
-    logprob: TokenLogprob | None
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    num_drafted: int = 0  # draft tokens verified this step (accepted: len(token_ids) - 1)
 
 
 @dataclass(slots=True)
@@ -104,7 +109,7 @@ class ModelRunner:
 
     def _tables(self, scheduled: Seq[ScheduledSeq]) -> torch.Tensor:
         """The block tables the scheduled chunks read, zero-padded to one width: [S, blocks]."""
-        width = max(-(-(s.start + s.num_new_tokens) // self.block_size) for s in scheduled)
+        width = max(-(-(s.start + s.num_rows) // self.block_size) for s in scheduled)
         return torch.tensor(
             [(s.seq.block_table + [0] * width)[:width] for s in scheduled], dtype=torch.int64
         )
@@ -128,10 +133,11 @@ class ModelRunner:
                 prompt_rows.extend(range(row + first - s.start, row + last - s.start))
                 prompt.append(PromptRows(s.seq, first, last - first))
             ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
-            positions.extend(range(s.start, s.start + s.num_new_tokens))
-            slots.append(self._slots(s.seq, s.start, s.num_new_tokens))
-            end = s.start + s.num_new_tokens
-            if s.num_new_tokens == 1 and s.start > 0:
+            ids.extend(s.draft)  # drafts are just more tokens, scored in the same pass
+            positions.extend(range(s.start, s.start + s.num_rows))
+            slots.append(self._slots(s.seq, s.start, s.num_rows))
+            end = s.start + s.num_rows
+            if s.num_rows == 1 and s.start > 0:
                 decode_rows.append(row)
                 decodes.append(s)
             else:
@@ -142,9 +148,9 @@ class ModelRunner:
                 if s.start > 0:
                     q_pos = torch.arange(s.start, end).unsqueeze(1)  # [L, 1]
                     mask = (torch.arange(end).unsqueeze(0) <= q_pos).to(self.device)  # [L, end]
-                prefills.append(PrefillChunk(row, s.num_new_tokens, end, table, mask))
-            if s.completes:
-                logits_rows.append(row + s.num_new_tokens - 1)
+                prefills.append(PrefillChunk(row, s.num_rows, end, table, mask))
+            if s.completes:  # the last token's row, then each draft's
+                logits_rows.extend(range(row + s.num_new_tokens - 1, row + s.num_rows))
                 sampled.append(s)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(self.device),
@@ -159,7 +165,7 @@ class ModelRunner:
             meta.row_block_tables, meta.row_lens = meta.decode_block_tables, meta.decode_lens
         elif len(ids) - len(decodes) <= ROW_ATTENTION_PREFILL_ROWS:
             # every row as a query over its own context (what a fused native layer takes)
-            counts = torch.tensor([s.num_new_tokens for s in plan.scheduled])
+            counts = torch.tensor([s.num_rows for s in plan.scheduled])
             meta.row_block_tables = self._tables(plan.scheduled).repeat_interleave(counts, dim=0)
             meta.row_lens = torch.tensor(positions, dtype=torch.int64) + 1
         return StepInputs(
@@ -185,7 +191,10 @@ class ModelRunner:
         last = min(s.start + s.num_new_tokens, seq.num_prompt_tokens - 1)
         return (first, last) if last > first else None
 
-    def sampling_batch(self, seqs: list[Sequence], eos: tuple[int, ...]) -> SamplingBatch:
+    def sampling_batch(
+        self, seqs: Seq[Sequence | DraftView], eos: tuple[int, ...]
+    ) -> SamplingBatch:
+        """Per-row settings; a `DraftView` row is its sequence after some draft tokens."""
         dev = self.device
         params = [s.params for s in seqs]
         V = self.vocab_size
@@ -251,34 +260,63 @@ class ModelRunner:
                 v_cache.index_fill_(0, fresh, 0.0)
         inputs = self.prepare(plan)
         seqs = [s.seq for s in inputs.sampled]
-        masks = self.masks.start([s.matcher for s in seqs])  # overlaps the forward pass
+        drafts = [s.draft for s in inputs.sampled]
+        rows = expand(seqs, drafts)  # one sampling row per position (verify.py)
+        first = [0]
+        for d in drafts:
+            first.append(first[-1] + 1 + len(d))
+        row_matchers = [r.matcher if isinstance(r, Sequence) else None for r in rows]
+        masks = self.masks.start(row_matchers)  # overlaps the forward pass
         logits = self.model(
             inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_rows
-        )  # [S + P, vocab]
-        prompt = self._prompt_logprobs(inputs, logits[len(seqs) :])
-        logits = logits[: len(seqs)]  # [S, vocab]
+        )  # [R + P, vocab]
+        R = len(rows)
+        prompt = self._prompt_logprobs(inputs, logits[R:])
+        logits = logits[:R]  # [R, vocab]
         if not inputs.sampled:
             return StepOutput([], prompt)
-        batch = self.sampling_batch(seqs, eos)
+        batch = self.sampling_batch(rows, eos)  # type: ignore[arg-type]
         grammar = None if masks is None else self.masks.banned(masks, eos, self.device, logits)
+        if grammar is not None:
+            for i, (seq, d) in enumerate(zip(seqs, drafts, strict=True)):
+                if d and seq.matcher is not None:
+                    grammar[first[i] + 1 : first[i + 1]] = draft_masks(
+                        seq, d, self.vocab_size, eos
+                    ).to(self.device)
         batch.banned = _combine_bans(batch.banned, grammar)
-        token_ids = sample(logits, batch)
-        results = [StepResult(seq, 0, None) for seq in seqs]
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        token_ids = sample(logits, batch)  # [R]
+        sampled = token_ids.tolist()
+        results = [
+            StepResult(seq, accept(d, sampled[first[i] : first[i + 1]]), None, len(d))
+            for i, (seq, d) in enumerate(zip(seqs, drafts, strict=True))
+        ]
+        want = [
+            j
+            for i, s in enumerate(seqs)
+            if s.params.logprobs is not None
+            for j in range(first[i], first[i] + len(results[i].token_ids))
+        ]
         if want:
-            k = max(seqs[i].params.logprobs or 0 for i in want)
-            rows = torch.tensor(want, device=self.device)
-            chosen, top_vals, top_ids = logprobs_of(logits[rows], token_ids[rows], k)
-            chosen_l, vals_l, ids_l = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
-            for j, i in enumerate(want):
-                kk = seqs[i].params.logprobs or 0
-                results[i].logprob = TokenLogprob(
-                    int(token_ids[i]),
-                    chosen_l[j],
-                    list(zip(ids_l[j][:kk], vals_l[j][:kk], strict=True)),
+            k = max(s.params.logprobs or 0 for s in seqs if s.params.logprobs is not None)
+            idx = torch.tensor(want, device=self.device)
+            chosen, top_vals, top_ids = logprobs_of(logits[idx], token_ids[idx], k)
+            entry = dict(
+                zip(
+                    want,
+                    zip(chosen.tolist(), top_vals.tolist(), top_ids.tolist(), strict=True),
+                    strict=True,
                 )
-        for r, t in zip(results, token_ids.tolist(), strict=True):
-            r.token_id = t
+            )
+            for i, r in enumerate(results):
+                kk = seqs[i].params.logprobs
+                if kk is None:
+                    continue
+                r.logprobs = []
+                for j, t in enumerate(r.token_ids):
+                    c, vals, ids = entry[first[i] + j]
+                    r.logprobs.append(
+                        TokenLogprob(t, c, list(zip(ids[:kk], vals[:kk], strict=True)))
+                    )
         return StepOutput(results, prompt)
 
     def _prompt_logprobs(self, inputs: StepInputs, logits: torch.Tensor) -> list[PromptLogprobs]:

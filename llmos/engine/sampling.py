@@ -47,6 +47,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100]
     bad_words: list[str] | None = None  # never complete these words' token sequences
     allowed_token_ids: list[int] | None = None  # sample only among these
+    speculation: bool = True  # False: never draft for this request (when the engine speculates)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +85,7 @@ class SamplingParams:
                 "in [0, 20]",
             ),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+            ("speculation", isinstance(self.speculation, bool), "true or false"),
             ("stop", len(self.stop) <= 16, "at most 16 strings"),
         ]
         for name, ok, want in checks:

@@ -14,7 +14,7 @@ share of the batch. The plan is a frozen object the runner executes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from llmos.engine.block_manager import BlockManager
@@ -26,11 +26,17 @@ class ScheduledSeq:
     seq: Sequence
     start: int  # num_computed_tokens when scheduled
     num_new_tokens: int
+    draft: tuple[int, ...] = ()  # speculative tokens after the last one, to verify this step
 
     @property
     def completes(self) -> bool:
         """This chunk reaches the sequence's last token, so the step samples a new one."""
         return self.start + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def num_rows(self) -> int:
+        """Positions this step computes: the new tokens, then the drafts."""
+        return self.num_new_tokens + len(self.draft)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +71,17 @@ class SchedulerConfig:
             raise ValueError(f"user_weights must be positive, got {bad}")
 
 
+# (sequence, most draft tokens the budget allows, running sequences) -> draft tokens
+Drafter = Callable[[Sequence, int, int], list[int]]
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, blocks: BlockManager, drafter: Drafter | None = None
+    ) -> None:
         self.config = config
         self.blocks = blocks
+        self.drafter = drafter  # speculation (engine/spec.py): drafts are just more tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -181,9 +194,10 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+                draft = self._draft(seq, n, budget - n)
+                scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n, draft))
                 done.add(seq.seq_id)
-                budget -= n
+                budget -= n + len(draft)
 
         # 2. Admit waiting sequences in rank order while budget, seats and blocks allow.
         while (
@@ -217,6 +231,15 @@ class Scheduler:
         return SchedulerPlan(
             tuple(scheduled), tuple(preempted), tuple(self.blocks.take_new_blocks())
         )
+
+    def _draft(self, seq: Sequence, n: int, room: int) -> tuple[int, ...]:
+        """A decoding sequence's drafts, if the budget and free blocks have room for them."""
+        if self.drafter is None or room < 1 or seq.num_computed_tokens + n != seq.num_tokens:
+            return ()
+        draft = self.drafter(seq, room, len(self.running))
+        if not draft or not self.blocks.allocate(seq, seq.num_tokens + len(draft)):
+            return ()  # (no blocks to spare: drafts never preempt anyone)
+        return tuple(draft)
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Retire a sequence (stopped, cut at length, or aborted) and free its blocks; a

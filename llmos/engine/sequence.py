@@ -15,6 +15,8 @@ from llmos.models.tokenizer import IncrementalDetokenizer
 if TYPE_CHECKING:
     from llguidance import LLMatcher
 
+    from llmos.engine.output import OutputFilter
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -22,14 +24,11 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_FILTERED = "content_filter"  # an output filter stopped it (engine/output.py)
 
     @property
     def finished(self) -> bool:
-        return self in (
-            SequenceStatus.FINISHED_STOPPED,
-            SequenceStatus.FINISHED_LENGTH,
-            SequenceStatus.FINISHED_ABORTED,
-        )
+        return self not in (SequenceStatus.WAITING, SequenceStatus.RUNNING)
 
 
 @dataclass(slots=True)
@@ -91,6 +90,15 @@ class Sequence:
         # grammar state for structured output: it follows the generated tokens, so preemption
         # and recompute leave it right
         self.matcher: LLMatcher | None = None
+        # text filters after detokenization (the streaming guards' seam: engine/output.py)
+        self.output_filters: list[OutputFilter] = []
+        self.filtered_chars = 0  # text fed to the filters so far
+        self.filter_hold = 0  # of that, characters the filters hold back for now
+        # speculation (engine/spec.py): the drafts tried and accepted, per this sequence
+        self.spec_k = 0  # its current draft length (0 until the speculator first sets it)
+        self.num_drafts = 0  # verification steps that carried drafts
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def num_tokens(self) -> int:
@@ -162,12 +170,19 @@ class Sequence:
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None
 
-    def visible_text(self) -> str:
-        """Text that can be shown now: while running, hold back a possible stop-string prefix."""
+    def stop_hold(self) -> int:
+        """Characters at the end of the text that may yet begin a stop string."""
         stops = self.params.stop
         if self.status.finished or not stops:
-            return self.text
-        hold = max(len(s) for s in stops) - 1
+            return 0
+        return max(len(s) for s in stops) - 1
+
+    def visible_text(self) -> str:
+        """Text that can be shown now: while running, hold back a possible stop-string prefix
+        and whatever the output filters hold (see engine/output.py)."""
+        if self.output_filters:
+            return self.text[: max(0, self.filtered_chars - self.filter_hold)]
+        hold = self.stop_hold()
         return self.text[: max(0, len(self.text) - hold)] if hold else self.text
 
     def __repr__(self) -> str:

@@ -24,6 +24,10 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found (not recomputed)
     num_steps: int = 0
+    # speculative decoding (vLLM's vllm:spec_decode_* counters)
+    spec_num_drafts: int = 0  # verification steps that carried drafts
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
