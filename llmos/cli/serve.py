@@ -86,6 +86,18 @@ def serve(
     no_kernel: bool = typer.Option(
         False, "--no-kernel", help="Serve the model only: no /v1/processes, /v1/usage."
     ),
+    otlp_endpoint: str | None = typer.Option(
+        None,
+        "--otlp-endpoint",
+        help="Export OpenTelemetry traces over OTLP/HTTP to this collector (default: "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT; unset: tracing off).",
+    ),
+    trace_content: bool = typer.Option(
+        False,
+        "--trace-content",
+        help="Record prompts, replies, tool arguments and results on spans (default: their "
+        "sha256; also $OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
     model: str = MODEL,
     max_model_len: int | None = MAX_MODEL_LEN,
@@ -147,6 +159,15 @@ def serve(
         sock.close()
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    from llmos.server import tracing
+
+    try:
+        tracing.setup(otlp_endpoint, trace_content or None)
+    except RuntimeError as exc:  # the OTLP exporter is not installed
+        engine.shutdown()
+        sock.close()
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
     app = create_app(engine, config, kernel)
     app.state.eval_reports = _eval_reports(kernel)
     verbose = verbose or logging.getLogger().isEnabledFor(logging.INFO)
@@ -156,6 +177,7 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
+    tracing.trace.shutdown()  # flush the spans still batched
 
 
 def _host(engine, db, workspace_root, api_keys, programs):  # noqa: ANN001, ANN202

@@ -104,7 +104,8 @@ def create_app(
         is_draining=lambda: state.draining,
         on_refused=lambda _path, status: state.metrics.count(status),
     )
-    tracing.install(app, state)  # request spans and trace id headers, when tracing is on
+    # request spans and trace id headers (when tracing is on); the kernel's metrics from its DB
+    tracing.install(app, state, kernel.kernel.store.path if kernel is not None else None)
 
     @app.post(
         "/v1/chat/completions",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import propagate
@@ -168,7 +169,10 @@ class TracingMiddleware:
             span.set_attribute("server.port", int(server[1]))
 
 
-def install(app: Any, state: Any) -> None:
-    """Request spans (outermost middleware, so refusals get one too) and the metrics' model."""
+def install(app: Any, state: Any, kernel_db: str | Path | None = None) -> None:
+    """Request spans (outermost middleware, so refusals get one too), the metrics' model name,
+    and the kernel's metrics when the server hosts a kernel."""
     state.metrics.model = state.model_name
+    if kernel_db is not None and str(kernel_db) != ":memory:":
+        state.metrics.watch_kernel(str(kernel_db))
     app.add_middleware(TracingMiddleware, model_name=lambda: state.model_name)
