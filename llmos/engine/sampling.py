@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from llmos.engine.guards import parse_guards
 from llmos.errors import RequestError
 
 _MASK = float("-inf")
@@ -47,6 +48,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100]
     bad_words: list[str] | None = None  # never complete these words' token sequences
     allowed_token_ids: list[int] | None = None  # sample only among these
+    # safeguards (llmos/engine/guards.py): dicts or Guards; output ones are checked as text
+    # streams, and block literal/regex ones are also compiled into the decoding constraint
+    guards: list[Any] | None = None
     speculation: bool = True  # False: never draft for this request (when the engine speculates)
 
     def __post_init__(self) -> None:
@@ -100,6 +104,7 @@ class SamplingParams:
             )
         self._check_constraint()
         self._check_token_controls()
+        self.guards = parse_guards(self.guards) or None
 
     def _check_token_controls(self) -> None:
         """Shapes and ranges here; token ids against the vocabulary in the engine."""

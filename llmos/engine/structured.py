@@ -38,6 +38,7 @@ from llmos.engine.closing import (
     complete,
     json_blocks,
 )
+from llmos.engine.guard_grammar import GuardedMatcher, block_matcher
 from llmos.engine.sampling import SamplingParams
 from llmos.errors import RequestError
 from llmos.models.tokenizer import Tokenizer
@@ -257,12 +258,21 @@ class GrammarCompiler:
         texts = [self.tokenizer.decode([i]) for i in range(self.vocab_size)]
         return ClosingVocab.build(texts, self.tokenizer.eos_token_ids[0], self.tokenizer)
 
-    def matchers(
-        self, params: SamplingParams, max_tokens: int | None = None
-    ) -> list[llguidance.LLMatcher | BudgetMatcher] | None:
+    def matchers(self, params: SamplingParams, max_tokens: int | None = None) -> list[Any] | None:
         """`params.n` fresh matchers, or None for an unconstrained request. Given the request's
         `max_tokens`, each keeps its output inside it (`BudgetMatcher`), and a grammar whose
-        shortest completion found does not fit is refused, naming max_tokens."""
+        shortest completion found does not fit is refused, naming max_tokens. `block` output
+        guards add their own matcher to each (`GuardedMatcher`): the model cannot emit them."""
+        inner = self._matchers(params, max_tokens)
+        blocks = [block_matcher(self.llg_tokenizer, params.guards) for _ in range(params.n)]
+        if blocks[0] is None:
+            return inner
+        inner = inner or [None] * params.n
+        return [GuardedMatcher(m, b) for m, b in zip(inner, blocks, strict=True)]
+
+    def _matchers(
+        self, params: SamplingParams, max_tokens: int | None = None
+    ) -> list[llguidance.LLMatcher | BudgetMatcher] | None:
         found = grammar_of(params)
         if found is None:
             return None
@@ -365,11 +375,27 @@ class MaskBuilder:
         self, rows: list[tuple[llguidance.LLMatcher | BudgetMatcher, int]], batch: int
     ) -> Masks:
         # near its max_tokens a row's closing plan is brought up to date here, off the engine
-        # thread; those rows are narrowed once the logits are known (`banned`)
-        steered = [(m, i) for m, i in rows if isinstance(m, BudgetMatcher) and m.steer()]
-        plain = [(m.inner if isinstance(m, BudgetMatcher) else m, i) for m, i in rows]
+        # thread; those rows are narrowed once the logits are known (`banned`). A guarded row's
+        # block guards are a second mask, intersected with its grammar's
+        steered, plain, blocks = [], [], []
+        for m, i in rows:
+            if isinstance(m, GuardedMatcher):
+                if m.block is not None:
+                    (blocks if m.inner is not None else plain).append((m.block, i))
+                m = m.inner
+                if m is None:
+                    continue
+            if isinstance(m, BudgetMatcher):
+                if m.steer():
+                    steered.append((m, i))
+                m = m.inner
+            plain.append((m, i))
         bits = torch.full((batch, self.words), -1, dtype=torch.int32)  # unconstrained: all allowed
         self._executor.unsafe_compute_mask_ptr(plain, bits.data_ptr(), self.words * 4, batch)
+        if blocks:
+            extra = torch.full((batch, self.words), -1, dtype=torch.int32)
+            self._executor.unsafe_compute_mask_ptr(blocks, extra.data_ptr(), self.words * 4, batch)
+            bits &= extra
         return Masks(bits, steered)
 
     def banned(
