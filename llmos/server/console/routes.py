@@ -52,6 +52,7 @@ class Sampler:
     state: ServerState
     kernel: ProcessHost | None
     _last: tuple[float, float, int, int, int] | None = field(default=None)
+    _rate: float = 0.0
 
     def generated_tokens(self) -> int:
         http = self.state.metrics.registry.get_sample_value("llmos_generation_tokens_total") or 0
@@ -76,8 +77,11 @@ class Sampler:
             out["tokens_per_second"] = max(tokens - tok0, 0) / dt
             out["steps_per_second"] = max(s.num_steps - self._last[1], 0) / dt
             queries = s.prefix_cache_queries - queries0
-            if queries > 0:  # the hit rate of the prompts that arrived since the last sample
-                out["prefix_cache_hit_rate"] = (s.prefix_cache_hits - hits0) / queries
+            # the hit rate of the prompts that arrived since the last sample (none: as it was)
+            out["prefix_cache_hit_rate"] = (
+                (s.prefix_cache_hits - hits0) / queries if queries > 0 else self._rate
+            )
+        self._rate = out["prefix_cache_hit_rate"]
         self._last = (now, s.num_steps, tokens, s.prefix_cache_queries, s.prefix_cache_hits)
         return out
 

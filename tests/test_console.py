@@ -1,0 +1,248 @@
+"""The web console in a real browser: Debian's headless `chromium` driven by Playwright, on a
+real `llmos serve` app (engine, kernel, the embedded model) on a loopback port.
+
+The page must log no console error and fetch nothing but its own server (no CDN: it works
+offline). A chat message streams; a spawned process appears and reaches `done`; an approval
+clicked in the page unblocks a waiting process; the engine charts receive samples. Screenshots
+go to the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from llmos import LLM
+from llmos.engine.async_engine import AsyncEngine
+from llmos.kernel import Program
+from llmos.server.app import create_app
+from llmos.server.launch import RunningServer, serve_in_thread
+from llmos.server.processes_host import ProcessHost
+from llmos.server.state import ServerConfig
+
+CHROMIUM = "/usr/bin/chromium"
+TIMEOUT_MS = 120_000  # the model shares two loaded cores with other tests
+
+
+def quick() -> Program:
+    return Program(
+        name="quick",
+        system_prompt="Answer in one short sentence.",
+        sampling={"temperature": 0, "max_tokens": 8},
+        limits={"max_steps": 2},
+    )
+
+
+def approver() -> Program:
+    return Program(
+        name="approver",
+        system_prompt="You write notes to files.",
+        tools=["write_file"],
+        policy={"needs_approval": ["write_file"]},
+        tool_choice=["write_file", "none"],
+        sampling={"temperature": 0, "max_tokens": 48},
+        limits={"max_steps": 3},
+    )
+
+
+@pytest.fixture(scope="module")
+def server(llm: LLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    engine = AsyncEngine(llm.engine)
+    host = ProcessHost.on_engine(
+        engine,
+        tmp_path_factory.mktemp("kernel") / "kernel.db",
+        workspace_root=tmp_path_factory.mktemp("workspaces"),
+        programs={"quick": quick, "approver": approver},
+    )
+    with serve_in_thread(create_app(engine, ServerConfig(), host)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@dataclass
+class Console:
+    page: Page
+    shots: Path
+    errors: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+    def shot(self, name: str) -> None:
+        self.page.screenshot(path=str(self.shots / f"{name}.png"), full_page=True)
+
+    def assert_clean(self) -> None:
+        assert self.errors == [], self.errors
+        assert self.foreign == [], self.foreign
+
+
+@pytest.fixture
+def console(browser: Browser, server: RunningServer, tmp_path: Path) -> Iterator[Console]:
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = ctx.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)  # (a waiting assertion's own default is 5 s)
+    c = Console(page, tmp_path)
+    page.on("console", lambda m: m.type == "error" and c.errors.append(m.text))
+    page.on("pageerror", lambda e: c.errors.append(f"pageerror: {e}"))
+    page.on(
+        "request",
+        lambda r: r.url.startswith(server.url) or c.foreign.append(r.url),
+    )
+    page.goto(server.url + "/")
+    expect(page.locator("body[data-ready='1']")).to_be_attached()
+    yield c
+    c.assert_clean()
+    ctx.close()
+
+
+@pytest.fixture(autouse=True)
+def _idle_after(llm: LLM) -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 30
+    while llm.engine.has_unfinished_requests() or llm.engine.blocks.num_used:
+        assert time.monotonic() < deadline, "the engine did not go idle"
+        time.sleep(0.05)
+
+
+def test_the_page_loads_clean_and_offline(console: Console, server: RunningServer) -> None:
+    page = console.page
+    expect(page.locator("#model")).to_have_text("smollm2-135m")
+    expect(page.locator("#spawn-program option")).to_have_count(2)
+    for tab in ("processes", "engine", "usage", "evals", "chat"):
+        page.click(f"button.tab[data-tab='{tab}']")
+        expect(page.locator(f"#tab-{tab}")).to_be_visible()
+    console.shot("loaded")
+    assert httpx.get(f"{server.url}/console").text == httpx.get(f"{server.url}/").text
+    assert httpx.get(f"{server.url}/console/nope.js").status_code == 404
+
+
+def test_a_chat_message_streams_an_answer(console: Console) -> None:
+    page = console.page
+    page.fill("#s-temperature", "0")
+    page.fill("#s-max_tokens", "24")
+    # count the answer's updates as they land: a stream shows it several times, growing
+    page.evaluate("""() => { window.updates = []; new MutationObserver(() => {
+        const m = document.querySelector('.msg.assistant .content');
+        if (m) window.updates.push(m.textContent); })
+        .observe(document.querySelector('#chat-log'),
+                 {subtree: true, childList: true, characterData: true}); }""")
+    page.fill("#chat-input", "What is the capital of France?")
+    page.click("#chat-send")
+    answer = page.locator(".msg.assistant.done .content")
+    expect(answer).not_to_be_empty()
+    text = answer.inner_text()
+    assert "Paris" in text, text
+    updates = [u for u in page.evaluate("window.updates") if u]
+    growing = [u for i, u in enumerate(updates) if i == 0 or u != updates[i - 1]]
+    # streamed, not set once: a part of the answer showed before all of it
+    assert len(growing) >= 2 and len(growing[0]) < len(text), updates
+    assert all(text.startswith(u) for u in growing), growing
+    expect(page.locator("#chat-stats")).to_contain_text("tokens in")
+    console.shot("chat")
+    # a JSON schema constrains the answer
+    page.fill(
+        "#s-schema",
+        '{"type": "object", "properties": {"city": {"type": "string"}},'
+        ' "required": ["city"], "additionalProperties": false}',
+    )
+    page.fill("#chat-input", "Name a city.")
+    page.click("#chat-send")
+    expect(page.locator(".msg.assistant.done")).to_have_count(2)
+    assert set(json.loads(page.locator(".msg.assistant.done .content").nth(1).inner_text())) == {
+        "city"
+    }
+
+
+def test_a_spawned_process_appears_and_reaches_done(console: Console) -> None:
+    page = console.page
+    page.click("button.tab[data-tab='processes']")
+    page.select_option("#spawn-program", "quick")
+    page.fill("#spawn-input", "What is 2 + 2?")
+    page.click("#spawn-form button[type=submit]")
+    row = page.locator("#proc-table tbody tr").first
+    expect(row).to_be_visible()
+    pid = row.get_attribute("data-pid")
+    expect(page.locator(f"#proc-table tr[data-pid='{pid}'][data-status='done']")).to_be_visible()
+    expect(page.locator("#detail-status")).to_have_text("done")
+    expect(page.locator("#detail-steps .step.final_answer")).to_have_count(1)
+    expect(page.locator("#detail-answer")).not_to_be_empty()
+    console.shot("process-done")
+
+
+def test_an_approval_clicked_in_the_page_unblocks_the_process(
+    console: Console, server: RunningServer
+) -> None:
+    page = console.page
+    page.click("button.tab[data-tab='processes']")
+    page.select_option("#spawn-program", "approver")
+    page.fill("#spawn-input", "Write hello to notes.txt")
+    page.click("#spawn-form button[type=submit]")
+    approve = page.locator("#detail-approvals .approval button.approve")
+    expect(approve).to_be_visible()
+    expect(page.locator("#detail-status")).to_have_text("waiting_approval")
+    pid = int(page.locator("#detail-pid").inner_text())
+    assert httpx.get(f"{server.url}/v1/processes/{pid}").json()["status"] == "waiting_approval"
+    expect(page.locator("#detail-approvals code")).to_contain_text("write_file(")
+    console.shot("approval-waiting")
+    approve.click()
+    expect(page.locator("#detail-status")).to_have_text("done")
+    expect(page.locator("#detail-steps .step.approval")).to_contain_text("allowed")
+    expect(page.locator("#detail-steps .step.tool_result.ok")).to_have_count(1)
+    expect(page.locator("#detail-approvals .approval")).to_have_count(0)
+    console.shot("approval-done")
+    steps = httpx.get(f"{server.url}/v1/processes/{pid}").json()["transcript"]["steps"]
+    assert [s["allow"] for s in steps if s["kind"] == "approval"] == [True]
+
+
+def test_the_engine_charts_receive_data(console: Console, server: RunningServer) -> None:
+    page = console.page
+    page.click("button.tab[data-tab='engine']")
+    # load while the page watches: a completion the charts must see as throughput
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True},
+        timeout=120,
+    )
+    assert r.status_code == 200
+    page.wait_for_function("state.samples.some(s => s.tokens_per_second > 0)")
+    page.wait_for_function("state.samples.length >= 4")
+    for chart in ("throughput", "kv", "queue", "cache"):
+        points = int(page.locator(f"#chart-{chart}").get_attribute("data-points") or 0)
+        assert points >= 4, chart
+    total = page.evaluate("state.samples[state.samples.length - 1].kv_blocks_total")
+    assert total > 0
+    expect(page.locator(".readout[data-key='KV']")).to_contain_text(f"/{total}")
+    # the canvas has ink on it
+    inked = page.evaluate(
+        """() => { const c = document.querySelector('#chart-throughput');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }"""
+    )
+    assert inked > 100
+    console.shot("engine")
+
+
+def test_usage_shows_users_programs_and_budgets(console: Console, server: RunningServer) -> None:
+    httpx.post(f"{server.url}/v1/usage/budgets", json={"user": "carol", "max_tokens": 1000})
+    page = console.page
+    page.click("button.tab[data-tab='usage']")
+    expect(page.locator("#usage-programs tbody tr").first).to_be_visible()
+    expect(page.locator("#usage-budgets tbody")).to_contain_text("carol")
+    expect(page.locator("#usage-budgets tbody")).to_contain_text("of 1,000")
+    console.shot("usage")
