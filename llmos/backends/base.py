@@ -6,6 +6,7 @@ OpenAI-compatible server unchanged, and the local engine answers the same shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -47,6 +48,10 @@ class ChatRequest:
     # A key (the process) under which the backend may keep this conversation's KV cache after
     # the call, for the next turn; `release(key)` lets it go. Backends without one ignore it.
     retain: str | None = None
+    # Called with (index, call) as each tool call's arguments are complete in the stream, while
+    # the model may still be writing the next (the kernel starts read-only calls then). Backends
+    # that do not stream ignore it; the result's `tool_calls` stay the authority.
+    on_tool_call: Callable[[int, ToolCall], None] | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

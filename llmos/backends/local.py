@@ -15,7 +15,7 @@ from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import RequestOutput
 
 try:  # grammar-constrained tool calls (the structured-output engine work)
-    from llmos.engine.tool_calls import prepare_chat
+    from llmos.engine.tool_calls import OPEN, prepare_chat, scan_calls
 except ImportError:  # pragma: no cover - an engine without them: tools go in the prompt
     prepare_chat = None
 
@@ -64,6 +64,7 @@ class LocalBackend:
             params = calls.constrain(params)
         rid = request.request_id or uuid.uuid4().hex
         final: RequestOutput | None = None
+        streamed = 0  # tool calls handed to request.on_tool_call so far
         async for out in self.engine.generate(
             prompt,
             params,
@@ -73,6 +74,8 @@ class LocalBackend:
             retain=request.retain,
         ):
             final = out
+            if request.on_tool_call is not None and calls is not None:
+                streamed = _stream_calls(out.outputs[0].text, streamed, request.on_tool_call)
         assert final is not None and final.finished
         out = final.outputs[0]
         raw = out.text
@@ -101,3 +104,14 @@ class LocalBackend:
     async def aclose(self) -> None:
         if self._owns:
             await asyncio.to_thread(self.engine.shutdown)
+
+
+def _stream_calls(text: str, done: int, on_call: Any) -> int:
+    """Hand each tool call whose arguments are now complete to `on_call`, once; returns how
+    many have been handed over."""
+    if not text.startswith(OPEN):
+        return done
+    calls = [c for c in scan_calls(text[len(OPEN) :]) if c.done]
+    for i in range(done, len(calls)):
+        on_call(i, ToolCall(f"stream_{i}", calls[i].name, calls[i].arguments))
+    return max(done, len(calls))

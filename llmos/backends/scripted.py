@@ -13,7 +13,7 @@ from typing import Any
 
 from llmos.backends.base import ChatRequest, ChatResult, Message, ToolCall, Usage
 
-Turn = dict[str, Any]  # {"content", "tool_calls": [{"name", "arguments"}], "malformed", ...}
+Turn = dict[str, Any]  # {"content", "tool_calls": [{"name", "arguments"}], "call_delays", ...}
 
 
 def call(name: str, **arguments: Any) -> dict[str, Any]:
@@ -62,6 +62,16 @@ class ScriptedBackend:
             )
             for c in turn.get("tool_calls", [])
         ]
+        # "call_delays": seconds the model "writes" each call (one more entry: the rest of the
+        # turn); a streaming caller hears of each call as it is complete
+        delays = [float(d) for d in turn.get("call_delays", [])]
+        for i, c in enumerate(calls):
+            if i < len(delays):
+                await asyncio.sleep(delays[i])
+            if request.on_tool_call is not None:
+                request.on_tool_call(i, c)
+        if len(delays) > len(calls):
+            await asyncio.sleep(delays[len(calls)])
         prompt = self.count_tokens(request.messages, request.tools)
         u = turn.get("usage", {})
         usage = Usage(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from llmos.backends.base import Backend, ChatResult, ToolCall, Usage
-from llmos.kernel import argtypes
+from llmos.kernel import argtypes, early
 from llmos.kernel.process import Process, ToolCallStep
 from llmos.kernel.tools import BUILTINS, Tool, ToolContext, ToolResult
 
@@ -23,17 +23,26 @@ Syscall = Callable[[Process, ToolCall], Awaitable[ToolResult]]  # the kernel run
 
 
 async def run_call(
-    syscalls: dict[str, Syscall] | None,
-    proc: Process,
-    call: ToolCall,
-    run: Callable[[], ToolResult],
+    ctx: Any, proc: Process, call: ToolCall, run: Callable[[], ToolResult]
 ) -> ToolResult:
-    """One tool call: a kernel system call (spawn_agent, ...) on the kernel's loop, where the
-    program's table has the built-in one; else `run()` in a thread of its own."""
-    syscall = (syscalls or {}).get(call.name)
+    """One tool call of the turn just journaled: a kernel system call (spawn_agent, ...) on the
+    kernel's loop, where the program's table has the built-in one; the result of its early
+    start (early.py), where it had one; else `run()` in a thread of its own. `ctx` is the
+    loop's Context (its `syscalls` and `early`)."""
+    syscall = (ctx.syscalls or {}).get(call.name)
     if syscall is not None and proc.program.tool_table.get(call.name) is BUILTINS[call.name]:
         return await syscall(proc, call)
+    started = ctx.early.take(call) if ctx.early is not None else None
+    if started is not None:
+        return await started
     return await in_thread(run)
+
+
+def begin_early(ctx: Any, proc: Process, request: Any) -> None:
+    """Before a model call: drop the last turn's unused early calls, start this turn's."""
+    if ctx.early is not None:
+        ctx.early.drop()
+    ctx.early = early.begin(proc, ctx.store, request, in_thread)
 
 
 def for_call(proc: Process, backend: Backend) -> list[dict[str, Any]]:

@@ -92,6 +92,7 @@ class Context:
     detached: bool = False  # the kernel is shutting down: stop, but stay resumable
     syscalls: dict[str, calltools.Syscall] | None = None  # the kernel's own (spawn_agent, ...)
     budget: Callable[[Process], str | None] | None = None  # a process tree's shared budget
+    early: calltools.early.EarlyCalls | None = None  # read-only calls started before the turn ends
 
 
 @trace.agent_run  # the invoke_agent span
@@ -202,6 +203,7 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     )
     proc.status = Status.RUNNING
     journal.save_status(ctx.store, proc)
+    calltools.begin_early(ctx, proc, request)  # read-only calls start as the stream allows
     chat_for = getattr(ctx.backend, "chat_for", None)  # a cascade checks against the program
     call = chat_for(request, proc) if chat_for else ctx.backend.chat(request)
     call = trace.chat(call, request, ctx.backend, proc)  # the chat span
@@ -368,7 +370,7 @@ async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
             _observe(ctx, proc, call, memory_tools.run(ctx.store, proc, call))
             continue
         run = functools.partial(execute, call.name, call.arguments, proc.workspace, policy)
-        work = calltools.run_call(ctx.syscalls, proc, call, functools.partial(run, table=table))
+        work = calltools.run_call(ctx, proc, call, functools.partial(run, table=table))
         result = await trace.tool(work, call, proc)  # the execute_tool span
         _observe(ctx, proc, call, result)
     proc.status = Status.RUNNING
