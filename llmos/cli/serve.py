@@ -230,7 +230,9 @@ def banner(url: str, model: str, needs_key: bool) -> str:
       model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
   print(reply.choices[0].message.content)
 
-Also: {url}/v1/models, {url}/health, {url}/metrics. Ctrl+C or SIGTERM stops it gracefully.
+The console: {url}/ (chat, processes, engine charts, usage, evals).
+Also: {url}/v1/models, {url}/v1/processes, {url}/health, {url}/metrics.
+Ctrl+C or SIGTERM stops it gracefully.
 """
 
 
