@@ -21,7 +21,9 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from llmos import LLM
+from llmos.cli.console_evals import EvalHistoryReports
 from llmos.engine.async_engine import AsyncEngine
+from llmos.evals.history import History
 from llmos.kernel import Program
 from llmos.server.app import create_app
 from llmos.server.launch import RunningServer, serve_in_thread
@@ -29,6 +31,7 @@ from llmos.server.processes_host import ProcessHost
 from llmos.server.state import ServerConfig
 
 CHROMIUM = "/usr/bin/chromium"
+EVAL_RESULT = Path(__file__).parent / "fixtures" / "eval_result.json"
 TIMEOUT_MS = 120_000  # the model shares two loaded cores with other tests
 
 
@@ -56,13 +59,19 @@ def approver() -> Program:
 @pytest.fixture(scope="module")
 def server(llm: LLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     engine = AsyncEngine(llm.engine)
+    db = tmp_path_factory.mktemp("kernel") / "kernel.db"
+    history = History(db)  # one eval run in the history, as `llmos eval` leaves it
+    history.save(json.loads(EVAL_RESULT.read_text()))
+    history.close()
     host = ProcessHost.on_engine(
         engine,
-        tmp_path_factory.mktemp("kernel") / "kernel.db",
+        db,
         workspace_root=tmp_path_factory.mktemp("workspaces"),
         programs={"quick": quick, "approver": approver},
     )
-    with serve_in_thread(create_app(engine, ServerConfig(), host)) as running:
+    app = create_app(engine, ServerConfig(), host)
+    app.state.eval_reports = EvalHistoryReports(db)  # as `llmos serve` sets it
+    with serve_in_thread(app) as running:
         yield running
 
 
@@ -246,3 +255,18 @@ def test_usage_shows_users_programs_and_budgets(console: Console, server: Runnin
     expect(page.locator("#usage-budgets tbody")).to_contain_text("carol")
     expect(page.locator("#usage-budgets tbody")).to_contain_text("of 1,000")
     console.shot("usage")
+
+
+def test_eval_reports_open_from_the_history(console: Console, server: RunningServer) -> None:
+    run_id = json.loads(EVAL_RESULT.read_text())["run_id"]
+    page = console.page
+    page.click("button.tab[data-tab='evals']")
+    row = page.locator("#eval-runs tbody tr", has_text=run_id)
+    expect(row).to_contain_text("default-agent")
+    row.click()
+    frame = page.frame_locator("#eval-frame")
+    expect(frame.locator("h1")).to_contain_text("llmos eval: default-agent")
+    expect(frame.locator("body")).to_contain_text("The launch code is 7431.")
+    console.shot("evals")
+    missing = httpx.get(f"{server.url}/v1/console/evals/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "run_id"
