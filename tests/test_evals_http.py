@@ -141,3 +141,81 @@ def test_choices_over_http_without_tokenize(server: str, monkeypatch: pytest.Mon
     with_ids, by_offsets = asyncio.run(both())
     assert [s[1] for s in with_ids] == [s[1] for s in by_offsets]  # the same prompt tokens
     assert [s[0] for s in by_offsets] == pytest.approx([s[0] for s in with_ids], abs=1e-4)
+
+
+PROMPTFOO = """# a promptfoo config, as promptfoo's getting-started writes one
+description: "Translation"
+
+prompts:
+  - "Convert the following English text to {{language}}: {{input}}"
+  - file://translate.json
+
+providers:
+  - id: openai:chat:smollm2-135m
+    config:
+      temperature: 0
+      max_tokens: 24
+
+defaultTest:
+  vars:
+    language: French
+  assert:
+    - type: not-icontains
+      value: "As an AI language model"
+    - type: latency
+      threshold: 600000
+
+tests:
+  - vars:
+      input: Hello world
+  - vars:
+      language: Spanish
+      input: Where is the library?
+    assert:
+      - type: javascript
+        value: output.length > 0
+"""
+
+
+def test_a_promptfoo_config_runs_unchanged(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """promptfoo's own shape against llmos serve, with only OPENAI_BASE_URL set (as one points
+    promptfoo at a local server): prompts (text and a file:// chat), providers with config,
+    defaultTest vars and asserts, tests with vars and assert. A `javascript` assertion is the
+    one part llmos cannot run: it is named as a configuration error (exit 2), not skipped."""
+    (tmp_path / "translate.json").write_text(json.dumps([
+        {"role": "system", "content": "You translate English into {{language}}."},
+        {"role": "user", "content": "{{input}}"},
+    ]))  # fmt: skip
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{server}/v1")
+    config = tmp_path / "promptfooconfig.yaml"
+    config.write_text(PROMPTFOO)
+    args = ["eval", str(config), "--no-store", "--out", str(tmp_path)]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "tests[1].assert[0].type" in refused.output
+    assert "unknown assertion 'javascript'" in refused.output
+    python = PROMPTFOO.replace("type: javascript", "type: python").replace(
+        "output.length > 0", "len(output) > 0"
+    )  # promptfoo's inline python form of the same check
+    config.write_text(python)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert [c["config"]["prompt"] for c in data["cells"]] == ["prompt-1", "translate"]
+    assert len(data["cases"]) == 4
+    for c in data["cases"]:
+        assert c["status"] == "done" and c["output"].strip() and c["prompt_tokens"] > 0, c
+        kinds = [a["type"] for a in c["assertions"]]
+        assert kinds[:2] == ["not-icontains", "latency"], kinds  # defaultTest's come first
+        assert c["passed"], c
+    # the file:// chat prompt went as its messages, rendered with each test's vars
+    sent = {c["test"]: c["prompt_tokens"] for c in data["cases"] if "translate" in c["cell"]}
+    tests = {"test-1": ("French", "Hello world"), "test-2": ("Spanish", "Where is the library?")}
+    for test, (language, text) in tests.items():
+        messages = [
+            {"role": "system", "content": f"You translate English into {language}."},
+            {"role": "user", "content": text},
+        ]
+        r = httpx.post(f"{server}/tokenize", json={"messages": messages}, timeout=60)
+        assert sent[test] == r.json()["count"], (test, sent, r.json())

@@ -86,9 +86,13 @@ def test_a_passing_run_exits_0_with_its_reports(runs: dict) -> None:
     for cell in (greedy, sampled):  # the grammar makes the JSON schema-valid
         assert by[(cell, "json", 0)]["passed"], by[(cell, "json", 0)]
         assert by[(cell, "choice", 0)]["output"] == " Paris"  # log-likelihood picks Paris
+        scores = [t["logprob"] for t in by[(cell, "choice", 0)]["transcript"]]
+        assert len(scores) == 3 and scores[0] == max(scores) < 0, scores
     rubric = by[(greedy, "rubric", 0)]["assertions"][0]
     assert rubric["type"] == "llm-rubric" and rubric["reason"].startswith("judge said")
     assert "PASS" in rubric["reason"] or "FAIL" in rubric["reason"]
+    # the greedy and sampled cells (and the local judge) share one loaded engine
+    assert len(result["engines"]) == 1, result["engines"]
     assert result["engines"] and all(
         e["kv_blocks_used"] == 0 and e["kv_blocks_orphaned"] == 0 for e in result["engines"]
     ), result["engines"]

@@ -31,5 +31,7 @@ def test_the_shipped_agent_suite_holds_its_gates(tmp_path: Path) -> None:
         assert c["status"] == "done", c
         assert c["tool_calls"] and c["tool_calls"][0]["name"] == "read_file", c
         assert c["tokens"] > 0 and c["cost"] > 0
+        kinds = [step["kind"] for step in c["transcript"]]  # the process's steps come out
+        assert "tool_call" in kinds and len(kinds) >= 2, kinds
     junit = ET.parse(tmp_path / "junit.xml").getroot()
     assert junit.find("testsuite[@name='assistant']").get("tests") == str(n_cases)
