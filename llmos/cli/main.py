@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from llmos.cli import approve, chat, eval, generate, ps, run, serve, usage
+from llmos.cli import approve, chat, eval, generate, ps, run, serve, top, usage
 
 app = typer.Typer(
     name="llmos",
@@ -27,6 +27,7 @@ generate.register(app)
 chat.register(app)
 run.register(app)
 ps.register(app)
+top.register(app)
 approve.register(app)
 usage.register(app)
 serve.register(app)
