@@ -46,6 +46,15 @@ def serve(
     no_prefix_caching: bool = typer.Option(
         False, "--no-prefix-caching", help="Recompute shared prefixes."
     ),
+    speculation: str | None = typer.Option(
+        None,
+        "--speculation",
+        help="Speculative decoding: 'suffix' (SuffixDecoding) or 'ngram' (prompt lookup). "
+        "Lossless; a request can turn it off with \"speculation\": false.",
+    ),
+    num_speculative_tokens: int = typer.Option(
+        8, "--num-speculative-tokens", help="Most draft tokens verified per step."
+    ),
     strict_fields: bool = typer.Option(
         False,
         "--strict-fields",
@@ -146,6 +155,8 @@ def serve(
                 max_num_seqs=max_num_seqs,
                 deterministic=deterministic,
                 enable_prefix_caching=not no_prefix_caching,
+                speculation=speculation,
+                num_speculative_tokens=num_speculative_tokens,
             )
         )
     except ValueError as exc:  # RequestError, ModelNotFoundError, a bad engine setting

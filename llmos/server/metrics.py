@@ -43,6 +43,11 @@ _GAUGES = {
     "kv_blocks_pinned": "KV cache blocks pinned for agents waiting on a tool.",
     "kv_blocks_orphaned": "KV cache blocks in use yet held by no live request or pin (a leak).",
 }
+_SPEC = {
+    "spec_decode_num_drafts": ("spec_num_drafts", "Verification steps that carried drafts."),
+    "spec_decode_num_draft_tokens": ("spec_num_draft_tokens", "Draft tokens verified."),
+    "spec_decode_num_accepted_tokens": ("spec_num_accepted_tokens", "Draft tokens accepted."),
+}
 PIN_TIMEOUT = 1.0  # seconds to wait for the engine thread's per-pin block counts
 
 
@@ -76,6 +81,10 @@ class _EngineCollector(Collector):
         yield usage
         for key, doc in counters.items():
             c = CounterMetricFamily(f"vllm:{key}", doc, labels=labels)
+            c.add_metric(value, stats.get(key, 0))
+            yield c
+        for name, (key, doc) in _SPEC.items():  # speculative decoding (engine/spec.py)
+            c = CounterMetricFamily(f"vllm:{name}", doc, labels=labels)
             c.add_metric(value, stats.get(key, 0))
             yield c
         pinned = GaugeMetricFamily(

@@ -67,6 +67,7 @@ class SamplingRequest(_Request):
     priority: int = Field(0, ge=-_INT64, lt=_INT64)
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
+    speculation: bool | None = None  # false: no speculative drafts for this request
     # vLLM-style structured output
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -110,6 +111,7 @@ class SamplingRequest(_Request):
                 ("logit_bias", self.logit_bias),  # keys are token ids as strings; checked there
                 ("bad_words", self.bad_words),
                 ("allowed_token_ids", self.allowed_token_ids),
+                ("speculation", self.speculation),
             )
             if v is not None
         }
@@ -304,6 +306,9 @@ class ChatChoice(BaseModel):
 
 
 class Usage(BaseModel):
+    # extras (only when the engine speculates): `speculation`, this response's drafts
+    model_config = ConfigDict(extra="allow")
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int

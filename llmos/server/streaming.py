@@ -30,10 +30,22 @@ def event(data: Any) -> str:
 
 def usage_of(outputs: list[RequestOutput]) -> Usage:
     """Prompt tokens of every prompt; completion tokens of every choice."""
-    return Usage.of(
+    usage = Usage.of(
         sum(len(out.prompt_token_ids) for out in outputs),
         sum(len(o.token_ids) for out in outputs for o in out.outputs),
     )
+    if any("spec_num_drafts" in out.metrics for out in outputs):  # the engine speculates
+        drafts, tokens, accepted = (
+            int(sum(out.metrics.get(f"spec_num_{k}", 0) for out in outputs))
+            for k in ("drafts", "draft_tokens", "accepted_tokens")
+        )
+        usage.speculation = {  # type: ignore[attr-defined]
+            "num_drafts": drafts,
+            "num_draft_tokens": tokens,
+            "num_accepted_tokens": accepted,
+            "mean_acceptance_length": round(1 + accepted / drafts, 3) if drafts else 1.0,
+        }
+    return usage
 
 
 @dataclass(slots=True)
