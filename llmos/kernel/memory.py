@@ -132,14 +132,16 @@ class Counter:
         estimate: bool = False,
     ) -> None:
         self.count_tokens, self.tools, self.estimate = count_tokens, tools or [], estimate
-        self._cache: dict[str, int] = {}
+        self._cache: dict[tuple[Any, ...], int] = {}
         self._base: int | None = None
 
     def total(self, msgs: list[Message]) -> int:
         return self.count_tokens(msgs, self.tools)
 
     def one(self, m: Message) -> int:
-        key = json.dumps(m, sort_keys=True, default=str)
+        calls = m.get("tool_calls")
+        key = (m["role"], m.get("content"), m.get("raw"), m.get("name"), m.get("tool_call_id"))
+        key += (json.dumps(calls, sort_keys=True),) if calls else ()
         n = self._cache.get(key)
         if n is None:
             if self._base is None:  # what a template adds once per prompt (a default system)
@@ -264,35 +266,58 @@ def _shrink(
     counter: Counter,
     note_for: Callable[[list[Message], int], str],
 ) -> None:
-    """Cut `c` down until its estimate is under `target` (else under `room`, else raise)."""
+    """Cut `c` down until its estimate is under `target` (else under `room`, else raise).
+    The estimate is kept as a running sum: each change costs one message's count."""
+    gone = set(c.elided)
+
+    def size(i: int) -> int:
+        return counter.one(elided(body[i])) if i in gone else sizes[i]
+
+    def note_size() -> int:
+        return counter.one({"role": "user", "content": c.note}) if c.cut else 0
+
+    kept = sum(size(i) for i in range(c.cut, len(body)))
+    note_n = note_size()
 
     def est() -> int:
-        return _estimate(c, head_n, sizes, body, counter)
+        return head_n + note_n + kept
+
+    def elide(i: int) -> None:
+        nonlocal kept
+        if i not in gone and _elidable(body[i]):
+            kept -= sizes[i]
+            gone.add(i)
+            kept += size(i)
 
     recent = max(0, len(body) - cfg.keep_recent)
     for i in range(c.cut, recent):  # 1: old tool outputs, oldest first
         if est() <= target:
-            return
-        if body[i]["role"] == "tool" and _elidable(body[i]) and i not in c.elided:
-            c.elided.append(i)
-    starts = [s for s in units(body) if s > c.cut] + [len(body)]
-    last = starts[-2] if len(starts) > 1 else c.cut  # the newest unit is never dropped
-    note_n = counter.one({"role": "user", "content": note_for([], max(1, c.cut))}) + 8
-    while est() + (0 if c.cut else note_n) > target and starts[0] <= last:  # 2: drop oldest
-        if len(body) - starts[0] < cfg.keep_recent and est() <= room - note_n:
+            break
+        if body[i]["role"] == "tool":
+            elide(i)
+    starts = [s for s in units(body) if s > c.cut]
+    last = starts[-1] if starts else c.cut  # the newest unit is never dropped
+    guess = counter.one({"role": "user", "content": note_for([], max(1, c.cut))}) + 8
+    while starts and est() + (0 if c.cut else guess) > target:  # 2: drop the oldest unit
+        if len(body) - starts[0] < cfg.keep_recent and est() + guess <= room:
             break  # the recent messages go only as a last resort
-        c.cut = starts.pop(0)
-        c.elided = [i for i in c.elided if i >= c.cut]
-        c.note = note_for(body[: c.cut], c.cut)
+        new = starts.pop(0)
+        kept -= sum(size(i) for i in range(c.cut, new))
+        gone -= set(range(c.cut, new))
+        c.cut = new
+        c.note = note_for(body[:new], new)
         if counter.one({"role": "user", "content": c.note}) > room // 4:  # a note kept short
-            c.note = drop_note(c.cut, cfg.policy)
+            c.note = drop_note(new, cfg.policy)
+        note_n = note_size()
+        if new >= last:
+            break
     for i in range(c.cut, len(body) - 1):  # 3: the newest units' long contents
         if est() <= room:
-            return
-        if _elidable(body[i]) and i not in c.elided:
-            c.elided.append(i)
-    if est() > room and body and body[-1]["role"] == "tool" and _elidable(body[-1]):
-        c.elided.append(len(body) - 1)  # the newest result, elided (its call stays)
+            break
+        elide(i)
+    if est() > room and body and body[-1]["role"] == "tool":
+        elide(len(body) - 1)  # the newest result, elided (its call stays)
+    c.elided = sorted(gone)
     if est() > room:
         raise ContextOverflow(
             f"the prompt cannot fit in {room} tokens: the pinned system prompt, tools and task "
