@@ -55,6 +55,12 @@ def serve(
     num_speculative_tokens: int = typer.Option(
         8, "--num-speculative-tokens", help="Most draft tokens verified per step."
     ),
+    guards: str | None = typer.Option(
+        None,
+        "--guards",
+        help="YAML file of guards (a list of guard objects, as the per-request 'guards' field) "
+        "applied to every request: input, and output as it streams.",
+    ),
     strict_fields: bool = typer.Option(
         False,
         "--strict-fields",
@@ -119,6 +125,7 @@ def serve(
     from llmos.engine.config import parse_bytes
     from llmos.errors import RequestError
     from llmos.server.app import create_app, server_state
+    from llmos.server.guards import load_guards
     from llmos.server.launch import bind, make_server, url_of
     from llmos.server.response_store import ResponseStore
     from llmos.server.state import ServerConfig
@@ -130,6 +137,7 @@ def serve(
             max_body_bytes=parse_bytes(max_body_size, "--max-body-size"),
             strict_fields=strict_fields,
             responses_db=responses_db or default_responses_db(),
+            guards=load_guards(guards) if guards else [],
         )
         ResponseStore(config.responses_db).close()  # a bad path fails before the model loads
         sock = bind(host, port)  # before loading the model: a busy port fails at once

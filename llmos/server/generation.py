@@ -21,6 +21,7 @@ from llmos.engine.async_engine import EngineDeadError
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import RequestOutput
 from llmos.errors import RequestError
+from llmos.server import guards
 from llmos.server.drain import InFlight
 from llmos.server.errors import APIError, ClientDisconnected
 from llmos.server.limits import Ticket
@@ -81,6 +82,8 @@ class Generation:
         user: str | None = None,
     ) -> Generation:
         """Admit the jobs and wait for each one's first output (or the first refusal)."""
+        guarded = await guards.prepare(state.config.guards, request, [j.params for j in jobs])
+        jobs = [PromptJob(j.prompt, p) for j, p in zip(jobs, guarded, strict=True)]
         ticket = state.admission.enter(sum(job.params.n for job in jobs))
         streams = [
             state.engine.generate(

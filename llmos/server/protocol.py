@@ -68,6 +68,7 @@ class SamplingRequest(_Request):
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     speculation: bool | None = None  # false: no speculative drafts for this request
+    guards: list[dict[str, Any]] | None = None  # llmos safeguards (see llmos/engine/guards.py)
     # vLLM-style structured output
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -112,6 +113,7 @@ class SamplingRequest(_Request):
                 ("bad_words", self.bad_words),
                 ("allowed_token_ids", self.allowed_token_ids),
                 ("speculation", self.speculation),
+                ("guards", self.guards),  # errors name guards[i].field
             )
             if v is not None
         }

@@ -40,7 +40,7 @@ def call_item(
 
 def output_items(o: CompletionOutput) -> list[dict[str, Any]]:
     """A finished choice (its tool calls parsed) as output items."""
-    status = "incomplete" if o.finish_reason == "length" else "completed"
+    status = "incomplete" if o.finish_reason in ("length", "content_filter") else "completed"
     items = [message_item(o.text, new_id("msg"), status)] if o.text or not o.tool_calls else []
     for c in o.tool_calls or []:
         items.append(call_item(c.id, c.function.name, c.function.arguments, new_id("fc")))
@@ -69,7 +69,8 @@ def response_body(
     created_at: int | None = None,
 ) -> dict[str, Any]:
     """The Response object; `out` (the finished engine output) gives usage and status detail."""
-    length = out is not None and out.outputs[0].finish_reason == "length"
+    reason = out.outputs[0].finish_reason if out is not None else None
+    length = reason in ("length", "content_filter")  # (an output guard stopped it)
     return {
         "id": rid,
         "object": "response",
@@ -77,7 +78,9 @@ def response_body(
         "status": "incomplete" if length else status,
         "completed_at": int(time.time()) if out is not None else None,
         "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if length else None,
+        "incomplete_details": (
+            {"reason": "max_output_tokens" if reason == "length" else reason} if length else None
+        ),
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
         "metadata": req.metadata or {},

@@ -55,6 +55,7 @@ class ResponsesRequest(_Request):
     repetition_penalty: float | None = None
     seed: int | None = Field(None, ge=-_INT64, lt=2 * _INT64)
     priority: int = Field(0, ge=-_INT64, lt=_INT64)
+    guards: list[dict[str, Any]] | None = None  # llmos safeguards, as on chat
     # read only to refuse them: this server cannot honour them
     background: bool | None = None
     reasoning: dict[str, Any] | None = None
@@ -114,6 +115,7 @@ class ResponsesRequest(_Request):
             "repetition_penalty": self.repetition_penalty,
             "seed": self.seed,
             "priority": self.priority,
+            "guards": self.guards,
         }
         with renamed():
             req = ChatCompletionRequest.model_validate(body)

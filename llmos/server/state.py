@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmos.engine.async_engine import AsyncEngine
+from llmos.engine.guards import parse_guards
 from llmos.errors import RequestError
 from llmos.models.registry import ALIASES
 from llmos.server.drain import InFlight
@@ -24,8 +26,10 @@ class ServerConfig:
     max_prompts: int = 64  # prompts in one /v1/completions batch
     strict_fields: bool = False  # refuse (400) a request with fields the server does not read
     responses_db: str = ":memory:"  # SQLite file of stored /v1/responses (`llmos serve`: a file)
+    guards: list[Any] = field(default_factory=list)  # every request's (`llmos serve --guards`)
 
     def __post_init__(self) -> None:
+        self.guards = parse_guards(self.guards)
         if self.max_waiting is not None and self.max_waiting < 0:
             raise RequestError(
                 f"max_waiting must be at least 0, got {self.max_waiting}", param="max_waiting"

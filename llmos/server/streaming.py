@@ -129,6 +129,24 @@ class ToolCallStream:
         return "", deltas
 
 
+def filtered_error(outputs: list[RequestOutput]) -> str:
+    """An error event after the chunks when an output guard stopped a choice (its finish_reason
+    is `content_filter`): the official clients raise it, so a stream cut short is not mistaken
+    for a whole answer."""
+    n = max((len(out.outputs) for out in outputs), default=1)
+    cut = [
+        i * n + o.index
+        for i, out in enumerate(outputs)
+        for o in out.outputs
+        if o.finish_reason == "content_filter"
+    ]
+    if not cut:
+        return ""
+    message = f"an output guard stopped choice(s) {cut}: finish_reason is content_filter"
+    error = {"message": message, "type": "content_filter", "param": "guards"}
+    return event({"error": {**error, "code": "content_filter"}})
+
+
 class Renderer(Protocol):
     """Turns a generation's outputs into one endpoint's stream chunks."""
 
@@ -150,7 +168,8 @@ async def _events(state: ServerState, gen: Generation, render: Renderer) -> Asyn
             pending = ""
             if chunk:
                 yield chunk
-        yield pending + render.tail(usage_of([last[i] for i in sorted(last)])) + DONE
+        outs = [last[i] for i in sorted(last)]
+        yield pending + render.tail(usage_of(outs)) + filtered_error(outs) + DONE
         status = 200
     except Exception as exc:  # an engine failure mid-stream: tell the client, in band
         error = as_api_error(exc)
