@@ -135,9 +135,8 @@ def give_up(proc: Process, ctx: Context, step: GiveUp) -> None:
 def resume_point(proc: Process) -> NextStep:
     if proc.pending_calls():
         return RunTools(proc.pending_calls())
-    last = proc.steps[-1] if proc.steps else None
-    if isinstance(last, ModelTurn) and not isinstance(last, memory.SummaryTurn):
-        return classify(proc, last)
+    if proc.steps and isinstance(proc.steps[-1], ModelTurn):
+        return classify(proc, proc.steps[-1])
     return CallModel()
 
 
@@ -157,7 +156,7 @@ def check_limits(proc: Process, ctx: Context) -> GiveUp | None:
         )
     if proc.elapsed >= lim.max_seconds:
         return GiveUp("time_limit", f"time limit: {proc.elapsed:.1f}s of {lim.max_seconds:g}s")
-    why = ctx.meter.over_budget(proc.owner, proc.usage, lim)
+    why = ctx.meter.over_budget(proc.owner, memory.usage(proc), lim)  # summaries count too
     if why is None and ctx.budget is not None:
         why = ctx.budget(proc)
     return GiveUp("budget", why) if why else None

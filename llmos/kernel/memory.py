@@ -23,7 +23,14 @@ from typing import Any, ClassVar
 from llmos.backends.base import Message
 from llmos.kernel import memory_tools
 from llmos.kernel.memory_config import MemoryConfig
-from llmos.kernel.process import STEP_TYPES, ErrorStep, ModelTurn, Process, ToolResultStep
+from llmos.kernel.process import (
+    STEP_TYPES,
+    ErrorStep,
+    ModelTurn,
+    Process,
+    ProcessUsage,
+    ToolResultStep,
+)
 
 # An answer that only restated a failed call's error gets this once (the error names the
 # valid choices, e.g. the nearest files).
@@ -68,10 +75,29 @@ class Compaction:
 
 
 @dataclass(slots=True)
-class SummaryTurn(ModelTurn):
-    """The summarizer's model call: metered to the process like any turn, never projected."""
+class SummaryTurn:
+    """The summarizer's model call ("memory_summary"): metered to the process (a usage row,
+    and `usage(proc)`), never projected into the prompt, and not one of the program's turns."""
 
     kind: ClassVar[str] = "memory_summary"
+    content: str | None
+    raw: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    engine_seconds: float = 0.0
+    cost: float = 0.0
+    finish_reason: str | None = None
+    backend: str | None = None
+
+
+def usage(proc: Process) -> ProcessUsage:
+    """The process's usage with its summarizer's calls (`Process.usage` counts model turns)."""
+    u = proc.usage
+    for s in proc.steps:
+        if isinstance(s, SummaryTurn):
+            u.add(s)  # type: ignore[arg-type]  # the same usage fields
+    return u
 
 
 STEP_TYPES.setdefault(Compaction.kind, Compaction)
@@ -96,8 +122,6 @@ def to_messages(proc: Process) -> list[Message]:
         {"role": "user", "content": proc.input},
     ]
     for step in proc.steps:
-        if isinstance(step, SummaryTurn):
-            continue
         if isinstance(step, ModelTurn):
             m: Message = {"role": "assistant", "content": step.content, "raw": step.raw}
             if step.tool_calls and not step.malformed:
