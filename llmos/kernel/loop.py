@@ -23,6 +23,7 @@ from llmos.backends.base import Backend, ChatRequest, ChatResult, Message, ToolC
 from llmos.kernel import (
     calltools,
     evidence,
+    guards,
     journal,
     memory,
     memory_policies,
@@ -166,6 +167,9 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
     stop = check_limits(proc, ctx)
     if stop is not None:
         return stop
+    refused = await guards.task_input(ctx, proc)  # input guards, before the first call
+    if refused is not None:
+        return GiveUp("guard", refused)
     prog = proc.program
     tools = calltools.for_call(proc, ctx.backend) + memory_tools.schemas(proc)
     choice = "none" if answer else (prog.tool_choice_for(proc.num_turns) if tools else "none")
@@ -194,7 +198,7 @@ async def plan(proc: Process, ctx: Context, answer: bool = False) -> NextStep:
         msgs,
         tools,
         choice,
-        dict(prog.sampling),
+        guards.sampling(proc, ctx.backend),  # with its output guards, for a local engine
         proc.priority,
         proc.owner,
         f"p{proc.pid}-s{len(proc.steps)}",
@@ -304,6 +308,9 @@ def _restated_error(proc: Process, turn: ModelTurn) -> str | None:
 
 
 def _problem(proc: Process, turn: ModelTurn) -> tuple[str, str] | None:
+    guarded = guards.answer_problem(proc, turn)  # an output guard stopped or blocks it
+    if guarded is not None:
+        return guarded
     if turn.malformed:
         return "malformed_output", turn.malformed
     if turn.tool_calls:
@@ -371,7 +378,10 @@ async def act(proc: Process, ctx: Context, calls: list[ToolCall]) -> NextStep:
         run = functools.partial(execute, call.name, call.arguments, proc.workspace, policy)
         work = calltools.run_call(ctx, proc, call, functools.partial(run, table=table))
         result = await trace.tool(work, call, proc)  # the execute_tool span
+        result, stop = await guards.tool_output(ctx, proc, call.name, result)  # before the model
         _observe(ctx, proc, call, result)
+        if stop is not None:
+            return GiveUp("guard", stop)
     proc.status = Status.RUNNING
     return CallModel()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from llmos.engine.guards import parse_guards
 from llmos.kernel.memory_config import MemoryConfig
 from llmos.kernel.router import CascadeConfig
 from llmos.kernel.tools import Policy, Tool, table, tool_of
@@ -76,6 +77,9 @@ class Program:
     # While the model decides, pre-run the read-only calls it made at this turn the last time
     # this program ran on the same input; a wrong guess is discarded (no tokens, no step).
     speculate_tools: bool = False
+    # Safeguards at the input, tool_output and output stages (llmos/kernel/guards.py): guard
+    # objects as in `llmos serve --guards`, e.g. {name, stage: tool_output, kind: classifier}
+    guards: list[Any] = field(default_factory=list)
     # The checks a `cascade:[...]` model runs before it escalates (router.CascadeConfig's fields)
     cascade: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the .py file that defines it (its custom tools)
@@ -120,6 +124,10 @@ class Program:
         try:
             MemoryConfig.from_dict(self.memory)
         except (TypeError, ValueError) as exc:
+            raise ProgramError(str(exc)) from None
+        try:
+            parse_guards(self.guards)
+        except ValueError as exc:
             raise ProgramError(str(exc)) from None
 
     @property
