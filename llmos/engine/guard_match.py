@@ -167,7 +167,7 @@ _INJECTION_CUES: list[tuple[re.Pattern[str], float]] = [
         re.compile(
             r"(?i)\b(ignore|disregard|forget|override|bypass)\b.{0,30}\b(previous|prior|above|"
             r"earlier|preceding|all|your|the|system)\b.{0,20}\b(instructions?|directions|rules|"
-            r"prompts?|guidelines|messages?)\b"
+            r"prompts?|guidelines|messages?|task|context)\b"
         ),
         0.85,
     ),
@@ -187,7 +187,13 @@ _INJECTION_CUES: list[tuple[re.Pattern[str], float]] = [
         ),
         0.5,
     ),
-    (re.compile(r"(?i)\b(as an ai|dear (ai|assistant|model)|attention,? (ai|assistant))\b"), 0.35),
+    (
+        re.compile(
+            r"(?i)\b(as an ai|(dear|attention,?|hey|note to|message to|instructions? for) (the )?"
+            r"(ai|assistant|model|llm|agent|ai model|language model))\b"
+        ),
+        0.35,
+    ),
     (re.compile(r"(?i)\b(rm -rf|curl [^\n]{0,80}\|\s*(ba)?sh|wget [^\n]{0,80}\|\s*sh)\b"), 0.45),
     (re.compile(r"(?i)<\s*/?\s*(system|im_start|instructions?)\s*>|\[/?(system|INST)\]"), 0.45),
 ]

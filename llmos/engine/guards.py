@@ -55,6 +55,7 @@ class Guard:
     function: str | Callable[[str], float | bool] | None = None  # python: "module:attr"
     replacement: str = "[REDACTED]"  # redact: what a span becomes
     prevent: bool = True  # block literal/regex: also compile it into the decoding constraint
+    on_trip: str = "continue"  # kernel stages: after a block, "continue" (quarantine) or "stop"
     where: str = field(default="guards[0]", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +67,8 @@ class Guard:
                 raise _problem(
                     w, attr, f"must be one of {', '.join(allowed)}, got {getattr(self, attr)!r}"
                 )
+        if self.on_trip not in ("continue", "stop"):
+            raise _problem(w, "on_trip", f"must be 'continue' or 'stop', got {self.on_trip!r}")
         for attr in ("ignore_case", "prevent"):
             if not isinstance(getattr(self, attr), bool):
                 raise _problem(w, attr, f"must be true or false, got {getattr(self, attr)!r}")
