@@ -104,6 +104,7 @@ def run_mode(kernel: Kernel, ws: Path, parallel: int, n: int) -> dict[str, Any]:
 def main(
     files: int = 16,
     max_tokens: int = 48,
+    rounds: Annotated[int, typer.Option(help="Rounds; each later one flips the order.")] = 1,
     record: Annotated[Path | None, typer.Option(help="Write a section here.")] = None,
 ) -> None:
     from llmos.backends.local import LocalBackend
@@ -114,16 +115,22 @@ def main(
         inputs = workspace(ws, files, max_tokens)
         with Kernel(backend=Orchestrator(local, inputs[:2]), db=ws / "warm.db") as k:
             run_mode(k, ws, 2, 2)  # warm-up: load, first compiles
-        results = {}
-        for mode, parallel in (("sequential", 1), ("fan-out", files)):
-            with Kernel(backend=Orchestrator(local, inputs), db=ws / f"{mode}.db") as k:
-                results[mode] = run_mode(k, ws, parallel, files)
-            r = results[mode]
-            print(
-                f"{mode}: {r['wall']:.1f}s, {r['done']}/{r['children']} children done, "
-                f"{r['completion']} completion tokens",
-                flush=True,
-            )
+        modes = [("sequential", 1), ("fan-out", files)]
+        runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "fan-out": []}
+        for n in range(rounds):  # flipping the order evens out a load that drifts
+            for mode, parallel in modes if n % 2 == 0 else modes[::-1]:
+                with Kernel(backend=Orchestrator(local, inputs), db=ws / f"{mode}{n}.db") as k:
+                    r = run_mode(k, ws, parallel, files)
+                runs[mode].append(r)
+                print(
+                    f"{mode}: {r['wall']:.1f}s, {r['done']}/{r['children']} children done, "
+                    f"{r['completion']} completion tokens",
+                    flush=True,
+                )
+    results = {
+        mode: {**rs[0], "wall": sum(r["wall"] for r in rs) / len(rs)} for mode, rs in runs.items()
+    }
+    per_round = [a["wall"] / b["wall"] for a, b in zip(*runs.values(), strict=True)]
     asyncio.run(local.aclose())
     seq, fan = results["sequential"], results["fan-out"]
     same = sum(a == b for a, b in zip(seq["answers"], fan["answers"], strict=True))
@@ -143,7 +150,7 @@ def main(
     table = md_table(
         [
             "mode",
-            "makespan s",
+            "makespan s (mean)",
             "children done",
             "prompt tok",
             "completion tok",
@@ -165,7 +172,9 @@ def main(
         "same program with `limits.max_parallel_children: 1`, so the children run one at a "
         "time, as one agent doing the same calls in turn.\n\n"
         f"{table}\n\n"
-        f"Makespan ratio (sequential / fan-out): **{ratio:.2f}x**. The children's answers are "
+        f"Makespan ratio (sequential / fan-out, mean makespans over {rounds} round(s), the "
+        f"order flipped each round): **{ratio:.2f}x** (per round: "
+        f"{', '.join(f'{x:.2f}x' for x in per_round)}). The children's answers are "
         f"identical in both modes for {same} of {files} (batched and unbatched greedy decoding "
         f"{'agree' if same == files else 'differ a little: batch shapes change float sums'}). "
         f"Peak RSS {peak_rss_bytes() / 2**20:.0f} MiB."

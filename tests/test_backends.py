@@ -167,6 +167,53 @@ def test_openai_http_against_llmos_serve(served: str) -> None:
     assert result.engine_seconds > 0
 
 
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look up the weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_openai_http_streams_tool_calls_as_they_complete(served: str) -> None:
+    """With `on_tool_call` the call is streamed: each tool call is handed over once its
+    arguments are whole, and the result is the one the unstreamed call returns."""
+    seen: list[tuple[int, str, str, float]] = []
+    request = ChatRequest(
+        [{"role": "user", "content": "What is the weather in Paris?"}],
+        [LOOKUP],
+        "required",
+        {"max_tokens": 40, "temperature": 0},
+    )
+
+    async def go():  # noqa: ANN202
+        backend = OpenAIHTTPBackend(served, "smollm2-135m")
+        try:
+            plain = await backend.chat(request)
+            request.on_tool_call = lambda i, c: seen.append(
+                (i, c.name, c.arguments, time.monotonic())
+            )
+            streamed = await backend.chat(request)
+            return plain, streamed, time.monotonic()
+        finally:
+            await backend.aclose()
+
+    plain, streamed, ended = asyncio.run(go())
+    calls = [(i, c.name, c.arguments) for i, c in enumerate(streamed.tool_calls)]
+    assert calls and [s[:3] for s in seen] == calls
+    assert [(c.name, c.arguments) for c in plain.tool_calls] == [c[1:] for c in calls]
+    assert streamed.usage.prompt_tokens == plain.usage.prompt_tokens > 0
+    assert streamed.usage.completion_tokens == plain.usage.completion_tokens > 0
+    assert streamed.finish_reason == plain.finish_reason == "tool_calls"
+    assert all(t <= ended for *_, t in seen)
+
+
 def test_kernel_over_openai_http(served: str, ws: Path, tmp_path: Path) -> None:
     """The same program through the HTTP backend, with the server's native (grammar-
     constrained) tool calls: it reads the file and answers, metered under the HTTP model."""

@@ -73,6 +73,8 @@ class OpenAIHTTPBackend:
         if extra:
             kwargs["extra_body"] = extra
         t0 = time.monotonic()
+        if native and request.on_tool_call is not None:  # calls handed over as they complete
+            return await self._streamed(request, messages, kwargs, t0)
         reply = await self.client.chat.completions.create(
             model=self.model, messages=messages, **kwargs
         )
@@ -95,8 +97,63 @@ class OpenAIHTTPBackend:
             return result
         return toolprompt.read_reply(result, request)
 
+    async def _streamed(
+        self, request: ChatRequest, messages: list[Message], kwargs: dict[str, Any], t0: float
+    ) -> ChatResult:
+        """The same call streamed: each tool call goes to `request.on_tool_call` once its
+        arguments are a complete JSON object or the next call starts, as vLLM streams them."""
+        stream = await self.client.chat.completions.create(
+            model=self.model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            **kwargs,
+        )
+        text, finish, usage = "", None, Usage()
+        calls: list[dict[str, str]] = []
+        handed = 0
+        first: float | None = None
+        async for chunk in stream:
+            if chunk.usage is not None:
+                details = getattr(chunk.usage, "prompt_tokens_details", None)
+                usage = Usage(
+                    chunk.usage.prompt_tokens,
+                    (getattr(details, "cached_tokens", None) or 0) if details else 0,
+                    chunk.usage.completion_tokens,
+                )
+            for choice in chunk.choices:
+                first = first if first is not None else time.monotonic() - t0
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+                for d in choice.delta.tool_calls or []:
+                    while len(calls) <= d.index:
+                        calls.append({"id": "", "name": "", "arguments": ""})
+                    c = calls[d.index]
+                    c["id"] = d.id or c["id"]
+                    if d.function is not None:
+                        c["name"] += d.function.name or ""
+                        c["arguments"] += d.function.arguments or ""
+            while handed < len(calls) and (handed < len(calls) - 1 or _complete(calls[handed])):
+                c = calls[handed]
+                request.on_tool_call(handed, ToolCall(c["id"], c["name"], c["arguments"]))
+                handed += 1
+        result = ChatResult(text or None, [], usage, time.monotonic() - t0, finish, raw=text)
+        result.first_chunk_seconds = first
+        result.tool_calls = [ToolCall(c["id"], c["name"], c["arguments"] or "{}") for c in calls]
+        for i in range(handed, len(calls)):
+            request.on_tool_call(i, result.tool_calls[i])
+        return result
+
     def release(self, key: str) -> None:
         return None  # nothing is kept between calls
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _complete(call: dict[str, str]) -> bool:
+    """Are a streamed call's arguments a whole JSON object yet?"""
+    try:
+        return isinstance(json.loads(call["arguments"] or "x"), dict)
+    except json.JSONDecodeError:
+        return False
