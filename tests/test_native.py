@@ -121,3 +121,46 @@ def test_an_empty_cache_dir_turns_off_the_kernel_cache_too(
     assert build.is_relative_to(scratch_dir()) and not build.is_relative_to(tmp_path)
     monkeypatch.setenv("LLMOS_CACHE_DIR", str(tmp_path / "c"))
     assert native._build_dir("k") == tmp_path / "c" / "kernels" / "k"
+
+
+@pytest.mark.skipif(native is None or not native.has_panels(), reason="no panel kernels")
+@pytest.mark.parametrize("fmt", ["fp32", "q4", "q8"])
+@pytest.mark.parametrize("k", [160, 576])
+def test_rows_and_panels_give_the_same_bits(fmt: str, k: int) -> None:
+    """Batch invariance by construction: whichever kernel serves a step, and whatever its row
+    count, a row's outputs are the same sum in the same order (kernels.cpp, the fixed order)."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(64, k, generator=g)
+    x = torch.randn(300, k, generator=g)
+    if fmt == "fp32":
+        rows_spec = panels_spec = (1, pack_dense(w), w, w)
+    else:
+        qw = quantize_q4(w) if fmt == "q4" else quantize_q8(w)
+        rows_spec, panels_spec = qw.spec, qw.in_panels()
+    full = native.linear(panels_spec, x)
+    for m in (1, 2, 7, 8, 9, 12, 13, 64, 299):
+        assert torch.equal(native.linear(panels_spec, x[:m]), full[:m]), m
+        assert torch.equal(native.linear(rows_spec, x[:m]), full[:m]), m
+        assert torch.equal(native.linear(rows_spec, x[300 - m :]), full[300 - m :]), m
+
+
+def test_row_contexts_cover_every_row_of_a_mixed_step() -> None:
+    """A step with two prefill chunks (one after cached tokens) and two decode rows: each row
+    attends over its own first position + 1 tokens, in its own block table."""
+    from llmos.models.attention import PrefillChunk, row_contexts
+
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(7),
+        prefills=[
+            PrefillChunk(0, 3, 3, torch.tensor([4]), None),
+            PrefillChunk(3, 2, 6, torch.tensor([1, 2]), None),
+        ],
+        block_size=4,
+        decode_rows=torch.tensor([5, 6]),
+        decode_block_tables=torch.tensor([[7, 8, 9], [3, 0, 0]]),
+        decode_lens=torch.tensor([11, 2]),
+    )
+    tables, lens = row_contexts(meta, 7)
+    assert lens.tolist() == [1, 2, 3, 5, 6, 11, 2]
+    assert tables.tolist() == [[4, 0, 0]] * 3 + [[1, 2, 0]] * 2 + [[7, 8, 9], [3, 0, 0]]
+    assert row_contexts(meta, 7)[0] is tables  # built once per step

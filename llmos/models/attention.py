@@ -138,3 +138,32 @@ def decode_attention_torch(
         enable_gqa=True,
     )
     return o.squeeze(2)
+
+
+def row_contexts(meta: AttentionMetadata, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row of the step as one query over its own context, for kernels that attend row by
+    row (a prefill row at position p over the sequence's first p + 1 tokens): block tables
+    [rows, max_blocks] and lengths [rows], int64 on the CPU. The engine's `row_block_tables`
+    and `row_lens` where it gave them; otherwise built here once per step."""
+    if meta.row_lens is not None:
+        assert meta.row_block_tables is not None
+        return meta.row_block_tables, meta.row_lens
+    if "row_contexts" in meta.derived:
+        return meta.derived["row_contexts"]
+    width = max((len(c.block_table) for c in meta.prefills), default=1)
+    if meta.decode_block_tables is not None:
+        width = max(width, meta.decode_block_tables.shape[1])
+    tables = torch.zeros(rows, width, dtype=torch.int64)
+    lens = torch.zeros(rows, dtype=torch.int64)
+    for c in meta.prefills:
+        r = slice(c.start, c.start + c.length)
+        tables[r, : len(c.block_table)] = c.block_table.cpu()
+        lens[r] = torch.arange(c.context_len - c.length + 1, c.context_len + 1)
+    if meta.decode_rows is not None:
+        assert meta.decode_block_tables is not None and meta.decode_lens is not None
+        rows_d = meta.decode_rows.cpu()
+        tables[rows_d, : meta.decode_block_tables.shape[1]] = meta.decode_block_tables.cpu()
+        lens[rows_d] = meta.decode_lens.cpu()
+    assert bool((lens > 0).all()), "a row of the step belongs to no sequence"
+    meta.derived["row_contexts"] = (tables, lens)
+    return tables, lens

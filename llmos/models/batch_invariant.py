@@ -1,5 +1,14 @@
 """Batch-invariant kernels: a token's logits do not depend on what else is in the batch.
 
+`make_batch_invariant(model)` is a post-hoc transform that swaps the model's kernels. On a CPU
+with the native kernels (AVX-512, fp32 activations) it takes the native path, invariant by
+construction (quant.py, `invariant=True`; kernels.cpp): every linear output is one sum in one
+fixed order whichever kernel serves the step, and every row, prefill rows included, attends
+over its own context in an order set by its length alone, so chunking, prefix-cache hits and
+preemption do not change a row's sums. That costs little beside the default mode
+(BENCHMARKS.md, Determinism). Elsewhere (CUDA, other CPUs, `LLMOS_NATIVE=0`) it takes the
+pure-torch tiled path below.
+
 Floating-point addition is not associative, and torch's CPU matmul picks its reduction order
 by the number of rows M, so the same row gives different bits in a batch of 1 or of 32. For a
 fixed M, though, a row's result depends neither on its position nor on the other rows. So:
@@ -11,8 +20,8 @@ fixed M, though, a row's result depends neither on its position nor on the other
   query's result does not depend on how far its tile-mates reach, nor on chunking or caching;
 - RMSNorm, RoPE and the sampler are row-wise already.
 
-`make_batch_invariant(model)` is a post-hoc transform: it swaps the model's kernels. The same
-code runs on CUDA (where cuBLAS has the same fixed-shape property for a given kernel choice).
+The same code runs on CUDA (where cuBLAS has the same fixed-shape property for a given kernel
+choice).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from llmos.models.attention import AttentionMetadata
+from llmos.models.native import kernels
+from llmos.models.quant import quantize
 
 TILE = 16
 KV_CHUNK = 64
@@ -134,10 +145,26 @@ def tiled_attention(
     return out
 
 
-def make_batch_invariant(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap the model's linear and attention kernels for the batch-invariant ones."""
+def native_invariant_available(model: torch.nn.Module) -> bool:
+    """Whether the native batch-invariant path serves this model (CPU, fp32, AVX-512)."""
+    native = kernels()
+    embed = model.embed
+    return (
+        native is not None
+        and native.has_panels()
+        and embed.device.type == "cpu"
+        and embed.dtype == torch.float32
+    )
+
+
+def make_batch_invariant(model: torch.nn.Module, quantization: str = "auto") -> dict[str, int]:
+    """Swap the model's linear and attention kernels for batch-invariant ones: the native
+    kernels where they serve (returns their {format: weights} counts, as `quantize` does),
+    else the torch tiles (returns {})."""
+    if native_invariant_available(model):
+        return quantize(model, quantization, invariant=True)  # type: ignore[arg-type]
     model.linear = tiled_linear
     for layer in model.layers:
         layer.linear = tiled_linear
         layer.attention = tiled_attention
-    return model
+    return {}

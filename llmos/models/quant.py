@@ -28,6 +28,11 @@ Steps whose rows each attend over their own paged context (decode, and short pro
 it) run each layer as one native call (`FusedDecodeLayer`): at batch 1 the per-op dispatch of
 an eager layer costs as much as its math, and at batch 64 it is still a tenth.
 Without the native kernels, or off the CPU, the transform does nothing.
+
+`invariant=True` (deterministic mode, through `make_batch_invariant`): the row and panel
+kernels give the same bits for a row (kernels.cpp sums every output in one fixed order), so
+every step, of any size, runs every layer as the one native call, every row attending over its
+own context, and never falls to torch's matmul: a row's logits do not depend on the batch.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmos.models.attention import AttentionMetadata
+from llmos.models.attention import AttentionMetadata, row_contexts
 from llmos.models.llama import Layer, LinearFn, LlamaModel
 from llmos.models.native import kernels
 
@@ -160,10 +165,12 @@ def panels_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def pack_dense(w: torch.Tensor) -> torch.Tensor | None:
-    """`w` [N, K] as the native dense kernel reads it, [N/32, K, 32] (None: it cannot)."""
-    if w.shape[0] % PANEL or w.dtype != torch.float32:
+    """`w` [N, K] as the native dense kernel reads it, [N/32, K, 32] with K in the kernels'
+    leaf order (column 32 g + l at l * K/32 + g; see kernels.cpp). None: it cannot."""
+    n, k = w.shape
+    if n % PANEL or k % GROUP or w.dtype != torch.float32:
         return None
-    return panels_of(w)
+    return panels_of(w.view(n, k // GROUP, GROUP).transpose(1, 2).reshape(n, k))
 
 
 @dataclass(slots=True)
@@ -178,11 +185,15 @@ class Kernels:
     big: dict[int, Spec]
     max_rows: int
     exact: bool = True  # the quantized weights hold the fp32 values exactly ("auto")
+    invariant: bool = False  # never torch's matmul (its sums depend on the row count)
 
     def spec(self, w: torch.Tensor, rows: int) -> Spec | None:
+        key = w.data_ptr()
         if rows <= self.max_rows:
-            return self.small.get(w.data_ptr())
-        spec = self.big.get(w.data_ptr())
+            return self.small.get(key)
+        spec = self.big.get(key)
+        if self.invariant:
+            return spec or self.small.get(key)
         if spec is not None and rows > PACKED_MAX_ROWS and (spec[0] == 1 or self.exact):
             return None  # the same values, and torch's matmul is faster here
         return spec
@@ -224,10 +235,16 @@ class FusedDecodeLayer(nn.Module):
         super().__init__()
         self.inner = layer
         self.max_rows = chosen.max_rows
+        self.invariant = chosen.invariant
         self.native = native
         mats = layer_weights(layer)
         self.weights = [chosen.small.get(w.data_ptr(), (0, w, w, w)) for w in mats]
-        self.dense = [chosen.big.get(w.data_ptr(), (0, w, w, w)) for w in mats]
+        self.dense = [
+            chosen.spec(w, self.max_rows + 1) or (0, w, w, w)
+            if chosen.invariant
+            else chosen.big.get(w.data_ptr(), (0, w, w, w))
+            for w in mats
+        ]
 
     def forward(
         self,
@@ -238,8 +255,13 @@ class FusedDecodeLayer(nn.Module):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        if meta.row_lens is None or x.dtype != torch.float32:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
             return self.inner(x, cos, sin, k_cache, v_cache, meta)
+        tables, lens = meta.row_block_tables, meta.row_lens
+        if lens is None:
+            if not self.invariant:
+                return self.inner(x, cos, sin, k_cache, v_cache, meta)
+            tables, lens = row_contexts(meta, x.shape[0])
         layer, cfg = self.inner, self.inner.cfg
         qkv, o, gate_up, down = self.weights if x.shape[0] <= self.max_rows else self.dense
         return self.native.decode_layer(
@@ -257,16 +279,19 @@ class FusedDecodeLayer(nn.Module):
             k_cache,
             v_cache,
             meta.slot_mapping,
-            meta.row_block_tables,
-            meta.row_lens,
+            tables,
+            lens,
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.head_dim**-0.5,
         )
 
 
-def quantize(model: LlamaModel, mode: str = "auto", max_rows: int | None = None) -> dict[str, int]:
-    """Swap `model`'s linear hooks for quantized kernels. Returns {format: weights} counts."""
+def quantize(
+    model: LlamaModel, mode: str = "auto", max_rows: int | None = None, invariant: bool = False
+) -> dict[str, int]:
+    """Swap `model`'s linear hooks for quantized kernels. Returns {format: weights} counts.
+    `invariant`: batch-invariant steps (needs the panel kernels; see the module's note)."""
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")
     native = kernels()
@@ -274,8 +299,10 @@ def quantize(model: LlamaModel, mode: str = "auto", max_rows: int | None = None)
         return {}
     if max_rows is None:
         max_rows = DEFAULT_MAX_ROWS if native.has_panels() else ROWS_ONLY_MAX_ROWS
+    if invariant and not native.has_panels():
+        raise ValueError("batch-invariant native kernels need the panel kernels (AVX-512)")
     table: dict[int, QuantWeight] = {}
-    chosen = Kernels({}, {}, max_rows, exact=mode in ("auto", "fp32"))
+    chosen = Kernels({}, {}, max_rows, exact=mode in ("auto", "fp32"), invariant=invariant)
     counts: dict[str, int] = {}
 
     def add(w: torch.Tensor) -> None:
