@@ -5,7 +5,13 @@ request spans (with the trace id header) through the official `openai` client.""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -237,3 +243,70 @@ def test_server_errors_are_spans_too_and_off_means_no_header(
         model="smollm2-135m", prompt="Hi", max_tokens=2
     )
     assert "x-trace-id" not in raw.headers and "traceparent" not in raw.headers
+
+
+# -- OTLP export, end to end -----------------------------------------------------------------
+class _Sink(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.server.posts.append((self.path, body))  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_llmos_run_exports_otlp_to_the_configured_endpoint(tmp_path: Path, ws: Path) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT set: `llmos run`'s spans reach the collector over OTLP/HTTP
+    (protobuf), decoded here with the OTLP schema."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    sink.posts = []  # type: ignore[attr-defined]
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    turns = tmp_path / "turns.json"
+    turns.write_text(
+        json.dumps(
+            [
+                {"tool_calls": [{"name": "read_file", "arguments": {"path": "code.txt"}}]},
+                {"content": "7319"},
+            ]
+        )
+    )
+    env = {
+        **os.environ,
+        "LLMOS_DB": str(tmp_path / "k.db"),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+    }
+    program = tmp_path / "reader.yaml"
+    program.write_text(f"name: reader\ntools: [read_file]\nmodel: 'scripted:{turns}'\n")
+    llmos = Path(sys.executable).with_name("llmos")
+    r = subprocess.run(
+        [str(llmos), "run", str(program), "--input", TASK, "--workspace", str(ws), "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    sink.shutdown()
+    assert r.returncode == 0, r.stderr
+    assert "7319" in r.stdout
+    assert sink.posts and {path for path, _ in sink.posts} == {"/v1/traces"}  # type: ignore[attr-defined]
+    names, attrs = [], {}
+    for _, body in sink.posts:  # type: ignore[attr-defined]
+        request = ExportTraceServiceRequest.FromString(body)
+        for rs in request.resource_spans:
+            service = {a.key: a.value.string_value for a in rs.resource.attributes}
+            assert service["service.name"] == "llmos"
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    names.append(span.name)
+                    attrs[span.name] = {a.key: a.value for a in span.attributes}
+    assert sorted(names) == ["chat scripted:turns.json"] * 2 + [
+        "execute_tool read_file",
+        "invoke_agent reader",
+    ]
+    assert attrs["invoke_agent reader"]["gen_ai.conversation.id"].string_value == "1"
+    assert attrs["execute_tool read_file"]["gen_ai.tool.call.id"].string_value

@@ -21,6 +21,12 @@ app = typer.Typer(
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs.")) -> None:
     level = logging.INFO if verbose else getattr(logging, os.environ.get("LLMOS_LOG", "WARNING"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    ):  # traces of `llmos run` and the rest go to the collector the environment names
+        from llmos.kernel import trace
+
+        trace.configure_from_env()
 
 
 generate.register(app)

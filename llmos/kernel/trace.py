@@ -14,6 +14,7 @@ attribute is computed for a span that does not record.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
@@ -58,6 +59,7 @@ def configure(
     Returns the tracer llmos now uses."""
     if provider is None and endpoint:
         provider = otlp_provider(endpoint)
+        atexit.register(shutdown)  # export what is still batched when the program ends
     _config.provider = provider
     _config.tracer = (provider or trace).get_tracer("llmos")
     _config.capture = capture_content
