@@ -6,7 +6,7 @@ from llmos import LLM, SamplingParams
 from llmos.engine.output import FilterVerdict
 from llmos.engine.sequence import SequenceStatus
 
-PROMPT = "Write a sentence about the sea."
+PROMPT = "The sea at night is"
 
 
 class Recorder:
@@ -38,7 +38,7 @@ def _run(llm: LLM, rid: str, params: SamplingParams, filt: Recorder) -> list[str
 
 
 def test_a_filter_sees_all_text_and_holds_back_its_tail(llm: LLM) -> None:
-    params = SamplingParams(temperature=0, max_tokens=24, stop=["zzz"])
+    params = SamplingParams(temperature=0, max_tokens=24, stop=["zzz"], ignore_eos=True)
     plain = llm.generate(PROMPT, params)[0].text
     filt = Recorder()
     shown = _run(llm, "filt-1", params, filt)
@@ -50,7 +50,7 @@ def test_a_filter_sees_all_text_and_holds_back_its_tail(llm: LLM) -> None:
 
 
 def test_a_filter_stops_the_sequence_as_content_filter(llm: LLM) -> None:
-    params = SamplingParams(temperature=0, max_tokens=32)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     plain = llm.generate(PROMPT, params)[0].text
     words = plain.split()
     assert len(words) > 3
