@@ -107,6 +107,12 @@ def shutdown() -> None:
     _config.tracer = trace.get_tracer("llmos")
 
 
+def flush() -> None:
+    """Export what the provider `configure` made or was given still holds."""
+    if _config.provider is not None and hasattr(_config.provider, "force_flush"):
+        _config.provider.force_flush()
+
+
 def tracer() -> Tracer:
     return _config.tracer
 
