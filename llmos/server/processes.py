@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 
 from llmos.kernel import ProgramError, journal
@@ -40,6 +41,8 @@ from llmos.server.users import User, user_of
 
 MODELS = [SpawnRequest, ApproveRequest, BudgetRequest]
 POLL = 0.1  # seconds between looks at the store for new steps, in an events stream
+_INT63 = 2**63 - 1  # SQLite's integers
+Pid = Annotated[int, PathParam(ge=1, le=_INT63, description="The process's id.")]
 _SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
@@ -150,8 +153,10 @@ def install(app: FastAPI, state: ServerState, host: ProcessHost) -> None:
     @app.get("/v1/processes/{pid}", responses=ok(ProcessInfo), tags=["processes"])
     async def get_process(
         request: Request,
-        pid: int,
-        offset: Annotated[int, Query(ge=0, description="The first transcript step to return.")] = 0,
+        pid: Pid,
+        offset: Annotated[
+            int, Query(ge=0, le=_INT63, description="The first transcript step to return.")
+        ] = 0,
         limit: Annotated[
             int, Query(ge=0, le=1000, description="Transcript steps to return.")
         ] = 100,
@@ -172,8 +177,10 @@ def install(app: FastAPI, state: ServerState, host: ProcessHost) -> None:
     )
     async def process_events(
         request: Request,
-        pid: int,
-        after: Annotated[int, Query(ge=-1, description="Send the steps after this seq.")] = -1,
+        pid: Pid,
+        after: Annotated[
+            int, Query(ge=-1, le=_INT63, description="Send the steps after this seq.")
+        ] = -1,
     ) -> StreamingResponse:
         user = user_of(request)
         own(pid, user)
@@ -217,7 +224,7 @@ def install(app: FastAPI, state: ServerState, host: ProcessHost) -> None:
         yield DONE
 
     @app.post("/v1/processes/{pid}/kill", responses=ok(ProcessInfo), tags=["processes"])
-    async def kill(request: Request, pid: int) -> ProcessInfo:
+    async def kill(request: Request, pid: Pid) -> ProcessInfo:
         user = user_of(request)
         row = own(pid, user)
         if Status(row["status"]).finished:
@@ -232,7 +239,7 @@ def install(app: FastAPI, state: ServerState, host: ProcessHost) -> None:
         responses=ok(ProcessInfo),
         tags=["processes"],
     )
-    async def approve(request: Request, pid: int) -> ProcessInfo:
+    async def approve(request: Request, pid: Pid) -> ProcessInfo:
         user = user_of(request)
         row = own(pid, user)
         body = ApproveRequest.model_validate_json(await request.body())

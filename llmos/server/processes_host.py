@@ -118,7 +118,10 @@ class ProcessHost:
         else:
             if "\x00" in path or not path.strip():
                 raise APIError(400, "workspace: must be a non-empty path", param="workspace")
-            ws = (root / Path(path).expanduser()).resolve()  # an absolute path replaces root
+            try:
+                ws = (root / path).resolve()  # an absolute path replaces root
+            except (OSError, RuntimeError) as exc:  # a symlink loop
+                raise APIError(400, f"workspace: {exc}", param="workspace") from None
             if not ws.is_relative_to(root):
                 raise APIError(
                     403,
@@ -129,7 +132,12 @@ class ProcessHost:
                 )
         if ws.exists() and not ws.is_dir():
             raise APIError(400, f"workspace: {path!r} is not a folder", param="workspace")
-        ws.mkdir(parents=True, exist_ok=True)
+        try:
+            ws.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a name too long, a file on the way
+            raise APIError(
+                400, f"workspace: cannot make {path!r}: {exc.strerror}", param="workspace"
+            ) from None
         return ws
 
     def check_budget(self, user: User) -> None:

@@ -42,7 +42,7 @@ class ApproveRequest(_Strict):
 
 class BudgetRequest(_Strict):
     user: str = Field(..., min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, le=2**63 - 1)
     max_cost: float | None = Field(None, ge=0)
 
 
