@@ -308,6 +308,8 @@ def test_reports(tmp_path: Path) -> None:
     assert suites["gates"].get("failures") == "1"
     md = paths[2].read_text()
     assert "| A | 3/4 | 75% (" in md and "FAIL pass_rate [A]" in md
+    result["cells"][0].update(pass_k=0.5, pass_k_wilson=wilson(1, 2))
+    assert "| 50% (9%-91%; k=2) |" in report.to_markdown(result)
     assert "a / t2: pass -> fail" in md
 
 

@@ -100,6 +100,7 @@ def case_row(page: Page, case: dict) -> Locator:
 
 
 def test_report_shows_the_numbers_of_the_json(open_report, result: dict) -> None:
+    result["cells"][1]["pass_k_wilson"] = [0.125, 0.75]  # pass^k's interval, where a run has it
     r = open_report(result)
     r.assert_clean()
     page = r.page
@@ -144,6 +145,8 @@ def test_report_shows_the_numbers_of_the_json(open_report, result: dict) -> None
             'quantization="q8"' if "q8" in cell["id"] else 'quantization="auto"',
         ):
             assert s in row, (s, row)
+        if cell.get("pass_k_wilson"):
+            assert f"{fmt_rate(0.125)} – {fmt_rate(0.75)}; k=" in row, row
 
     gates = page.locator("table.gates tbody tr")
     assert gates.count() == 3

@@ -68,6 +68,8 @@ def test_a_passing_run_exits_0_with_its_reports(runs: dict) -> None:
     assert len(result["cells"]) == 2 and len(result["cases"]) == 2 * 4 * 2
     for cell in result["cells"]:
         assert cell["k"] == 2 and cell["pass_k"] is not None
+        klo, khi = cell["pass_k_wilson"]  # pass^k's interval, over the 4 tests
+        assert klo <= cell["pass_k"] <= khi and khi - klo > 0.2, cell
         assert cell["wilson"][0] <= cell["pass_rate"] <= cell["wilson"][1]
         assert cell["prompt_tokens"] > 0 and cell["completion_tokens"] > 0 and cell["cost"] > 0
         assert 0 < cell["latency_p50"] <= cell["latency_p95"]

@@ -148,6 +148,9 @@ def _cells_table(cells: Sequence[dict]) -> str:
     for n, c in enumerate(cells, 1):
         lo, hi = (list(c["wilson"]) + [None, None])[:2]
         pass_k = f"{fmt_rate(c.get('pass_k'))} (k={c['k']})" if c.get("pass_k") is not None else "—"
+        if c.get("pass_k") is not None and c.get("pass_k_wilson"):  # pass^k's own interval
+            klo, khi = c["pass_k_wilson"]
+            pass_k = f"{fmt_rate(c['pass_k'])} ({fmt_rate(klo)} – {fmt_rate(khi)}; k={c['k']})"
         rows.append(
             [
                 str(n),

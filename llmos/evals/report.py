@@ -55,7 +55,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "cell",
         "passed",
         "pass rate (95% CI)",
-        "pass^k",
+        "pass^k (95% CI)",
         "flaky",
         "tokens",
         "cost",
@@ -66,6 +66,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     for c in result["cells"]:
         lo, hi = c["wilson"]
         pk = "" if c["pass_k"] is None else f"{c['pass_k']:.0%} (k={c['k']})"
+        if c["pass_k"] is not None and c.get("pass_k_wilson"):
+            klo, khi = c["pass_k_wilson"]
+            pk = f"{c['pass_k']:.0%} ({klo:.0%}-{khi:.0%}; k={c['k']})"
         lines.append(_row([
             c["label"], f"{c['passed']}/{c['total']}", f"{c['pass_rate']:.0%} ({lo:.0%}-{hi:.0%})",
             pk, c.get("flaky_tests", ""), f"{c['prompt_tokens'] + c['completion_tokens']:,}",

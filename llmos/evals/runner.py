@@ -116,12 +116,16 @@ def _cell_summary(cell: Cell, cases: list[dict[str, Any]], repeat: int) -> dict[
         if repeat > 1
         else None
     )
+    # pass^k's own 95% interval: over tests, each passing all k repeats or not
+    all_k = sum(all(v) for v in by_test.values())
+    pass_k_wilson = wilson(all_k, len(by_test)) if repeat > 1 else None
     lat = [c["latency_s"] for c in mine]
     return {
         "id": cell.id, "label": cell.label, "provider": cell.provider, "config": cell.config,
         "engine": {**providers.EVAL_ENGINE, **cell.engine} if cell.kind != "openai_http" else {},
         "passed": passed, "total": len(mine), "pass_rate": passed / max(1, len(mine)),
-        "pass_k": pass_k, "k": repeat, "wilson": wilson(passed, len(mine)),
+        "pass_k": pass_k, "k": repeat, "pass_k_wilson": pass_k_wilson,
+        "wilson": wilson(passed, len(mine)),
         "prompt_tokens": sum(c["prompt_tokens"] for c in mine),
         "completion_tokens": sum(c["completion_tokens"] for c in mine),
         "cost": sum(c["cost"] for c in mine),
