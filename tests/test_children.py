@@ -286,3 +286,27 @@ def test_llmos_ps_shows_the_tree(kernel: Kernel, ws: Path, tmp_path: Path):
     firsts = [" ".join(w[:2]) if w[0] == "└─" else w[0] for w in lines]
     a, b = (c.pid for c in kernel.tree(root))
     assert firsts == [str(root), f"└─ {a}", f"└─ {b}", str(other)]
+
+
+def test_llmos_kill_from_another_terminal_stops_the_tree(kernel: Kernel, ws: Path, tmp_path: Path):
+    turns = [{"tool_calls": [call("map_agents", program="child.yaml", inputs=["a", "b"])]}]
+    kernel.backend = ScriptedBackend(script(turns, child_delay=30))
+    pid = kernel.spawn(parent(["map_agents"]), "x", workspace=ws)
+    deadline = time.monotonic() + 10
+    while len(kernel.tree(pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    llmos = Path(sys.executable).parent / "llmos"
+    out = subprocess.run(
+        [str(llmos), "kill", str(pid), "--db", str(tmp_path / "k.db"), "--wait", "10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    p = kernel.wait(pid, 10)  # the parent saw the flag while it waited on its children
+    assert p.status is Status.KILLED
+    deadline = time.monotonic() + 10
+    while not all(c.status.finished for c in kernel.tree(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [c.status for c in kernel.tree(pid)] == [Status.KILLED, Status.KILLED]
