@@ -167,7 +167,7 @@ _INJECTION_CUES: list[tuple[re.Pattern[str], float]] = [
         re.compile(
             r"(?i)\b(ignore|disregard|forget|override|bypass)\b.{0,30}\b(previous|prior|above|"
             r"earlier|preceding|all|your|the|system)\b.{0,20}\b(instructions?|directions|rules|"
-            r"prompts?|guidelines|messages?|task|context)\b"
+            r"prompts?|guidelines|task)\b"
         ),
         0.85,
     ),
