@@ -1,15 +1,17 @@
 """What tracing costs: `llmos serve` throughput at 16 clients with tracing off vs on.
 
-    .venv/bin/python benchmarks/tracing.py [--duration 20] [--rounds 3] [--clients 16]
+    .venv/bin/python benchmarks/tracing.py [--duration 15] [--rounds 6] [--clients 16]
                                            [--record BENCHMARKS.md]
 
-Two servers run side by side, each in its own process, on the same model: one with tracing
-off (no endpoint: the no-op tracer), one exporting every request's span over OTLP/HTTP to a
-collector stand-in in this process (it counts the spans' export requests and bytes). They
-take turns, off/on/off/on..., so a load change on a shared machine hits both; each round,
-`--clients` clients send streaming /v1/completions back to back for `--duration` seconds (64
-output tokens each, EOS suppressed). Reported: output tok/s per round, the median per mode, and
-the on/off ratio; the floor is a cost of at most 2%.
+One server app (the real model) runs in this process; tracing is switched off (no provider:
+the no-op tracer) and on (every request's span exported over OTLP/HTTP to a collector stand-in
+in this process, which counts the export requests and bytes) in alternating rounds, so one
+process, one engine and one cache state serve both, and a load change on a shared machine hits
+both modes alike. Each round, `--clients` clients (in a process of their own) send streaming
+/v1/completions back to back for `--duration` seconds (64 output tokens each, EOS suppressed).
+Reported: output tok/s per round, the median of the on/off ratios of back-to-back pairs, the
+server's CPU per output token, and the tracing path's own CPU per request, measured alone; the
+floor is a cost of at most 2%.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,12 +38,10 @@ from common import (  # noqa: E402
     md_table,
     replace_section,
     stall_share,
-    wait_until_serving,
 )
 
 MODEL = "smollm2-135m"
 HEADING = "## Tracing (benchmarks/tracing.py)"
-LLMOS = str(Path(sys.executable).with_name("llmos"))
 
 
 class Collector(ThreadingHTTPServer):
@@ -69,24 +67,10 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_of(pid: int) -> float:
     """CPU seconds (user + system) a process has used."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_server(port: int, otlp: str | None, log: Path) -> subprocess.Popen:
-    cmd = [LLMOS, "serve", "--port", str(port), "--no-kernel", "--responses-db", ":memory:"]
-    if otlp:
-        cmd += ["--otlp-endpoint", otlp]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 async def load(url: str, clients: int, duration: float) -> int:
@@ -170,56 +154,67 @@ def span_cost_us(otlp: str, n: int = 1500) -> dict[str, float]:
     return costs
 
 
+def client_main(url: str, clients: int, duration: float) -> None:
+    """The load, in a process of its own (so it never shares the server's GIL)."""
+    print(asyncio.run(load(url, clients, duration)), flush=True)
+
+
+def run_load(url: str, clients: int, duration: float) -> int:
+    cmd = [sys.executable, __file__, "--client-of", url, "--clients", str(clients)]
+    out = subprocess.run(
+        [*cmd, "--duration", str(duration)], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.split()[-1])
+
+
 def main(
-    duration: Annotated[float, typer.Option(help="Seconds per round.")] = 20.0,
-    rounds: Annotated[int, typer.Option(help="Rounds per mode (they alternate).")] = 3,
+    duration: Annotated[float, typer.Option(help="Seconds per round.")] = 15.0,
+    rounds: Annotated[int, typer.Option(help="Rounds per mode (they alternate).")] = 6,
     clients: Annotated[int, typer.Option(help="Concurrent streaming clients.")] = 16,
     record: Annotated[Path | None, typer.Option(help="Write the section here.")] = None,
+    client_of: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
+    if client_of is not None:
+        client_main(client_of, clients, duration)
+        return
+    from llmos import LLM
+    from llmos.engine.async_engine import AsyncEngine
+    from llmos.kernel import trace
+    from llmos.server.app import create_app
+    from llmos.server.launch import serve_in_thread
+
     collector = Collector(("127.0.0.1", 0), _Handler)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     otlp = f"http://127.0.0.1:{collector.server_address[1]}"
-    logs = Path("/tmp")
-    ports = {"off": free_port(), "on": free_port()}
-    procs = {
-        mode: start_server(port, otlp if mode == "on" else None, logs / f"tracing-{mode}.log")
-        for mode, port in ports.items()
-    }
     tok_s: dict[str, list[float]] = {"off": [], "on": []}
     cpu_ms: dict[str, list[float]] = {"off": [], "on": []}  # server CPU ms per output token
-    try:
-        for mode, proc in procs.items():
-            url = f"http://127.0.0.1:{ports[mode]}"
-            detail = (logs / f"tracing-{mode}.log").read_text
-            wait_until_serving(f"{url}/health", proc, 600, detail)
-            asyncio.run(load(url, clients, 3.0))  # warm-up
-        exports_before = collector.exports
+    me = os.getpid()
+    with serve_in_thread(create_app(AsyncEngine(LLM(model=MODEL).engine))) as server:
+        run_load(server.url, clients, 3.0)  # warm-up
         stall0, t0, load0 = cpu_stall_us(), time.monotonic(), loadavg()
         for r in range(rounds):
             for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
-                url = f"http://127.0.0.1:{ports[mode]}"
-                cpu0 = cpu_of(procs[mode].pid)
-                n = asyncio.run(load(url, clients, duration))
+                if mode == "on":
+                    trace.configure(endpoint=otlp)
+                cpu0 = cpu_of(me)
+                n = run_load(server.url, clients, duration)
                 tok_s[mode].append(n / duration)
-                cpu_ms[mode].append(1000 * (cpu_of(procs[mode].pid) - cpu0) / max(1, n))
+                cpu_ms[mode].append(1000 * (cpu_of(me) - cpu0) / max(1, n))
+                trace.shutdown()  # tracing off again (its last spans exported)
                 print(
                     f"round {r + 1} tracing {mode}: {n / duration:.1f} tok/s, "
-                    f"{cpu_ms[mode][-1]:.2f} CPU ms/token",
+                    f"{cpu_ms[mode][-1]:.2f} server CPU ms/token",
                     flush=True,
                 )
         stall = stall_share(stall0, time.monotonic() - t0)
-        per_request = span_cost_us(otlp)
-        time.sleep(6)  # the batch span processor exports every 5 s
-        exports = collector.exports - exports_before
-    finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            proc.wait(60)
-        collector.shutdown()
-    off, on = statistics.median(tok_s["off"]), statistics.median(tok_s["on"])
-    ratio = on / off
-    cpu_ratio = statistics.median(cpu_ms["on"]) / statistics.median(cpu_ms["off"])
+        exports, sent = collector.exports, collector.bytes
+    per_request = span_cost_us(otlp)
+    collector.shutdown()
+    pairs = [on / off for on, off in zip(tok_s["on"], tok_s["off"], strict=True)]
+    ratio = statistics.median(pairs)
+    cpu_ratio = statistics.median(
+        on / off for on, off in zip(cpu_ms["on"], cpu_ms["off"], strict=True)
+    )
     rows = [
         [
             mode,
@@ -235,14 +230,16 @@ def main(
     body = "\n".join(
         [
             f"`.venv/bin/python benchmarks/tracing.py --duration {duration:g} --rounds {rounds} "
-            f"--clients {clients}`: {clients} streaming /v1/completions clients, 64 tokens each "
-            "(EOS suppressed), alternating between a server with tracing off and one exporting "
-            "each request's span over OTLP/HTTP to a local collector stand-in "
-            f"({exports} export requests, {collector.bytes / 1e3:.0f} kB, received after the "
-            "rounds). Load average "
-            f"{load0:.1f} at the start; CPU stall {stall or float('nan'):.2f} "
-            "(the share of the time some task waited for a core: other helpers share this "
-            "machine, so single rounds are noisy; the ratio is of medians from the same run).",
+            f"--clients {clients}`: one in-process `llmos serve` app (the real model), tracing "
+            "switched off (the no-op tracer) and on (every request's span exported over "
+            "OTLP/HTTP to a local collector stand-in: "
+            f"{exports} export requests, {sent / 1e3:.0f} kB) in alternating rounds; each round, "
+            f"{clients} streaming /v1/completions clients (in their own process) send 64-token "
+            "requests (EOS suppressed) back to back. Load average "
+            f"{load0:.1f} at the start; CPU stall {stall or float('nan'):.2f} (the share of "
+            "the time some task waited for a core: other helpers shared this 2-core machine, "
+            "so single rounds are noisy; the ratios are medians of the on/off pairs, each pair "
+            "run back to back).",
             "",
             md_table(
                 ["tracing", "output tok/s per round", "median tok/s", "server CPU ms / token"],
@@ -256,10 +253,10 @@ def main(
             f"{request_cpu_us / 1000:.0f} ms of server CPU per 64-token request measured above: "
             f"**{100 * extra / request_cpu_us:.3f}%** of the server's work.",
             "",
-            f"throughput on / off = **{ratio:.3f}** (cost {100 * (1 - ratio):.1f}%; "
-            f"floor ≤ 2%: {verdict}); server CPU per output token on / off = "
-            f"**{cpu_ratio:.3f}** (the cost measured in the server's own CPU time, which other "
-            "processes' load does not move as much)",
+            f"throughput on / off = **{ratio:.3f}** (median of {len(pairs)} pairs: "
+            + " ".join(f"{x:.2f}" for x in pairs)
+            + f"; cost {100 * (1 - ratio):.1f}%; floor ≤ 2%: {verdict}); server CPU per output "
+            f"token on / off = **{cpu_ratio:.3f}**",
         ]
     )
     print(body)
