@@ -29,10 +29,16 @@ from llmos.server.app import create_app
 from llmos.server.launch import RunningServer, serve_in_thread
 from llmos.server.processes_host import ProcessHost
 from llmos.server.state import ServerConfig
+from llmos.server.users import Users, parse_keys
 
 CHROMIUM = "/usr/bin/chromium"
 EVAL_RESULT = Path(__file__).parent / "fixtures" / "eval_result.json"
-TIMEOUT_MS = 120_000  # the model shares two loaded cores with other tests
+TIMEOUT_MS = 120_000
+ALICE, ADMIN = "sk-console-alice", "sk-console-admin"
+KEYS = {
+    ALICE: "alice",
+    ADMIN: {"user": "ops", "admin": True},
+}  # the model shares two loaded cores with other tests
 
 
 def quick() -> Program:
@@ -67,6 +73,7 @@ def server(llm: LLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runni
         engine,
         db,
         workspace_root=tmp_path_factory.mktemp("workspaces"),
+        users=Users(parse_keys(KEYS)),
         programs={"quick": quick, "approver": approver},
     )
     app = create_app(engine, ServerConfig(), host)
@@ -100,9 +107,20 @@ class Console:
         assert self.foreign == [], self.foreign
 
 
+def as_alice(server: RunningServer) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"{server.url}/v1", headers={"Authorization": f"Bearer {ALICE}"}, timeout=120
+    )
+
+
 @pytest.fixture
 def console(browser: Browser, server: RunningServer, tmp_path: Path) -> Iterator[Console]:
+    """The page as alice: her key is in the page's storage, as after she typed it once."""
     ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    # (the top page only: a sandboxed frame, the eval report's, has no storage)
+    ctx.add_init_script(
+        f"if (window === window.top) localStorage.setItem('llmos-api-key', {ALICE!r})"
+    )
     page = ctx.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     expect.set_options(timeout=TIMEOUT_MS)  # (a waiting assertion's own default is 5 s)
@@ -206,7 +224,8 @@ def test_an_approval_clicked_in_the_page_unblocks_the_process(
     expect(approve).to_be_visible()
     expect(page.locator("#detail-status")).to_have_text("waiting_approval")
     pid = int(page.locator("#detail-pid").inner_text())
-    assert httpx.get(f"{server.url}/v1/processes/{pid}").json()["status"] == "waiting_approval"
+    with as_alice(server) as c:
+        assert c.get(f"/processes/{pid}").json()["status"] == "waiting_approval"
     expect(page.locator("#detail-approvals code")).to_contain_text("write_file(")
     console.shot("approval-waiting")
     approve.click()
@@ -215,7 +234,8 @@ def test_an_approval_clicked_in_the_page_unblocks_the_process(
     expect(page.locator("#detail-steps .step.tool_result.ok")).to_have_count(1)
     expect(page.locator("#detail-approvals .approval")).to_have_count(0)
     console.shot("approval-done")
-    steps = httpx.get(f"{server.url}/v1/processes/{pid}").json()["transcript"]["steps"]
+    with as_alice(server) as c:
+        steps = c.get(f"/processes/{pid}").json()["transcript"]["steps"]
     assert [s["allow"] for s in steps if s["kind"] == "approval"] == [True]
 
 
@@ -223,11 +243,11 @@ def test_the_engine_charts_receive_data(console: Console, server: RunningServer)
     page = console.page
     page.click("button.tab[data-tab='engine']")
     # load while the page watches: a completion the charts must see as throughput
-    r = httpx.post(
-        f"{server.url}/v1/completions",
-        json={"prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True},
-        timeout=120,
-    )
+    with as_alice(server) as c:
+        r = c.post(
+            "/completions",
+            json={"prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True},
+        )
     assert r.status_code == 200
     page.wait_for_function("state.samples.some(s => s.tokens_per_second > 0)")
     page.wait_for_function("state.samples.length >= 4")
@@ -248,12 +268,22 @@ def test_the_engine_charts_receive_data(console: Console, server: RunningServer)
 
 
 def test_usage_shows_users_programs_and_budgets(console: Console, server: RunningServer) -> None:
-    httpx.post(f"{server.url}/v1/usage/budgets", json={"user": "carol", "max_tokens": 1000})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for user in ("alice", "carol"):
+        r = httpx.post(
+            f"{server.url}/v1/usage/budgets",
+            json={"user": user, "max_tokens": 1_000_000},
+            headers=admin,
+        )
+        assert r.status_code == 200, r.text
     page = console.page
     page.click("button.tab[data-tab='usage']")
-    expect(page.locator("#usage-programs tbody tr").first).to_be_visible()
-    expect(page.locator("#usage-budgets tbody")).to_contain_text("carol")
-    expect(page.locator("#usage-budgets tbody")).to_contain_text("of 1,000")
+    expect(page.locator("#usage-programs tbody tr").first).to_contain_text("alice")
+    expect(page.locator("#usage-budgets tbody")).to_contain_text("of 1,000,000")
+    # her own budget only, and no form to set one (an admin's)
+    expect(page.locator("#usage-budgets tbody tr")).to_have_count(1)
+    expect(page.locator("#usage-budgets tbody")).to_contain_text("alice")
+    expect(page.locator("#budget-form")).to_be_hidden()
     console.shot("usage")
 
 
@@ -268,5 +298,46 @@ def test_eval_reports_open_from_the_history(console: Console, server: RunningSer
     expect(frame.locator("h1")).to_contain_text("llmos eval: default-agent")
     expect(frame.locator("body")).to_contain_text("The launch code is 7431.")
     console.shot("evals")
-    missing = httpx.get(f"{server.url}/v1/console/evals/nope")
+    with as_alice(server) as c:
+        missing = c.get("/console/evals/nope")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "run_id"
+
+
+def test_a_key_typed_in_the_page_is_used(browser: Browser, server: RunningServer) -> None:
+    """Without a key the page says why; typed in, it is kept, and she sees only her own."""
+    with as_alice(server) as c:
+        theirs = httpx.post(
+            f"{server.url}/v1/processes",
+            json={"program": "quick", "input": "hi"},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        ).json()["pid"]
+        mine = c.post("/processes", json={"program": "quick", "input": "hi"}).json()["pid"]
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.goto(server.url + "/")
+    expect(page.locator("#banner")).to_contain_text("Missing API key", timeout=TIMEOUT_MS)
+    # the browser logs the refused fetch itself; nothing else may be logged
+    assert all("401" in e for e in errors), errors
+    page.fill("#api-key", ALICE)
+    page.press("#api-key", "Enter")
+    expect(page.locator("body[data-ready='1']")).to_be_attached(timeout=TIMEOUT_MS)
+    expect(page.locator("#whoami")).to_have_text("alice")
+    page.click("button.tab[data-tab='processes']")
+    expect(page.locator(f"#proc-table tr[data-pid='{mine}']")).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator(f"#proc-table tr[data-pid='{theirs}']")).to_have_count(0)
+    expect(page.locator("#proc-table tbody tr td:nth-child(3)").first).to_have_text("alice")
+    with as_alice(server) as c:
+        deadline = time.monotonic() + 120
+        while c.get(f"/processes/{mine}").json()["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        while httpx.get(f"{server.url}/v1/processes/{theirs}", headers=admin).json()[
+            "status"
+        ] not in ("done", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    ctx.close()
