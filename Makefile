@@ -53,7 +53,24 @@ $(BENCH_STAMP): $(STAMP)
 		&& $(BIN)/python -c "import llama_cpp" && touch $(BENCH_STAMP) \
 		|| echo "llama-cpp-python did not build; the benchmarks run without it"
 
+# llama.cpp's own server (continuous batching, parallel slots: the serving anchor), built with
+# cmake from the llama.cpp source that the llama-cpp-python sdist vendors (the installed
+# version's sdist where there is one).
+LLAMA_SERVER := $(VENV)/bench/llama-server
+$(LLAMA_SERVER): $(BIN)/python
+	rm -rf $(VENV)/bench/src && mkdir -p $(VENV)/bench/src
+	V=$$($(BIN)/python -c "import llama_cpp; print('==' + llama_cpp.__version__)" 2>/dev/null); \
+		$(BIN)/pip download -q --no-binary llama-cpp-python --no-deps \
+		"llama-cpp-python$$V" -d $(VENV)/bench/src
+	tar -xzf $(VENV)/bench/src/llama_cpp_python-*.tar.gz -C $(VENV)/bench/src
+	cmake -S $(VENV)/bench/src/llama_cpp_python-*/vendor/llama.cpp -B $(VENV)/bench/build \
+		-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_HTML=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+	cmake --build $(VENV)/bench/build --target llama-server -j $$(nproc)
+	cp $(VENV)/bench/build/bin/llama-server $@
+
 bench-setup: $(BENCH_STAMP)
+	$(MAKE) $(LLAMA_SERVER) || echo "llama-server did not build; the benchmarks run without it"
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/speed.py

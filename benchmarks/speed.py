@@ -83,17 +83,47 @@ def decode_and_prefill(
 
 
 # -- the machine -------------------------------------------------------------------------------
+def read_bandwidth(nbytes: int, threads: int, reps: int = 7) -> float:
+    """GB/s of reading `nbytes` again and again (a sum over them, best of `reps`): at 1 GiB the
+    memory's rate; at a decode step's weight bytes, the rate that bounds decode on this machine
+    (those bytes stay in a last-level cache that holds them)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(max(nbytes // 4, 1))
+    x.sum()
+    return x.numel() * 4 / min(_timed(lambda: x.sum()) for _ in range(reps)) / 1e9
+
+
+def caches() -> dict[str, int]:
+    """The CPU's data and unified cache sizes in bytes by level ({"L1d": ..., "L3": ...})."""
+    out: dict[str, int] = {}
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            kind = (d / "type").read_text().strip()
+            size = (d / "size").read_text().strip()
+            level = (d / "level").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        n = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        out[f"L{level}{'d' if kind == 'Data' else ''}"] = n
+    return out
+
+
 def machine_limits(threads: int) -> dict[str, float]:
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.ones(2**28)  # 1 GiB of fp32
-    x.sum()
-    best = min(_timed(lambda: x.sum()) for _ in range(5))
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
     mm = min(_timed(lambda: a @ b) for _ in range(5))
-    return {"bandwidth_gbs": x.numel() * 4 / best / 1e9, "matmul_gflops": 2 * 2048**3 / mm / 1e9}
+    return {
+        "bandwidth_gbs": read_bandwidth(1 << 30, threads),
+        "matmul_gflops": 2 * 2048**3 / mm / 1e9,
+    }
 
 
 def _timed(fn: Any) -> float:  # noqa: ANN401
@@ -304,12 +334,15 @@ def prefill_flops_per_token() -> float:
 
 def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads: int) -> str:
     bw, mm = limits["bandwidth_gbs"] * 1e9, limits["matmul_gflops"] * 1e9
+    at_size: dict[int, float] = limits.get("at_size", {})  # type: ignore[assignment]
     flops = prefill_flops_per_token()
     lc = results.get("llama.cpp")
     ref = results.get("llmos fp32", {}).get("tokens")
     rows = []
     for name, r in results.items():
         decode_limit = bw / r["weight_bytes"]
+        ws = at_size.get(r["weight_bytes"])
+        ws_limit = ws * 1e9 / r["weight_bytes"] if ws else None
         agree = "—"
         if ref and r.get("tokens"):
             same = sum(a == b for a, b in zip(r["tokens"], ref, strict=False))
@@ -320,6 +353,7 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
                 f"{r['decode_tps']:.1f}",
                 f"{r['decode_tps'] / lc['decode_tps']:.2f}×" if lc else "—",
                 f"{r['decode_tps'] / decode_limit:.0%} of {decode_limit:.0f}",
+                f"{r['decode_tps'] / ws_limit:.0%} of {ws_limit:.0f}" if ws_limit else "—",
                 f"{r['prefill_tps']:.0f}",
                 f"{r['prefill_tps'] / lc['prefill_tps']:.2f}×" if lc else "—",
                 f"{r['prefill_tps'] * flops / mm:.0%}",
@@ -336,6 +370,7 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
         "decode tok/s",
         "÷ llama.cpp",
         "of bandwidth bound (tok/s)",
+        "of the bound at the weights' size (tok/s)",
         "prefill tok/s",
         "÷ llama.cpp",
         "of matmul peak",
@@ -347,6 +382,7 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
         "KV KiB/token",
     ]
     m = machine()
+    sizes = ", ".join(f"{v:.1f} GB/s at {k / 2**20:.0f} MiB" for k, v in at_size.items())
     notes = [
         f"`.venv/bin/python benchmarks/speed.py --record BENCHMARKS.md`, "
         f"{time.strftime('%Y-%m-%d')}"
@@ -354,6 +390,10 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
         f"{loadavg():.1f} at the end.",
         f"Machine limits measured in the same run: memory read {limits['bandwidth_gbs']:.1f} "
         f"GB/s (sum of 1 GiB), fp32 matmul {limits['matmul_gflops']:.0f} GFLOP/s (2048³). "
+        f"Caches: {', '.join(f'{k} {v / 2**20:g} MiB' for k, v in caches().items()) or '?'}; "
+        "the bound at the weights' size reads a buffer as big as that engine's weights read per "
+        f"token, again and again ({sizes}): "
+        "where a last-level cache holds the weights, that rate and not the memory's bounds decode. "
         f"Bandwidth bound = bandwidth ÷ weights read per token; prefill FLOPs = "
         f"{flops / 1e6:.0f} MFLOP per token.",
         f"Decode: {DECODE_TOKENS} greedy tokens after a short chat prompt. Prefill: "
@@ -396,6 +436,10 @@ def main(
             f"{name}: decode {r['decode_tps']:.1f} tok/s, prefill "
             f"{r['prefill_tps']:.0f} tok/s, batch {r.get('batch_tps')}"
         )
+    limits["at_size"] = {  # type: ignore[assignment]
+        n: read_bandwidth(n, threads) for n in sorted({r["weight_bytes"] for r in results.values()})
+    }
+    console.print({"read GB/s at each engine's weight bytes": limits["at_size"]})
     body = report(limits, results, threads)
     print(body)
     if record is not None:

@@ -83,3 +83,18 @@ def test_deterministic_agrees_with_default_mode(det_llm: LLM, llm: LLM) -> None:
     assert (
         max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-3
     )
+
+
+def test_deterministic_mode_runs_the_native_kernels(det_llm: LLM) -> None:
+    """Where the native kernels serve (CPU, AVX-512), deterministic mode is their invariant
+    path, not the slow torch tiles: every layer one fused native call, no torch matmul."""
+    from llmos.models.batch_invariant import native_invariant_available
+    from llmos.models.quant import FusedDecodeLayer
+
+    model = det_llm.engine.model
+    if not native_invariant_available(model):
+        pytest.skip("no native panel kernels here: deterministic mode uses the torch tiles")
+    assert model.kernels.invariant
+    assert all(isinstance(layer, FusedDecodeLayer) for layer in model.layers)
+    head = model.embed if model.lm_head is None else model.lm_head
+    assert model.kernels.spec(head, 4096) is not None  # a long prefill's rows stay native
