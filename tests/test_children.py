@@ -138,11 +138,13 @@ def test_spawn_then_wait(kernel: Kernel, ws: Path):
 
 def test_refusals_name_the_problem(kernel: Kernel, ws: Path):
     (ws / "evil.py").write_text("program = None\n")
+    (ws / "bad.yaml").write_text("name: bad\ntools: [no_such_tool]\n")
     turns = [
         {"tool_calls": [call("wait_agents", pids=[1])]},
         {"tool_calls": [call("map_agents", program="evil.py", inputs=["a"])]},
         {"tool_calls": [call("map_agents", program="child.yaml", inputs=["a", "b", "c"])]},
         {"tool_calls": [call("spawn_agent", program="../child.yaml", input="a")]},
+        {"tool_calls": [call("spawn_agent", program="bad.yaml", input="a")]},
         {"content": "gave up"},
     ]
     kernel.backend = ScriptedBackend(script(turns))
@@ -157,6 +159,7 @@ def test_refusals_name_the_problem(kernel: Kernel, ws: Path):
     assert "argument 'program'" in errors[1] and "evil.py" in errors[1]
     assert "limits.max_children" in errors[2] and "of 2" in errors[2]
     assert errors[3].startswith("refused:") and "program" in errors[3]
+    assert "no_such_tool" in errors[4] and "argument 'program'" in errors[4]
     assert kernel.tree(p.pid) == []  # nothing was spawned
 
 

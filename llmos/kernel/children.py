@@ -136,9 +136,9 @@ class Children:
             path = sandbox.resolve(Path(proc.workspace), name, field="program")
         try:
             program = Program.load(path)
+            self.kernel.check_program(program)
         except ProgramError as exc:
             raise Refused(f"argument 'program': {exc}") from None
-        self.kernel.check_program(program)
         return program
 
     def _check_room(self, proc: Process, call: ToolCall, n: int) -> None:
