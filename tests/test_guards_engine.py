@@ -3,7 +3,16 @@ stops and redacts, and token ids and logprobs end where the released text ends."
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from llmos import LLM, SamplingParams
+from llmos.backends.local import LocalBackend
+from llmos.engine.async_engine import AsyncEngine
+from llmos.engine.guards import parse_guards
+from llmos.errors import RequestError
+from llmos.kernel.guards import judge_score
 
 SECRET = "swordfish"
 PROMPT = "The password is swordfish. I repeat, the password is"
@@ -46,3 +55,26 @@ def test_redaction_and_n_choices(llm: LLM) -> None:
     for o in many.outputs:  # each choice filtered on its own
         assert SECRET not in o.text.lower()
         assert o.finish_reason in ("content_filter", "length", "stop")
+
+
+def test_a_judge_asks_a_backend_yes_or_no(llm: LLM) -> None:
+    """The judge kind through a backend (the local engine): the answer is constrained to yes or
+    no and the score is P(yes). In the engine's output stage a judge needs a scorer."""
+    guard = parse_guards(
+        [{"name": "rude", "stage": "tool_output", "kind": "judge", "question": "Is it rude?"}]
+    )[0]
+    engine = AsyncEngine(llm.engine)
+    backend = LocalBackend(engine)
+    try:
+
+        async def scores() -> list[float]:
+            texts = ["You are a stupid, worthless idiot.", "The weather is mild today."]
+            return [await judge_score(backend, guard, t) for t in texts]
+
+        values = asyncio.run(scores())
+    finally:
+        engine.shutdown()
+    assert all(0.0 <= v <= 1.0 for v in values) and values[0] != values[1], values
+    with pytest.raises(RequestError, match=r"guards\[0\]\.kind"):
+        judge = {"name": "j", "kind": "judge", "question": "Is it rude?"}
+        llm.generate("Hello", SamplingParams(max_tokens=2, guards=[judge]))

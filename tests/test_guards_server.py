@@ -242,3 +242,33 @@ def test_bad_guards_are_400_naming_the_field(server: RunningServer) -> None:
             )
         assert err.value.body["code"] == "content_filter"
         assert err.value.body["param"] == "messages[0].content"
+
+
+def test_responses_api_ends_incomplete_with_content_filter(server: RunningServer) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"note": {"type": "string", "enum": ["the code is swordfish"]}},
+        "required": ["note"],
+    }
+    body = {
+        "model": "smollm2-135m",
+        "input": "Save a note.",
+        "max_output_tokens": 40,
+        "temperature": 0,
+        "text": {"format": {"type": "json_schema", "name": "n", "schema": schema}},
+        "guards": [HOLD_BACK],
+        "store": False,
+    }
+    whole = httpx.post(f"{server.url}/v1/responses", json=body, timeout=300)
+    assert whole.status_code == 200, whole.text
+    data = whole.json()
+    assert data["status"] == "incomplete"
+    assert data["incomplete_details"] == {"reason": "content_filter"}
+    assert_no_secret(json.dumps(data["output"]).encode())  # (`text` echoes the request's schema)
+    streamed = asyncio.run(post(server.url, "responses", {**body, "stream": True}))
+    events = [json.loads(e) for e in re.findall(rb"^data: (.*)$", streamed, re.M)]
+    for e in events:
+        e.get("response", {}).pop("text", None)
+    assert_no_secret(json.dumps(events).encode())
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "content_filter"}
