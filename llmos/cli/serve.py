@@ -61,6 +61,13 @@ def serve(
         help="YAML file of guards (a list of guard objects, as the per-request 'guards' field) "
         "applied to every request: input, and output as it streams.",
     ),
+    trim_history: bool = typer.Option(
+        False,
+        "--trim-history",
+        help="Trim chat history that does not fit the context (old tool outputs, then the "
+        "oldest messages; system prompt and newest message kept), reported in "
+        "usage.context_trim. Off: such a request is a 400 context_length_exceeded.",
+    ),
     strict_fields: bool = typer.Option(
         False,
         "--strict-fields",
@@ -136,6 +143,7 @@ def serve(
             max_waiting=max_waiting,
             max_body_bytes=parse_bytes(max_body_size, "--max-body-size"),
             strict_fields=strict_fields,
+            trim_history=trim_history,
             responses_db=responses_db or default_responses_db(),
             guards=load_guards(guards) if guards else [],
         )

@@ -208,20 +208,34 @@ async def _summarize(
 def _page(
     proc: Process, ctx: Any, msgs: list[Message], c: Compaction, counter: Counter, room: int
 ) -> list[Message]:
+    query = " ".join(_text(m) for m in [msgs[1], msgs[-1]])
+    return page(ctx.store, proc.pid, msgs, c, counter, room, config(proc), query)
+
+
+def page(
+    store: Store,
+    pid: int,
+    msgs: list[Message],
+    c: Compaction,
+    counter: Counter,
+    room: int,
+    cfg: MemoryConfig,
+    query: str,
+    pinned: int = 2,
+) -> list[Message]:
     """Index what left the window (dropped or elided) in recall memory, then page in the best
-    hits for the newest message, at the end of the prompt (the front stays byte-identical)."""
-    cfg, body = config(proc), msgs[2:]
-    have = memory_store.recall_refs(ctx.store, proc.pid)
+    hits for `query` near the end of the prompt (the front stays byte-identical)."""
+    body = msgs[pinned:]
+    have = memory_store.recall_refs(store, pid)
     gone = [*range(c.cut), *c.elided]
     new = [(str(i), body[i]["role"], _text(body[i])) for i in gone if str(i) not in have]
     if new:
-        memory_store.recall_add(ctx.store, proc.pid, new)
-    out = memory.build(msgs, c)
+        memory_store.recall_add(store, pid, new)
+    out = memory.build(msgs, c, pinned)
     if not cfg.page_in or not body:
         return out
-    query = " ".join(_text(m) for m in [msgs[1], body[-1]])
     budget = int(room * cfg.page_tokens)
-    hits = memory_store.recall_search(ctx.store, proc.pid, query, cfg.page_in)
+    hits = memory_store.recall_search(store, pid, query, cfg.page_in)
     lines, used = [], counter.one({"role": "user", "content": PAGED_NOTE})
     for h in hits:
         line = f"[{h.role} {h.ref}] {h.content[:1500]}"
@@ -234,7 +248,7 @@ def _page(
     if not lines:
         return out
     paged = {"role": "user", "content": PAGED_NOTE + "\n".join(lines)}
-    trial = memory.build(msgs, c, paged=paged)
+    trial = memory.build(msgs, c, pinned, paged=paged)
     n = counter.total(trial)
     if n <= room:
         c.tokens_after = n

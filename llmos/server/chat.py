@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from llmos.engine.sequence import CompletionOutput, RequestOutput
 from llmos.engine.tool_calls import ChatTools, prepare_chat
-from llmos.server import fields
+from llmos.server import chat_trim, fields
 from llmos.server.errors import APIError
 from llmos.server.generation import Generation, PromptJob, collect
 from llmos.server.logprobs import TokenTexts, chat_logprobs
@@ -28,13 +28,18 @@ from llmos.server.streaming import Deltas, ToolCallStream, event, sse_response, 
 
 
 def prompt_ids(
-    state: ServerState, req: ChatCompletionRequest
+    state: ServerState, req: ChatCompletionRequest, trimmed: dict[str, Any] | None = None
 ) -> tuple[list[int], ChatTools | None]:
-    """The prompt, with tools and past calls rendered; and the tools the reply may call."""
+    """The prompt, with tools and past calls rendered; and the tools the reply may call. With
+    `--trim-history` and a `trimmed` dict to fill, a history too long is trimmed to fit."""
     tokenizer = state.engine.tokenizer
+    history = [m.for_template() for m in req.messages]
+    if trimmed is not None and state.config.trim_history:
+        history, done = chat_trim.trim(state, req, history)
+        trimmed.update(done or {})
     messages, kwargs, calls = prepare_chat(
         tokenizer,
-        [m.for_template() for m in req.messages],
+        history,
         req.tools,
         req.tool_choice,
         req.parallel_tool_calls,
@@ -56,7 +61,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     headers = fields.check(request, req, strict=state.config.strict_fields)
     state.check_model(req.model)
     req.check()
-    ids, calls = prompt_ids(state, req)
+    trimmed: dict[str, Any] = {}
+    ids, calls = prompt_ids(state, req, trimmed)
     # None: the engine gives the room left in the context and the KV cache
     params = req.sampling_params(max_tokens=req.requested_max_tokens, logprobs=req.num_logprobs)
     if calls is not None:
@@ -72,12 +78,16 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     )
     if req.stream:
         stream = ChatStream(state, rid, req, calls is not None)
+        stream.trimmed = trimmed or None
         return sse_response(state, gen, stream, rid, headers)
     (out,) = await collect(request, gen)
+    usage = usage_of([out])
+    if trimmed:  # --trim-history cut the history: say so
+        usage.context_trim = trimmed  # type: ignore[attr-defined]
     body = ChatCompletion(
         id=rid,
         model=state.model_name,
-        usage=usage_of([out]),
+        usage=usage,
         choices=[_choice(o, state.texts, req.logprobs, calls) for o in out.outputs],
     )
     state.metrics.count(200)
@@ -123,6 +133,7 @@ class ChatStream:
         }
         if self.include_usage:
             self.base["usage"] = None
+        self.trimmed: dict[str, Any] | None = None  # what --trim-history did, for the usage
 
     def _chunk(
         self,
@@ -173,4 +184,6 @@ class ChatStream:
     def tail(self, usage: Usage) -> str:
         if not self.include_usage:
             return ""
+        if self.trimmed:
+            usage.context_trim = self.trimmed  # type: ignore[attr-defined]
         return event({**self.base, "choices": [], "usage": usage.model_dump()})

@@ -27,6 +27,7 @@ class ServerConfig:
     strict_fields: bool = False  # refuse (400) a request with fields the server does not read
     responses_db: str = ":memory:"  # SQLite file of stored /v1/responses (`llmos serve`: a file)
     guards: list[Any] = field(default_factory=list)  # every request's (`llmos serve --guards`)
+    trim_history: bool = False  # chat history too long for the context is trimmed to fit
 
     def __post_init__(self) -> None:
         self.guards = parse_guards(self.guards)
