@@ -19,7 +19,7 @@ from llmos.server.app import create_app
 from llmos.server.launch import serve_in_thread
 from llmos.server.state import ServerConfig
 
-WINDOW = 1024
+WINDOW = 512
 
 
 @pytest.fixture(scope="module")

@@ -293,6 +293,7 @@ def _shrink(
     """Cut `c` down until its estimate is under `target` (else under `room`, else raise).
     The estimate is kept as a running sum: each change costs one message's count."""
     gone = set(c.elided)
+    prior_cut = c.cut
 
     def size(i: int) -> int:
         return counter.one(elided(body[i])) if i in gone else sizes[i]
@@ -328,13 +329,14 @@ def _shrink(
         new = starts.pop(0)
         kept -= sum(size(i) for i in range(c.cut, new))
         gone -= set(range(c.cut, new))
-        c.cut = new
-        c.note = note_for(body[:new], new)
-        if counter.one({"role": "user", "content": c.note}) > room // 4:  # a note kept short
-            c.note = drop_note(new, cfg.policy)
-        note_n = note_size()
+        c.cut, note_n = new, guess  # the note is written once the cut is known
         if new >= last:
             break
+    if c.cut and (c.cut != prior_cut or not c.note):  # the same cut keeps its note
+        c.note = note_for(body[: c.cut], c.cut)
+        if counter.one({"role": "user", "content": c.note}) > room // 4:  # a note kept short
+            c.note = drop_note(c.cut, cfg.policy)
+        note_n = note_size()
     for i in range(c.cut, len(body) - 1):  # 3: the newest units' long contents
         if est() <= room:
             break

@@ -26,7 +26,7 @@ class MemoryConfig:
     # page: the starting core memory blocks, name -> text (the model edits them with syscalls)
     core: dict[str, str] = field(default_factory=dict)
     core_chars: int = 2000  # page: the most one core block may hold
-    page_in: int = 3  # page: recall hits paged in at the end of a compacted prompt (0: none)
+    page_in: int = 4  # page: recall hits paged in at the end of a compacted prompt (0: none)
     page_tokens: float = 0.15  # page: the share of the room that paged-in text may take
     search_results: int = 5  # recall_search / archive_search: the most hits one call returns
 

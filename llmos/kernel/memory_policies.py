@@ -30,6 +30,7 @@ SUMMARIZER = (
 )
 SUMMARY_NOTE = "Summary of the earlier conversation (it no longer fits in the context):\n"
 PAGED_NOTE = "[From recall memory: earlier messages that may bear on this]\n"
+PAGED_WORDS = 40  # a paged-in hit is FTS5's snippet of this many tokens around its matches
 _COUNTERS: dict[int, Counter] = {}
 
 
@@ -235,10 +236,11 @@ def page(
     if not cfg.page_in or not body:
         return out
     budget = int(room * cfg.page_tokens)
-    hits = memory_store.recall_search(store, pid, query, cfg.page_in)
+    hits = memory_store.recall_search(store, pid, query, cfg.page_in, words=PAGED_WORDS)
+    hits.sort(key=lambda h: int(h.ref) if h.ref.isdigit() else 0)  # in the order they were said
     lines, used = [], counter.one({"role": "user", "content": PAGED_NOTE})
     for h in hits:
-        line = f"[{h.role} {h.ref}] {h.content[:1500]}"
+        line = f"[{h.role}, message {h.ref}] {h.content[:1500]}"
         n = counter.one({"role": "user", "content": line})
         if used + n > budget:
             continue

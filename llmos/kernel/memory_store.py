@@ -65,20 +65,25 @@ def recall_refs(store: Store, pid: int) -> set[str]:
     return {r[0] for r in store.query("SELECT ref FROM recall WHERE pid = ?", (pid,))}
 
 
-def _search(store: Store, table: str, extra: str, pid: int, query: str, k: int) -> list[Hit]:
+def _search(
+    store: Store, table: str, extra: str, pid: int, query: str, k: int, words: int = 0
+) -> list[Hit]:
+    """The `k` best BM25 matches; `words` > 0: FTS5's snippet of that many tokens around the
+    matched terms instead of the whole content."""
     q = match_query(query)
     if q is None:
         return []
+    text = f"snippet({table}, 0, '', '', ' … ', {int(words)})" if words else "content"
     rows = store.query(
-        f"SELECT {extra}, content, bm25({table}) AS score FROM {table}"
+        f"SELECT {extra}, {text} AS content, bm25({table}) AS score FROM {table}"
         f" WHERE {table} MATCH ? AND pid = ? ORDER BY score LIMIT ?",
         (q, pid, k),
     )
     return [Hit(str(r[0]), str(r[1]), r["content"], r["score"]) for r in rows]
 
 
-def recall_search(store: Store, pid: int, query: str, k: int = 5) -> list[Hit]:
-    return _search(store, "recall", "ref, role", pid, query, k)
+def recall_search(store: Store, pid: int, query: str, k: int = 5, words: int = 0) -> list[Hit]:
+    return _search(store, "recall", "ref, role", pid, query, k, words)
 
 
 def passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
