@@ -8,6 +8,11 @@ model's run is short and its shape known: spawn → waiting_approval → approve
 from __future__ import annotations
 
 import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,3 +327,55 @@ def test_openapi_describes_the_routes(server: RunningServer) -> None:
         "workspace",
         "priority",
     }
+
+
+def test_llmos_serve_flags(tmp_path: Path) -> None:
+    """`llmos serve` with --api-keys, --kernel-db, --workspace-root and --programs, as a user
+    runs it; a bad flag fails before the model loads, naming it."""
+    serve = [sys.executable, "-c", "from llmos.cli.main import app; app()", "serve", "--port", "0"]
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("sk-alice-0001: alice\nshort: bob\n")
+    bad = subprocess.run([*serve, "--api-keys", str(keys)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "key #2" in bad.stderr, bad.stderr
+    bad = subprocess.run(
+        [*serve, "--workspace-root", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--workspace-root" in bad.stderr, bad.stderr
+    keys.write_text("sk-alice-0001: alice\n")
+    (tmp_path / "programs").mkdir()
+    (tmp_path / "programs" / "hello.yaml").write_text(
+        "name: hello\nsampling: {temperature: 0, max_tokens: 4}\n"
+    )
+    db, root = tmp_path / "kernel.db", tmp_path / "ws"
+    root.mkdir()
+    flags = ["--api-keys", str(keys), "--kernel-db", str(db), "--workspace-root", str(root)]
+    flags += ["--programs", str(tmp_path / "programs"), "--kv-cache-memory", "64MiB"]
+    proc = subprocess.Popen([*serve, *flags], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        while "Ctrl+C" not in banner:
+            line = proc.stdout.readline()
+            assert line, "llmos serve exited"
+            banner += line
+        url = re.search(r"http://127\.0\.0\.1:\d+", banner).group(0)  # type: ignore[union-attr]
+        assert f"The console: {url}/" in banner
+        assert "llmos console" in httpx.get(url + "/").text
+        with httpx.Client(base_url=f"{url}/v1", timeout=120) as c:
+            assert c.get("/processes").status_code == 401
+            c.headers["Authorization"] = "Bearer sk-alice-0001"
+            pid = c.post("/processes", json={"program": "hello", "input": "hi"}).json()["pid"]
+            assert wait_status(c, pid, "done", "failed")["status"] == "done"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    # the process is in the kernel DB the flag named, owned by alice, in a folder of the root
+    with sqlite3.connect(db) as con:
+        owner, workspace, status = con.execute(
+            "SELECT owner, workspace, status FROM processes WHERE pid = ?", (pid,)
+        ).fetchone()
+    assert (owner, status) == ("alice", "done")
+    assert Path(workspace).is_relative_to(root.resolve())

@@ -161,6 +161,12 @@ def serve(
         import torch
 
         torch.set_num_threads(max(1, threads))
+    try:  # the kernel's flags are read before the model loads, as the others
+        make_kernel = None if no_kernel else _host(kernel_db, workspace_root, api_keys, programs)
+    except ValueError as exc:  # RequestError, ProgramError: names the flag
+        sock.close()
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
     try:  # built on the engine's own thread (see AsyncEngine)
         engine = AsyncEngine(
             lambda: load_engine(
@@ -179,13 +185,7 @@ def serve(
         sock.close()
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    try:
-        kernel = None if no_kernel else _host(engine, kernel_db, workspace_root, api_keys, programs)
-    except ValueError as exc:  # RequestError, ProgramError: names the flag
-        engine.shutdown()
-        sock.close()
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    kernel = None if make_kernel is None else make_kernel(engine)
     from llmos.server import tracing
 
     try:
@@ -207,16 +207,22 @@ def serve(
     tracing.trace.shutdown()  # flush the spans still batched
 
 
-def _host(engine, db, workspace_root, api_keys, programs):  # noqa: ANN001, ANN202
-    """The kernel beside the engine (/v1/processes), its users and its programs."""
+def _host(db, workspace_root, api_keys, programs):  # noqa: ANN001, ANN202
+    """What makes the kernel beside the engine (/v1/processes) once the engine is loaded; its
+    users, programs and workspace root are read now, so a bad flag fails at once."""
+    from pathlib import Path
+
     from llmos.cli.kernel_view import db_path
     from llmos.cli.run import default_program
+    from llmos.errors import RequestError
     from llmos.server.processes_host import ProcessHost, programs_in
     from llmos.server.users import Users
 
     users = Users.load(api_keys)
     registered = {"assistant": default_program, **(programs_in(programs) if programs else {})}
-    return ProcessHost.on_engine(
+    if workspace_root is not None and not Path(workspace_root).is_dir():
+        raise RequestError(f"--workspace-root: {workspace_root!r} is not a folder")
+    return lambda engine: ProcessHost.on_engine(
         engine, db_path(db), workspace_root=workspace_root, users=users, programs=registered
     )
 

@@ -91,7 +91,7 @@ def parse_keys(data: Any, where: str = "api_keys") -> dict[str, User]:
         label = f"{where}: key #{i + 1}"
         if not isinstance(key, str) or len(key.strip()) < 8:
             raise RequestError(
-                f"{label}: an API key is a string of 8 characters or more", "api_keys"
+                f"{label}: an API key is a string of 8 characters or more", param="api_keys"
             )
         if isinstance(value, str):
             value = {"user": value}
