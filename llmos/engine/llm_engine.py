@@ -29,6 +29,9 @@ from llmos.models.registry import model_name, resolve
 from llmos.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+# Draft tokens one step verifies at most, over all its sequences: a step of up to ~64 rows
+# beside its decodes stays on the per-row attention path (runner.ROW_ATTENTION_PREFILL_ROWS).
+MAX_STEP_DRAFTS = 48
 
 
 class LLMEngine:
@@ -82,6 +85,7 @@ class LLMEngine:
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_steps = 0
+        self._draft_room = MAX_STEP_DRAFTS
         self.spec_totals = [0, 0, 0]  # drafts, draft tokens, accepted tokens (all requests)
         log.info(
             "engine ready: model=%s device=%s kv_blocks=%d x %d tokens",
@@ -233,6 +237,7 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._draft_room = MAX_STEP_DRAFTS
         plan = self.scheduler.schedule()
         if not plan:
             return []
@@ -240,7 +245,10 @@ class LLMEngine:
         try:
             step = self.runner.run(plan, self.tokenizer.eos_token_ids)
             self.num_steps += 1
-            return self._postprocess(plan, step, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            if self.speculator is not None and all(s.num_new_tokens == 1 for s in plan.scheduled):
+                self.speculator.observe_step(sum(s.num_rows for s in plan.scheduled), seconds)
+            return self._postprocess(plan, step, seconds)
         except Exception as exc:
             # A failed step fails the requests in it, gives back their blocks, and lives on.
             failed = sorted({s.seq.request_id for s in plan.scheduled})
@@ -292,8 +300,10 @@ class LLMEngine:
         max_tokens and the context."""
         assert self.speculator is not None
         room = min(room, seq.max_tokens - seq.num_output_tokens - 1)
-        room = min(room, self.max_model_len - seq.num_tokens - 1)
-        return self.speculator.draft(seq, room, batch)
+        room = min(room, self.max_model_len - seq.num_tokens - 1, self._draft_room)
+        draft = self.speculator.draft(seq, room, batch)
+        self._draft_room -= len(draft)
+        return draft
 
     def _count_drafts(self, seq: Sequence, drafted: int, accepted: int) -> None:
         seq.num_drafts += 1

@@ -207,30 +207,58 @@ class Speculator:
     """Sizes and asks for drafts per sequence; learns from what verification accepted.
 
     Per-sequence acceptance is an exponential average of accepted / drafted. With per-token
-    acceptance a, a draft of length k yields (1 - a^(k+1)) / (1 - a) tokens for a step costing
-    about 1 + cost * k; the draft length is the best of 0..k_max by that ratio."""
+    acceptance a, a draft of length k yields (1 - a^(k+1)) / (1 - a) tokens for a step that
+    costs 1 + rho * k, in units of what one plain token costs at this batch size: a step reads
+    the weights once (c0) and computes each row (c_row), so a plain token costs
+    (c0 + c_row * B) / B and a draft row costs c_row, and rho = c_row * B / (c0 + c_row * B).
+    At batch 1 a draft row is cheap next to the weight read; at batch 16 it costs almost a
+    whole plain token, so only drafts that are nearly sure pay. c_row / c0 starts at
+    `row_ratio` and is refit from the engine's own decode steps (`observe_step`). The draft
+    length is the best of 0..k_max by that ratio; past `max_batch` running sequences there are
+    no drafts at all."""
 
     def __init__(
         self,
         proposer: Proposer,
         max_tokens: int,
-        row_cost: float = 0.08,
+        row_ratio: float = 0.3,
         max_batch: int = 32,
         probe_every: int = 16,
     ) -> None:
         self.proposer = proposer
         self.max_tokens = max_tokens  # k_max
-        self.row_cost = row_cost  # a draft row's cost relative to a one-row decode step
+        self.row_ratio = row_ratio  # c_row / c0: one row's compute next to one weight read
         self.max_batch = max_batch  # more running sequences than this: no drafts
         self.probe_every = probe_every
+        self._fit = [0.0] * 5  # fading sums for observe_step's fit: n, x, y, xx, xy
         self.rate: dict[int, float] = {}  # seq_id -> acceptance estimate
         self.idle: dict[int, int] = {}  # seq_id -> steps since it last drafted (while k = 0)
 
-    def best_k(self, rate: float) -> int:
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """A decode step's rows and time: refit c0 + c_row * rows (least squares, with old
+        steps fading), so `row_ratio` follows the machine rather than a constant."""
+        f = self._fit
+        for i, v in enumerate((1.0, rows, seconds, rows * rows, rows * seconds)):
+            f[i] = 0.99 * f[i] + v
+        n, sx, sy, sxx, sxy = f
+        var = n * sxx - sx * sx
+        if n < 20 or var < 1e-9 * n * n:  # too few steps, or all of one size
+            return
+        c_row = (n * sxy - sx * sy) / var
+        c0 = (sy - c_row * sx) / n
+        if c0 > 0:
+            self.row_ratio = min(2.0, max(0.02, c_row / c0))
+
+    def row_cost(self, batch: int) -> float:
+        r = self.row_ratio * max(1, batch)
+        return r / (1 + r)
+
+    def best_k(self, rate: float, batch: int = 1) -> int:
+        rho = self.row_cost(batch)
         best, best_gain = 0, 1.0
         for k in range(1, self.max_tokens + 1):
             tokens = (1 - rate ** (k + 1)) / (1 - rate) if rate < 1 else k + 1
-            gain = tokens / (1 + self.row_cost * k)
+            gain = tokens / (1 + rho * k)
             if gain > best_gain * 1.02:
                 best, best_gain = k, gain
         return best
@@ -239,9 +267,9 @@ class Speculator:
         """Drafts for `seq`'s next step: at most `room` tokens (budget and max_tokens left)."""
         if batch > self.max_batch or room < 1 or not seq.params.speculation:
             return []
-        rate = self.rate.get(seq.seq_id, 0.7)
-        k = self.best_k(rate)
-        if k == 0:  # not paying: probe with one token now and then
+        rate = self.rate.get(seq.seq_id, 0.8)
+        k = self.best_k(rate, batch)
+        if k == 0:  # not paying: probe with a short draft now and then
             idle = self.idle.get(seq.seq_id, 0) + 1
             self.idle[seq.seq_id] = idle
             if idle < self.probe_every:
@@ -257,8 +285,8 @@ class Speculator:
 
     def observe(self, seq: Sequence, drafted: int, accepted: int) -> None:
         if drafted:
-            old = self.rate.get(seq.seq_id, 0.7)
-            self.rate[seq.seq_id] = 0.7 * old + 0.3 * (accepted / drafted)
+            old = self.rate.get(seq.seq_id, 0.8)
+            self.rate[seq.seq_id] = 0.6 * old + 0.4 * (accepted / drafted)
 
     def forget(self, seq: Sequence) -> None:
         self.rate.pop(seq.seq_id, None)
