@@ -70,14 +70,17 @@ class GuardedMatcher:
     matcher decides when the output is complete or broken; a block matcher that cannot follow
     (the closing plan forced a token) steps aside and the hold-back filter remains."""
 
-    __slots__ = ("inner", "block")
+    __slots__ = ("inner", "block", "skip")
 
-    def __init__(self, inner: Any, block: Any) -> None:
+    def __init__(self, inner: Any, block: Any, skip: tuple[int, ...] = ()) -> None:
         self.inner = inner
         self.block = block
+        self.skip = skip  # EOS: no text, and (with ignore_eos) not the end for the block grammar
 
     def consume_token(self, token: int) -> bool:
-        if self.block is not None and not self.block.consume_token(token):
+        if token in self.skip:
+            pass
+        elif self.block is not None and not self.block.consume_token(token):
             log.info("a block guard's matcher could not follow token %d; hold-back only", token)
             self.block = None
         return True if self.inner is None else self.inner.consume_token(token)

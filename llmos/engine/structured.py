@@ -268,7 +268,8 @@ class GrammarCompiler:
         if blocks[0] is None:
             return inner
         inner = inner or [None] * params.n
-        return [GuardedMatcher(m, b) for m, b in zip(inner, blocks, strict=True)]
+        eos = self.tokenizer.eos_token_ids
+        return [GuardedMatcher(m, b, eos) for m, b in zip(inner, blocks, strict=True)]
 
     def _matchers(
         self, params: SamplingParams, max_tokens: int | None = None
