@@ -172,3 +172,18 @@ def test_memory_field_is_checked_and_loads_from_yaml(tmp_path: Path) -> None:
     f.write_text("name: pager\nmemory:\n  policy: page\n  core:\n    user: likes tea\n")
     cfg = Program.load(f).memory_config
     assert cfg.policy == "page" and cfg.core == {"user": "likes tea"}
+
+
+def test_a_remote_backend_s_counts_are_labelled_estimates() -> None:
+    from llmos.backends.openai_http import OpenAIHTTPBackend
+    from llmos.cli.kernel_view import memory_line
+    from llmos.kernel.memory import compact
+    from llmos.kernel.memory_policies import counter_for
+
+    remote = OpenAIHTTPBackend("http://127.0.0.1:9/v1", "m", context_window=200)
+    counter = counter_for(remote, [])
+    assert counter.estimate and not counter_for(scripted([]), []).estimate
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "t"}]
+    msgs += [{"role": "user", "content": "word " * 100} for _ in range(6)]
+    out, c = compact(msgs, counter, 200)
+    assert c is not None and c.estimate and "(estimated)" in memory_line(c)
