@@ -196,6 +196,33 @@ def test_a_chat_message_streams_an_answer(console: Console) -> None:
     }
 
 
+def test_the_playground_streams_a_tool_call(console: Console) -> None:
+    page = console.page
+    page.fill("#s-temperature", "0")
+    page.fill("#s-max_tokens", "48")
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    page.fill("#s-tools", json.dumps([tool]))
+    page.select_option("#s-tool_choice", "required")
+    page.fill("#chat-input", "What is the weather in Paris?")
+    page.click("#chat-send")
+    answer = page.locator(".msg.assistant.done .content")
+    expect(answer).to_contain_text("→ get_weather(")
+    args = answer.inner_text().split("→ get_weather(", 1)[1].rsplit(")", 1)[0]
+    assert set(json.loads(args)) == {"city"}, args
+    console.shot("chat-tool-call")
+
+
 def test_a_spawned_process_appears_and_reaches_done(console: Console) -> None:
     page = console.page
     page.click("button.tab[data-tab='processes']")

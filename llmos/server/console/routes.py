@@ -28,7 +28,11 @@ from llmos.server.processes_host import ProcessHost
 from llmos.server.state import ServerState
 from llmos.server.streaming import event
 
-_FILES = {"console.js": "text/javascript", "console.css": "text/css"}
+_FILES = {
+    "console.js": "text/javascript",
+    "panels.js": "text/javascript",
+    "console.css": "text/css",
+}
 _NO_CACHE = {"Cache-Control": "no-cache"}
 
 
