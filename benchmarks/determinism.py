@@ -8,8 +8,9 @@ workloads, each in its own worker process, one after another, in the same run.
   over tokens 2..128.
 - prefill: a 512-token prompt to its first token (prefix cache cleared).
 - batch 32: 32 prompts × 128 tokens at once.
-- each mode runs in `reps` worker processes, the modes alternating; the best run counts (the
-  machine is shared: the best run is the least disturbed one).
+- both modes' engines run in one worker process, and each workload's `reps` runs alternate
+  between them; the best run counts (the machine is shared: the best run is the least
+  disturbed one).
 - bitwise: the batch's first prompt alone and in the batch give the same tokens and logprobs
   (deterministic mode only promises this; the default mode is checked and reported too).
 - `--base REF`: deterministic mode as the llmos of git REF had it, too (its package exported
@@ -38,7 +39,6 @@ from common import (  # noqa: E402
     loadavg,
     machine,
     md_table,
-    peak_rss_bytes,
     replace_section,
     run_worker,
 )
@@ -52,58 +52,92 @@ SECTION = "## Determinism (benchmarks/determinism.py)"
 console = Console(stderr=True)
 
 
-def worker(mode: str, threads: int, reps: int) -> dict[str, Any]:
-    import torch
+class Bench:
+    """One engine in one mode, and the three workloads on it."""
 
-    from llmos import LLM, SamplingParams
+    def __init__(self, mode: str) -> None:
+        from llmos import LLM
 
-    torch.set_num_threads(threads)
-    llm = LLM(model=MODEL, deterministic=mode == "deterministic", kv_cache_memory="1GiB")
-    engine = llm.engine
-    chat = llm.tokenizer.encode_chat(CHAT)
-    ids = llm.tokenizer.encode(" ".join(CORPUS * 4))
-    long = ids[:PREFILL_TOKENS]
-    batch = [ids[i * 37 : i * 37 + 40 + (i % 5) * 20] for i in range(BATCH)]
+        self.llm = LLM(model=MODEL, deterministic=mode == "deterministic", kv_cache_memory="512MiB")
+        tok = self.llm.tokenizer
+        self.chat = tok.encode_chat(CHAT)
+        ids = tok.encode(" ".join(CORPUS * 4))
+        self.long = ids[:PREFILL_TOKENS]
+        self.batch = [ids[i * 37 : i * 37 + 40 + (i % 5) * 20] for i in range(BATCH)]
+        self.outs: list[Any] = []
 
-    def stream(prompt: list[int], n: int) -> list[float]:
+    def stream(self, prompt: list[int], n: int) -> list[float]:
+        from llmos import SamplingParams
+
+        engine = self.llm.engine
         engine.blocks.reset_prefix_cache()
-        greedy = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        engine.add_request("s", prompt, greedy)
+        engine.add_request(
+            "s", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        )
         times: list[float] = []
         while engine.has_unfinished_requests():
             if engine.step():
                 times.append(time.perf_counter())
         return times
 
-    stream(chat, 8)  # warm up
-    decode = []
-    for _ in range(reps):
-        times = stream(chat, DECODE_TOKENS)
-        decode.append((len(times) - 1) / (times[-1] - times[0]))
-    prefill = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        stream(long, 1)
-        prefill.append(PREFILL_TOKENS / (time.perf_counter() - t))
-    params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True, logprobs=1)
-    batch_tps, outs = [], []
-    for _ in range(reps):
-        engine.blocks.reset_prefix_cache()
-        t = time.perf_counter()
-        outs = llm.generate(batch, params, use_progress=False)
-        batch_tps.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t))
-    engine.blocks.reset_prefix_cache()
-    alone = llm.generate([batch[0]], params, use_progress=False)[0]
-    bitwise = alone.token_ids == outs[0].token_ids and [lp.logprob for lp in alone.logprobs] == [
-        lp.logprob for lp in outs[0].logprobs
-    ]
-    return {
-        "decode_tps": max(decode),
-        "prefill_tps": max(prefill),
-        "batch_tps": max(batch_tps),
-        "bitwise": bitwise,
-        "peak_rss": peak_rss_bytes(),
-    }
+    # Each returns (tokens per second of wall time, tokens per CPU second of this process).
+    def decode(self) -> tuple[float, float]:
+        c = time.process_time()
+        times = self.stream(self.chat, DECODE_TOKENS)
+        cpu = time.process_time() - c  # (its first token's prefill too: the chat prompt's few)
+        return (len(times) - 1) / (times[-1] - times[0]), DECODE_TOKENS / cpu
+
+    def prefill(self) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        self.stream(self.long, 1)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        return PREFILL_TOKENS / wall, PREFILL_TOKENS / cpu
+
+    def batched(self) -> tuple[float, float]:
+        self.llm.engine.blocks.reset_prefix_cache()
+        t, c = time.perf_counter(), time.process_time()
+        self.outs = self.llm.generate(self.batch, PARAMS(), use_progress=False)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        n = sum(len(o.token_ids) for o in self.outs)
+        return n / wall, n / cpu
+
+    def bitwise(self) -> bool:
+        """The batch's first prompt alone gives what it gave in the batch, bit for bit."""
+        self.llm.engine.blocks.reset_prefix_cache()
+        alone = self.llm.generate([self.batch[0]], PARAMS(), use_progress=False)[0]
+        inside = self.outs[0]
+        return alone.token_ids == inside.token_ids and [lp.logprob for lp in alone.logprobs] == [
+            lp.logprob for lp in inside.logprobs
+        ]
+
+
+def PARAMS() -> Any:  # noqa: ANN401, N802 - (imported late: the worker sets threads first)
+    from llmos import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True, logprobs=1)
+
+
+def worker(modes: list[str], threads: int, reps: int) -> dict[str, dict[str, Any]]:
+    """Every mode's engine in this one process; each workload's reps alternate between them,
+    so the machine's load drifts over all modes alike. Best of the reps."""
+    import torch
+
+    torch.set_num_threads(threads)
+    benches = {mode: Bench(mode) for mode in modes}
+    for b in benches.values():
+        b.stream(b.chat, 8)  # warm up
+    out: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
+    for key in ("decode_tps", "prefill_tps", "batch_tps"):
+        for _ in range(reps):
+            for mode, b in benches.items():
+                fn = {"decode_tps": b.decode, "prefill_tps": b.prefill, "batch_tps": b.batched}
+                wall, cpu = fn[key]()
+                out[mode][key] = max(out[mode].get(key, 0.0), wall)
+                out[mode]["cpu_" + key] = max(out[mode].get("cpu_" + key, 0.0), cpu)
+                emit("progress", f"{mode} {key} {wall:.1f} per s, {cpu:.1f} per CPU s")
+    for mode, b in benches.items():
+        out[mode]["bitwise"] = b.bitwise()
+    return out
 
 
 def export(ref: str) -> Path:
@@ -119,7 +153,7 @@ def export(ref: str) -> Path:
 
 def main(
     threads: int = 2,
-    reps: Annotated[int, typer.Option(help="worker processes per mode, interleaved")] = 3,
+    reps: Annotated[int, typer.Option(help="runs of each workload per mode, alternating")] = 3,
     base: Annotated[
         str | None, typer.Option(help="also run deterministic mode as of this git ref")
     ] = None,
@@ -127,50 +161,35 @@ def main(
 ) -> None:
     me = str(Path(__file__).resolve())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    modes: list[tuple[str, str, dict[str, str]]] = [
-        ("default", "default", env),
-        ("deterministic", "deterministic", env),
-    ]
-    if base is not None:
-        old = {**env, "PYTHONPATH": str(export(base))}
-        modes.append((f"deterministic @{base}", "deterministic", old))
     load0 = loadavg()
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in modes}
-    for rep in range(reps):  # the modes alternate, so the machine's load drifts over all alike
-        for name, mode, e in modes:
-            with console.status(f"{name}, run {rep + 1} of {reps}…"):
-                r = run_worker([me, "worker", mode, str(threads), "1"], env=e)
-            runs[name].append(r)
-            console.print(
-                f"{name}: decode {r['decode_tps']:.1f} tok/s, prefill {r['prefill_tps']:.0f} "
-                f"tok/s, batch {BATCH} {r['batch_tps']:.0f} tok/s, alone = in batch: "
-                f"{r['bitwise']}, load {loadavg():.1f}"
-            )
-    keys = ("decode_tps", "prefill_tps", "batch_tps")
-    best = {
-        name: {
-            **{k: max(r[k] for r in rs) for k in keys},
-            "bitwise": all(r["bitwise"] for r in rs),
-            "peak_rss": max(r["peak_rss"] for r in rs),
-        }
-        for name, rs in runs.items()
-    }
+    show = console.print
+    with console.status("default and deterministic, alternating…"):
+        best = run_worker(
+            [me, "worker", "default,deterministic", str(threads), str(reps)],
+            on_line=show,
+            env=env,
+        )
+    if base is not None:  # its own process (another llmos), after the others
+        old = {**env, "PYTHONPATH": str(export(base))}
+        with console.status(f"deterministic mode @{base}…"):
+            r = run_worker([me, "worker", "deterministic", str(threads), str(reps)], show, old)
+        best[f"deterministic @{base}"] = r["deterministic"]
+    best.pop("spawn_to_exit", None)
     names = list(best)
     d = best["default"]
     rows = [
-        [label]
-        + [f"{best[n][key]:.1f}" for n in names]
-        + [f"{best[n][key] / d[key]:.2f}×" for n in names[1:]]
+        [label + unit]
+        + [f"{best[n][pre + key]:.1f}" for n in names]
+        + [f"{best[n][pre + key] / d[pre + key]:.2f}×" for n in names[1:]]
+        for pre, unit in (("", " (tok/s)"), ("cpu_", " (tokens per CPU second)"))
         for label, key in (
-            ("single-stream decode (tok/s)", "decode_tps"),
-            (f"{PREFILL_TOKENS}-token prefill (tok/s)", "prefill_tps"),
-            (f"batch {BATCH} × {DECODE_TOKENS} tokens (tok/s)", "batch_tps"),
+            ("single-stream decode", "decode_tps"),
+            (f"{PREFILL_TOKENS}-token prefill", "prefill_tps"),
+            (f"batch {BATCH} × {DECODE_TOKENS} tokens", "batch_tps"),
         )
     ]
     blank = [""] * (len(names) - 1)
     rows.append(["alone = in the batch, bitwise", *(str(best[n]["bitwise"]) for n in names)])
-    rows[-1] += blank
-    rows.append(["peak RSS (MiB)", *(f"{best[n]['peak_rss'] / 2**20:.0f}" for n in names)])
     rows[-1] += blank
     m = machine()
     head = ["workload", *names, *(f"{n} ÷ default" for n in names[1:])]
@@ -180,9 +199,12 @@ def main(
         f"\n\n- `.venv/bin/python benchmarks/determinism.py {cmd}`, "
         f"{time.strftime('%Y-%m-%d %H:%M')}, {m['cpu']}, {m['cores']} cores, {threads} threads, "
         f"load average {load0:.1f} at the start and {loadavg():.1f} at the end. The machine is "
-        "shared: each mode ran in {reps} worker processes, the modes alternating, and each "
-        "figure is the best run (the least disturbed)."
-    ).replace("{reps}", str(reps))
+        f"shared: both modes' engines ran in one process, each workload's {reps} runs "
+        "alternating between them, and each figure is the best run (the least disturbed)"
+        + (f"; @{base} ran after them, in its own process." if base else ".")
+        + " Tokens per CPU second (the process's user + system time, every thread) tell the "
+        "cost apart from the wait for a core, which a loaded machine adds to the wall time."
+    )
     print(body)
     if record is not None:
         replace_section(record, SECTION, body)
@@ -190,6 +212,6 @@ def main(
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        emit("result", worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+        emit("result", worker(sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])))
     else:
         typer.run(main)
