@@ -15,6 +15,10 @@ the figure is marked `>`), and p50 inter-token latency. Connections are either r
 llama-cpp-python runs one request at a time; it is tuned as fairly as it allows:
 `--interrupt_requests False` (else each new request cuts off the stream in progress) and
 `--n_threads` 1 and 2.
+
+llama.cpp's own `llama-server` (continuous batching over parallel slots; `make bench-setup`
+builds it into .venv/bench/llama-server, or `--llama-server PATH`) runs too, once per slot
+count in `--llama-slots` (`-np`), with its prompt cache on (its default).
 """
 
 from __future__ import annotations
@@ -183,6 +187,19 @@ def llamacpp_args(port: int, gguf: Path, threads: int) -> list[str]:
         "2048",
         "--verbose",
         "False",
+    ]
+
+
+LLAMA_SERVER = Path(__file__).resolve().parent.parent / ".venv" / "bench" / "llama-server"
+
+
+def llama_server_args(binary: Path, port: int, gguf: Path, slots: int, threads: int) -> list[str]:
+    return [
+        str(binary),
+        *("--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
+        *("--parallel", str(slots), "--cont-batching", "--ctx-size", str(slots * 1024)),
+        *("--threads", str(threads), "--threads-batch", str(threads)),
+        *("--no-webui", "--log-disable"),  # (its stderr is read only at exit)
     ]
 
 
@@ -374,6 +391,10 @@ def main(
             help="Comma-separated torch thread counts to run llmos with; 0: torch's default."
         ),
     ] = "0",
+    llama_server: Annotated[
+        Path | None, typer.Option(help="llama.cpp's llama-server binary (make bench-setup).")
+    ] = None,
+    llama_slots: Annotated[str, typer.Option(help="llama-server -np values.")] = "16,64",
     record: Annotated[
         Path | None, typer.Option(help="Write the results section here (replacing it).")
     ] = None,
@@ -416,6 +437,19 @@ def main(
             "(`make bench-setup` builds llama-cpp-python; its server also needs "
             "sse-starlette, starlette-context and pydantic-settings)."
         )
+    binary = llama_server or (LLAMA_SERVER if LLAMA_SERVER.exists() else None)
+    if skip_llamacpp or binary is None:
+        notes.append("llama-server: skipped (`make bench-setup` builds it).")
+    else:
+        from gguf import GGUFReader
+
+        eos = int(GGUFReader(gguf).fields["tokenizer.ggml.eos_token_id"].parts[-1][0])
+        extra = {"logit_bias": {str(eos): -100.0}, "top_k": 0, "min_p": 0.0, "top_p": 1.0}
+        for slots in (int(n) for n in llama_slots.split(",")):
+            port = free_port()
+            with server_process(llama_server_args(binary, port, gguf, slots, 2), port) as url:
+                name = f"llama.cpp server -np {slots}"
+                results += measure(url, name, levels, duration, modes, extra)
     for note in notes:
         print(note)
     ratio_lines = ratios(results)
