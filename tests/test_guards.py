@@ -4,6 +4,7 @@ text split at random points (a blocked string split across tokens and chunks).""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,21 @@ def test_scored_guards_hold_until_scored() -> None:
 def test_window_is_the_longest_match() -> None:
     assert GuardFilter([Guard("a", kind="literal", value=["abc", "swordfish"])]).window == 9
     assert GuardFilter([Guard("b", kind="regex", pattern=r"\d{3}-\d{4}")]).window == 8
+
+
+def test_serve_guards_file_errors_name_the_field(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmos.cli.main import app
+    from llmos.server.guards import load_guards
+
+    good = tmp_path / "guards.yaml"
+    good.write_text(
+        "- {name: pii, kind: pii, action: redact}\n- {name: s, kind: literal, value: x}\n"
+    )
+    assert [g.name for g in load_guards(good)] == ["pii", "s"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {name: s, kind: regex, pattern: '('}\n")
+    result = CliRunner().invoke(app, ["serve", "--guards", str(bad), "--port", "0"])
+    assert result.exit_code == 2
+    assert "guards[0].pattern" in result.output
