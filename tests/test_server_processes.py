@@ -144,7 +144,7 @@ def test_spawn_runs_a_registered_program_to_done(server: RunningServer) -> None:
 def test_inline_spec_and_its_errors_name_the_field(server: RunningServer, root: Path) -> None:
     spec = {"name": "inline", "system_prompt": "Be brief.", "sampling": {"max_tokens": 4}}
     with http(server, BOB) as c:
-        r = c.post("/processes", json={"program": spec, "input": "hi", "workspace": "bob/w1"})
+        r = c.post("/processes", json={"program": spec, "input": "hi", "workspace": "w1"})
         assert r.status_code == 200, r.text
         assert r.json()["workspace"] == str((root / "bob" / "w1").resolve())
         wait_status(c, r.json()["pid"], "done", "failed")
@@ -164,20 +164,35 @@ def test_inline_spec_and_its_errors_name_the_field(server: RunningServer, root: 
 
 
 def test_workspaces_are_confined_to_the_root(server: RunningServer, root: Path) -> None:
+    """A user's workspaces lie in their own folder of the root; an admin's anywhere in it."""
+    mine = root / "alice"
+    mine.mkdir(exist_ok=True)
+    (root / "bob" / "w1").mkdir(parents=True, exist_ok=True)
     with http(server, ALICE) as c:
-        for path in ("../outside", "/etc", "a/../../x", str(root.parent)):
+        for path in ("../outside", "/etc", "a/../../x", str(root.parent), "../bob/w1", str(root)):
             e = assert_error(
                 c.post("/processes", json={"program": "quick", "workspace": path}), 403, "workspace"
             )
             assert e["code"] == "workspace_outside_root"
-        (root / "afile").write_text("x")
+        (mine / "afile").write_text("x")
         assert_error(
             c.post("/processes", json={"program": "quick", "workspace": "afile"}), 400, "workspace"
         )
         # a symlink inside the root that leads out is outside too
-        (root / "link").symlink_to(root.parent)
+        (mine / "link").symlink_to(root / "bob")
         assert_error(
             c.post("/processes", json={"program": "quick", "workspace": "link"}), 403, "workspace"
+        )
+    with http(server, ADMIN) as c:  # the admin may name bob's folder; it stays inside the root
+        r = c.post("/processes", json={"program": "quick", "workspace": "bob/w1"})
+        assert r.status_code == 200 and r.json()["workspace"] == str(
+            (root / "bob" / "w1").resolve()
+        )
+        wait_status(c, r.json()["pid"], "done", "failed")
+        assert_error(
+            c.post("/processes", json={"program": "quick", "workspace": str(root.parent)}),
+            403,
+            "workspace",
         )
 
 

@@ -3,7 +3,7 @@ backend, so HTTP chat requests and processes are batched and scheduled together.
 
 What a caller may ask of it is checked here: programs by registered name or inline spec (an
 inline spec from a non-admin may not name another backend, load code, or run commands), and
-workspaces confined to the operator's root.
+workspaces confined to the operator's root (a user's to their own folder in it).
 """
 
 from __future__ import annotations
@@ -110,11 +110,17 @@ class ProcessHost:
                     raise _forbidden(f"program.policy.{key}", what)
         return _as_request_error(lambda: Program.from_dict(dict(spec)))
 
+    def root_for(self, user: User) -> Path:
+        """A user's own folder under the root (an admin's is the root): one user's process
+        cannot name another's workspace and read its files."""
+        return self.workspace_root if user.admin else self.workspace_root / (user.name or "_")
+
     def workspace(self, path: str | None, user: User) -> Path:
-        """`path` under the root (made when missing), or a new folder for this process."""
-        root = self.workspace_root
+        """`path` under the caller's root (made when missing), or a new folder for this
+        process."""
+        root = self.root_for(user)
         if path is None:
-            ws = root / (user.name or "local") / uuid.uuid4().hex[:12]
+            ws = self.workspace_root / (user.name or "local") / uuid.uuid4().hex[:12]
         else:
             if "\x00" in path or not path.strip():
                 raise APIError(400, "workspace: must be a non-empty path", param="workspace")
@@ -122,10 +128,11 @@ class ProcessHost:
                 ws = (root / path).resolve()  # an absolute path replaces root
             except (OSError, RuntimeError) as exc:  # a symlink loop
                 raise APIError(400, f"workspace: {exc}", param="workspace") from None
-            if not ws.is_relative_to(root):
+            if not ws.is_relative_to(root.resolve()):
                 raise APIError(
                     403,
-                    f"workspace: {path!r} is outside the server's workspace root",
+                    f"workspace: {path!r} is outside the workspace root"
+                    + ("" if user.admin else f" of user {user.name!r}"),
                     param="workspace",
                     code="workspace_outside_root",
                     type="invalid_request_error",
