@@ -336,3 +336,37 @@ def test_bad_speculation_settings_name_the_field() -> None:
         EngineConfig(speculation="suffix", num_speculative_tokens=0)
     with pytest.raises(RequestError, match="speculation"):
         SamplingParams(speculation="no")  # type: ignore[arg-type]
+
+
+def test_scheduler_plans_drafts_and_trim_gives_rejected_slots_back() -> None:
+    """Pure bookkeeping: drafts ride in the plan within the budget and their blocks are
+    allocated; trimming after verification frees the rejected slots' blocks, and the prefix
+    cache names only blocks of computed (accepted) tokens."""
+    from llmos.engine.block_manager import BlockManager
+    from llmos.engine.scheduler import Scheduler, SchedulerConfig
+    from llmos.engine.sequence import Sequence
+
+    class NoDetok:
+        def add(self, ids: list[int], final: bool = False) -> str:
+            return ""
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=8), bm, lambda s, room, b: [7] * min(6, room)
+    )
+    params = SamplingParams(max_tokens=16)
+    seq = Sequence("r", [1, 2, 3, 4, 5], params, NoDetok(), max_tokens=16)  # type: ignore[arg-type]
+    sched.add(seq)
+    (s,) = sched.schedule().scheduled  # admission: the prompt, no drafts
+    assert s.num_new_tokens == 5 and s.draft == ()
+    seq.token_ids.append(8)  # the first output token
+    seq.num_computed_tokens = 5
+    (s,) = sched.schedule().scheduled  # a decode: 1 token + drafts, within the 8-token budget
+    assert s.num_new_tokens == 1 and s.draft == (7,) * 6 and s.num_rows == 7
+    assert len(seq.block_table) == 3  # 12 slots: the drafts' too
+    seq.token_ids += [7, 9]  # verification: one draft accepted, then the bonus token
+    seq.num_computed_tokens = 7
+    bm.commit(seq)
+    bm.trim(seq, seq.num_tokens)
+    assert len(seq.block_table) == 2 and bm.num_free == 6  # the third block is back
+    assert seq.num_named_blocks == 1  # only the full block of computed, accepted tokens
