@@ -133,9 +133,8 @@ def test_top_in_a_real_terminal(
         assert re.search(r"running 0\s", screen) and re.search(r"waiting 0\s", screen)
         assert re.search(r"prefix-cache hits \d+\.\d%", screen)
         kv = cells(row(screen, carl))[7]
-        assert kv.isdigit() and int(kv) > 0, row(
-            screen, carl
-        )  # its first turn's KV blocks, pinned while it waits
+        # its first turn's KV blocks, pinned while it waits
+        assert kv.isdigit() and int(kv) > 0, row(screen, carl)
         assert "ann" in screen and "bob" in screen
 
         term.keys("u")  # the first user only
@@ -176,3 +175,17 @@ def test_top_in_a_real_terminal(
             time.sleep(0.1)
     finally:
         term.close()
+
+
+def test_keys_arriving_together_are_each_read() -> None:
+    from llmos.cli.top import split_keys
+
+    assert split_keys("us\x1b[A\x1b[B\x1b\r\x1b[5~x") == [
+        "u",
+        "s",
+        "up",
+        "down",
+        "\x1b",
+        "enter",
+        "x",
+    ]

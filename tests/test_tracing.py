@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -62,6 +63,15 @@ def ws(tmp_path: Path) -> Path:
 
 def named(exporter: InMemorySpanExporter, prefix: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name.startswith(prefix)]
+
+
+def ended(exporter: InMemorySpanExporter, prefix: str, timeout: float = 10.0) -> ReadableSpan:
+    """The one span named `prefix`...: a server span ends just after the response's last byte."""
+    deadline = time.monotonic() + timeout
+    while not (found := named(exporter, prefix)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (span,) = found
+    return span
 
 
 def sha(text: str) -> str:
@@ -187,7 +197,7 @@ def test_server_chat_span_and_trace_id_header(
     done = raw.parse()
     trace_id = raw.headers["x-trace-id"]
     assert len(trace_id) == 32 and raw.headers["traceparent"].split("-")[1] == trace_id
-    (span,) = named(spans, "chat ")
+    span = ended(spans, "chat ")
     assert format_trace_id(span.context.trace_id) == trace_id
     assert span.kind is SpanKind.SERVER and span.name == f"chat {done.model}"
     a = span.attributes
@@ -218,7 +228,7 @@ def test_server_streamed_completion_continues_the_callers_trace(
         assert r.status_code == 200 and r.headers["x-trace-id"] == parent_trace
         chunks = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert chunks[-1] == "data: [DONE]"
-    (span,) = named(spans, "text_completion ")
+    span = ended(spans, "text_completion ")
     assert format_trace_id(span.context.trace_id) == parent_trace
     assert span.parent is not None and format_span_id(span.parent.span_id) == parent_span
     a = span.attributes
@@ -236,7 +246,7 @@ def test_server_errors_are_spans_too_and_off_means_no_header(
         timeout=60,
     )
     assert r.status_code == 400 and r.headers["x-trace-id"]
-    (span,) = named(spans, "chat ")
+    span = ended(spans, "chat ")
     assert span.status.status_code is StatusCode.ERROR and span.attributes["error.type"] == "400"
     trace.shutdown()
     raw = client.completions.with_raw_response.create(
@@ -310,3 +320,31 @@ def test_llmos_run_exports_otlp_to_the_configured_endpoint(tmp_path: Path, ws: P
     ]
     assert attrs["invoke_agent reader"]["gen_ai.conversation.id"].string_value == "1"
     assert attrs["execute_tool read_file"]["gen_ai.tool.call.id"].string_value
+
+
+def test_serve_setup_exports_to_its_endpoint_and_is_off_without_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What `llmos serve --otlp-endpoint URL` calls: spans go to URL/v1/traces; no endpoint (and
+    no OTEL_EXPORTER_OTLP_ENDPOINT): off."""
+    from llmos.server import tracing
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    assert tracing.setup(None) is False
+    with trace.tracer().start_as_current_span("x") as span:
+        assert not span.is_recording()
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    sink.posts = []  # type: ignore[attr-defined]
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        assert tracing.setup(f"http://127.0.0.1:{sink.server_address[1]}", True) is True
+        assert trace.capture_content()
+        with trace.tracer().start_as_current_span("probe") as span:
+            assert span.is_recording()
+        trace.flush()
+    finally:
+        trace.shutdown()
+        sink.shutdown()
+    ((path, body),) = sink.posts  # type: ignore[attr-defined]
+    assert path == "/v1/traces" and b"probe" in body

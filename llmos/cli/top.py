@@ -33,7 +33,14 @@ if TYPE_CHECKING:
 
 SORTS = ("pid", "state", "user", "steps", "tokens", "cost", "kv_blocks")
 HELP = "↑↓ select  s sort  r reverse  u user  a finished  x kill  l log  q quit"
-KEYS = {"\x1b[A": "up", "\x1b[B": "down", "\x1bOA": "up", "\x1bOB": "down", "\r": "enter"}
+KEYS = {
+    "\x1b[A": "up",
+    "\x1b[B": "down",
+    "\x1bOA": "up",
+    "\x1bOB": "down",
+    "\r": "enter",
+    "\n": "enter",
+}
 
 
 @dataclass(slots=True)
@@ -218,6 +225,25 @@ def render(view: View, height: int = 40) -> Group:
 
 
 # -- the terminal --------------------------------------------------------------------------
+def split_keys(data: str) -> list[str]:
+    """The keys in what one read returned (a fast typist, or a busy machine, sends several)."""
+    keys, i = [], 0
+    while i < len(data):
+        seq = next((k for k in KEYS if data.startswith(k, i)), None)
+        if seq is not None:
+            keys.append(KEYS[seq])
+            i += len(seq)
+        elif data.startswith("\x1b[", i):  # another escape sequence: skip it whole
+            j = i + 2
+            while j < len(data) and not data[j].isalpha() and data[j] != "~":
+                j += 1
+            i = j + 1
+        else:
+            keys.append(data[i])
+            i += 1
+    return keys
+
+
 @contextlib.contextmanager
 def keyboard() -> Iterator[Any]:
     """Keys from stdin without Enter or echo (cbreak); a no-op reader off a terminal."""
@@ -231,12 +257,15 @@ def keyboard() -> Iterator[Any]:
     saved = termios.tcgetattr(fd)
     tty.setcbreak(fd)
 
+    pending: list[str] = []
+
     def read(timeout: float) -> str | None:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:
-            return None
-        data = os.read(fd, 16).decode(errors="replace")
-        return KEYS.get(data, data[:1] if not data.startswith("\x1b[") else None)
+        if not pending:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                return None
+            pending.extend(split_keys(os.read(fd, 64).decode(errors="replace")))
+        return pending.pop(0) if pending else None
 
     try:
         yield read

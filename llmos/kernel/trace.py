@@ -105,6 +105,7 @@ def shutdown() -> None:
         _config.provider.shutdown()
     _config.provider = None
     _config.tracer = trace.get_tracer("llmos")
+    _config.capture = None
 
 
 def flush() -> None:

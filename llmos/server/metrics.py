@@ -93,7 +93,8 @@ class _EngineCollector(Collector):
             labels=["pid"],
         )
         for key, blocks in sorted(self.pins.items()):
-            pinned.add_metric([key.removeprefix("p")], blocks)
+            if key.startswith("p") and key[1:].isdigit():  # the kernel's key (loop.retain_key)
+                pinned.add_metric([key[1:]], blocks)
         yield pinned
 
 
