@@ -160,7 +160,13 @@ def naive_last_n(msgs: list[Message], counter: Counter, room: int) -> Built:
 
 
 def langchain_last(msgs: list[Message], counter: Counter, room: int) -> Built:
-    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim_messages
+    from langchain_core.messages import (
+        AIMessage,
+        BaseMessage,
+        HumanMessage,
+        SystemMessage,
+        trim_messages,
+    )
 
     kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
     lc = [kinds[m["role"]](content=m["content"], id=str(i)) for i, m in enumerate(msgs)]
@@ -168,9 +174,11 @@ def langchain_last(msgs: list[Message], counter: Counter, room: int) -> Built:
 
     overhead = counter.total(msgs[:1]) - counter.one(msgs[0])  # the template's own tokens
 
-    def tokens(ms: list[Any]) -> int:
-        n = sum(counter.one({"role": role[type(m)], "content": m.content}) for m in ms)
-        return n + overhead
+    def tokens(m: BaseMessage) -> int:  # per message (the signature says so): LC sums them
+        n = counter.one({"role": role[type(m)], "content": m.content})
+        return n + (overhead if isinstance(m, SystemMessage) else 0)
+
+    tokens.__annotations__ = {"m": BaseMessage, "return": int}  # a class, not a string
 
     kept = trim_messages(
         lc,
