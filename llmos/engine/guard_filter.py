@@ -18,6 +18,7 @@ redacted, so a blocked or redacted string cannot leak through them either.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,7 @@ class GuardFilter:
         self.flags: list[Trip] = []
         self.trip: Trip | None = None
         self.marks: list[tuple[int, int]] = []  # (output tokens, text length) at each feed
+        self._lengths: list[int] = []  # the marks' text lengths (non-decreasing), to bisect
         self.seq: Any = None  # the sequence it filters, for `marks` (set by `attach`)
 
     @property
@@ -103,6 +105,7 @@ class GuardFilter:
         self.text += delta
         if self.seq is not None:
             self.marks.append((self.seq.num_output_tokens, len(self.seq.text)))
+            self._lengths.append(len(self.seq.text))
         holds = [len(self.text)]
         for i, m in enumerate(self.patterns):
             scan = m.scan(self.text, self._pos[i], final)
@@ -156,11 +159,8 @@ class GuardFilter:
 
     def released_tokens(self, released_chars: int, finished: bool) -> int:
         """How many output tokens have all their text inside the released characters."""
-        best = 0
-        for tokens, length in self.marks:
-            if length <= released_chars:
-                best = max(best, tokens)
-        return best
+        i = bisect.bisect_right(self._lengths, released_chars)
+        return self.marks[i - 1][0] if i else 0
 
     def hidden(self, start: int, end: int) -> bool:
         return any(r.start < end and start < r.end for r in self.redactions)
