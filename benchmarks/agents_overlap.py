@@ -143,6 +143,7 @@ def local_part(agents: int, rounds: int) -> dict[str, Any]:
         modes = ["off", "stream", "speculate"]  # each later mode has a run to learn from
         for n in range(rounds):  # the order flips each round (a load that drifts evens out)
             for mode in modes if n % 2 == 0 else modes[::-1]:
+                local.engine.call(lambda e: e.blocks.reset_prefix_cache()).result()  # cold
                 wall, procs = run_wave(k, Path(tmp), mode, tasks)
                 walls, _ = out.setdefault(mode, ([], procs))
                 walls.append(wall)
@@ -245,7 +246,8 @@ def main(
         "true` (run after the others, so the last run on the same input is there to predict "
         f"from). Scripted: one agent whose model writes {calls} calls in one turn, "
         f"{write_s:g} s per call (median of 3 runs). Local makespans are means over {rounds} "
-        "rounds, the order flipped each round (the other local columns: the first round). "
+        "rounds, the order flipped each round and the prefix cache emptied before each run "
+        "(the other local columns: the first round). "
         "'same transcript': what the model wrote and "
         "what the tools returned, against the off run. 'head start': how long, on average, a "
         "call started before the model turn that asked for it was journaled; 'tool wait': per "
