@@ -139,6 +139,9 @@ def test_spawn_runs_a_registered_program_to_done(server: RunningServer) -> None:
         assert [s["seq"] for s in page["transcript"]["steps"]] == [1]
         # the workspace is a new folder under the root, alice's
         assert Path(done["workspace"]).parent.name == "alice"
+        # the list (built from two queries, not a load each) says what the process says
+        [listed] = [q for q in c.get("/processes").json()["data"] if q["pid"] == p["pid"]]
+        assert listed == {**done, "transcript": None}
 
 
 def test_inline_spec_and_its_errors_name_the_field(server: RunningServer, root: Path) -> None:

@@ -27,13 +27,13 @@ from llmos.server.processes_protocol import (
     BudgetRequest,
     ProcessInfo,
     ProcessList,
-    ProcessUsageInfo,
     SpawnRequest,
     Transcript,
     UsageReport,
     UsageRow,
     pending_approvals,
     step_info,
+    summary,
 )
 from llmos.server.state import ServerState
 from llmos.server.streaming import DONE, event
@@ -57,35 +57,46 @@ def install(app: FastAPI, state: ServerState, host: ProcessHost) -> None:
         return row
 
     def info(row: Any, transcript: Transcript | None = None) -> ProcessInfo:
+        """One process in full: its steps are read for its usage and pending approvals."""
         proc = journal.load(store, row["pid"])
         u = proc.usage
-        return ProcessInfo(
-            pid=proc.pid,
-            program=row["program_name"],
-            program_version=row["program_version"],
-            owner=proc.owner,
-            status=proc.status.value,
-            input=proc.input,
-            workspace=proc.workspace,
-            priority=proc.priority,
-            answer=proc.answer,
-            reason=proc.reason,
-            report=proc.report,
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            elapsed=proc.elapsed,
-            steps=len(proc.steps),
-            usage=ProcessUsageInfo(
-                prompt_tokens=u.prompt_tokens,
-                cached_tokens=u.cached_tokens,
-                completion_tokens=u.completion_tokens,
-                total_tokens=u.total_tokens,
-                engine_seconds=u.engine_seconds,
-                cost=u.cost,
-            ),
-            pending_approvals=pending_approvals(proc),
-            transcript=transcript,
-        )
+        usage = {
+            "prompt_tokens": u.prompt_tokens,
+            "cached_tokens": u.cached_tokens,
+            "completion_tokens": u.completion_tokens,
+            "engine_seconds": u.engine_seconds,
+            "cost": u.cost,
+        }
+        return summary(row, usage, len(proc.steps), pending_approvals(proc), transcript)
+
+    def listing(rows: list[Any]) -> list[ProcessInfo]:
+        """Many processes in two queries (usage and step counts), not a load each: the
+        console polls this. Only those waiting on a person are read in full."""
+        pids = [r["pid"] for r in rows]
+        marks = ",".join("?" * len(pids))
+        usage = {
+            r["pid"]: dict(r)
+            for r in store.query(
+                "SELECT pid, SUM(prompt_tokens) AS prompt_tokens, SUM(cached_tokens) AS"
+                " cached_tokens, SUM(completion_tokens) AS completion_tokens, SUM(engine_seconds)"
+                f" AS engine_seconds, SUM(cost) AS cost FROM usage WHERE pid IN ({marks})"
+                " GROUP BY pid",
+                tuple(pids),
+            )
+        }
+        steps = {
+            r["pid"]: r["n"]
+            for r in store.query(
+                f"SELECT pid, COUNT(*) AS n FROM steps WHERE pid IN ({marks}) GROUP BY pid",
+                tuple(pids),
+            )
+        }
+        return [
+            info(r)
+            if r["status"] == Status.WAITING_APPROVAL.value
+            else summary(r, usage.get(r["pid"], {}), steps.get(r["pid"], 0), [], None)
+            for r in rows
+        ]
 
     def ok(model: type, *, stream: bool = False) -> dict[int | str, dict[str, Any]]:
         answers = openapi.responses(model, stream=False)
@@ -148,7 +159,7 @@ def install(app: FastAPI, state: ServerState, host: ProcessHost) -> None:
         sql = "SELECT * FROM processes" + (" WHERE " + " AND ".join(where) if where else "")
         rows = store.query(sql + " ORDER BY pid DESC LIMIT ?", (*args, limit))
         state.metrics.count(200)
-        return ProcessList(data=[info(r) for r in rows])
+        return ProcessList(data=listing(rows) if rows else [])
 
     @app.get("/v1/processes/{pid}", responses=ok(ProcessInfo), tags=["processes"])
     async def get_process(

@@ -148,3 +148,38 @@ def pending_approvals(proc: Process) -> list[PendingApproval]:
         for c in proc.pending_calls()
         if c.name in needs and c.id not in decided
     ]
+
+
+def summary(
+    row: Any,
+    usage: dict[str, Any],
+    steps: int,
+    pending: list[PendingApproval],
+    transcript: Transcript | None,
+) -> ProcessInfo:
+    tokens = {k: usage.get(k) or 0 for k in ("prompt_tokens", "cached_tokens", "completion_tokens")}
+    return ProcessInfo(
+        pid=row["pid"],
+        program=row["program_name"],
+        program_version=row["program_version"],
+        owner=row["owner"],
+        status=row["status"],
+        input=row["input"],
+        workspace=row["workspace"],
+        priority=row["priority"],
+        answer=row["answer"],
+        reason=row["reason"],
+        report=json.loads(row["report"]) if row["report"] else None,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        elapsed=row["elapsed"],
+        steps=steps,
+        usage=ProcessUsageInfo(
+            **tokens,
+            total_tokens=tokens["prompt_tokens"] + tokens["completion_tokens"],
+            engine_seconds=usage.get("engine_seconds") or 0.0,
+            cost=usage.get("cost") or 0.0,
+        ),
+        pending_approvals=pending,
+        transcript=transcript,
+    )
