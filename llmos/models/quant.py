@@ -87,11 +87,11 @@ class QuantWeight:
 
     def in_panels(self) -> Spec | None:
         """The same weight stored as the native panel kernel reads it (formats 5 and 9): levels
-        [N/32, K, 32] (q4: two per byte, rows j and j + 16), scales and mins [N/32, K/32, 32].
-        None when N is not a multiple of 32."""
+        [N/32, K, 32] with K in leaf order (q4: two per byte, rows j and j + 16), scales and
+        mins [N/32, K/32, 32]. None when N is not a multiple of 32."""
         if self.scales.shape[0] % PANEL:
             return None
-        q, scales = panels_of(self.levels()), panels_of(self.scales)
+        q, scales = panels_of(leaf_order(self.levels())), panels_of(self.scales)
         if self.fmt == "q4":
             assert self.mins is not None
             return (
@@ -164,13 +164,20 @@ def panels_of(t: torch.Tensor) -> torch.Tensor:
     return t.view(n // PANEL, PANEL, -1).transpose(1, 2).contiguous()
 
 
+def leaf_order(t: torch.Tensor) -> torch.Tensor:
+    """[N, K] with its columns in the kernels' leaf order: column 32 g + l at l * K/32 + g (the
+    order in which kernels.cpp sums a row; see its top note)."""
+    n, k = t.shape
+    return t.view(n, k // GROUP, GROUP).transpose(1, 2).reshape(n, k)
+
+
 def pack_dense(w: torch.Tensor) -> torch.Tensor | None:
-    """`w` [N, K] as the native dense kernel reads it, [N/32, K, 32] with K in the kernels'
-    leaf order (column 32 g + l at l * K/32 + g; see kernels.cpp). None: it cannot."""
+    """`w` [N, K] as the native dense kernel reads it, [N/32, K, 32] with K in leaf order.
+    None: it cannot."""
     n, k = w.shape
     if n % PANEL or k % GROUP or w.dtype != torch.float32:
         return None
-    return panels_of(w.view(n, k // GROUP, GROUP).transpose(1, 2).reshape(n, k))
+    return panels_of(leaf_order(w))
 
 
 @dataclass(slots=True)

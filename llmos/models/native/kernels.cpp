@@ -280,9 +280,6 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& qw,
 constexpr int64_t PW = 32;  // output columns per panel (two AVX-512 registers)
 constexpr int64_t PR = 12;  // rows of x per tile: 24 accumulators
 
-// The leaf order's position of input k (K = 32 G): k' = (k % 32) * G + k / 32.
-inline int64_t leaf_index(int64_t k, int64_t G) { return (k % GROUP) * G + k / GROUP; }
-
 // 5-bit bit reversal: leaves in this order pair up as the tree wants (l with l + 16, ...)
 constexpr int BITREV5[32] = {0, 16, 8, 24, 4, 20, 12, 28, 2, 18, 10, 26, 6, 22, 14, 30,
                              1, 17, 9,  25, 5, 21, 13, 29, 3, 19, 11, 27, 7, 23, 15, 31};
@@ -348,9 +345,9 @@ void dense_rows(const float* x, int64_t rows, int64_t K, const float* panel, flo
   }
 }
 
-// Panel p of a 4-bit weight stored in panels ([N/32, K, 16] bytes: byte j of row k holds
-// weight rows j (low nibble) and j + 16 (high); scales and mins [N/32, K/32, 32]) as fp32,
-// in leaf order.
+// Panel p of a 4-bit weight stored in panels ([N/32, K, 16] bytes, K in leaf order: byte j
+// of row k' holds weight rows j (low nibble) and j + 16 (high); scales and mins [N/32, K/32,
+// 32]) as fp32, in leaf order: written in sequence.
 void unpack_q4_panel(const uint8_t* pq, const float* pd, const float* pm, int64_t p, int64_t K,
                      float* buf) {
   const int64_t groups = K / GROUP;
@@ -358,38 +355,34 @@ void unpack_q4_panel(const uint8_t* pq, const float* pd, const float* pm, int64_
   const float* d = pd + p * groups * PW;
   const float* m = pm + p * groups * PW;
   const __m128i mask = _mm_set1_epi8(15);
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t k = 0; k < K; ++k) {  // k = l * groups + g
+    const int64_t g = k % groups;
     const __m512 d0 = _mm512_loadu_ps(d + g * PW), d1 = _mm512_loadu_ps(d + g * PW + 16);
     const __m512 m0 = _mm512_loadu_ps(m + g * PW), m1 = _mm512_loadu_ps(m + g * PW + 16);
-    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; ++k) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k * 16));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
-      const __m512 hi =
-          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
-      float* row = buf + leaf_index(k, groups) * PW;
-      _mm512_storeu_ps(row, _mm512_fmadd_ps(lo, d0, m0));  // (as the row kernel's table)
-      _mm512_storeu_ps(row + 16, _mm512_fmadd_ps(hi, d1, m1));
-    }
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k * 16));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
+    const __m512 hi =
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+    _mm512_storeu_ps(buf + k * PW, _mm512_fmadd_ps(lo, d0, m0));  // (as the row kernel's table)
+    _mm512_storeu_ps(buf + k * PW + 16, _mm512_fmadd_ps(hi, d1, m1));
   }
 }
 
-// Panel p of an 8-bit weight stored in panels ([N/32, K, 32] int8, scales [N/32, K/32, 32]),
-// as fp32 in leaf order.
+// Panel p of an 8-bit weight stored in panels ([N/32, K, 32] int8, K in leaf order; scales
+// [N/32, K/32, 32]), as fp32 in leaf order.
 void unpack_q8_panel(const int8_t* pq, const float* pd, int64_t p, int64_t K, float* buf) {
   const int64_t groups = K / GROUP;
   const int8_t* q = pq + p * K * PW;
   const float* d = pd + p * groups * PW;
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t k = 0; k < K; ++k) {  // k = l * groups + g
+    const int64_t g = k % groups;
     const __m512 d0 = _mm512_loadu_ps(d + g * PW), d1 = _mm512_loadu_ps(d + g * PW + 16);
-    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; ++k) {
-      const __m128i* src = reinterpret_cast<const __m128i*>(q + k * PW);
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src + 1)));
-      float* row = buf + leaf_index(k, groups) * PW;
-      _mm512_storeu_ps(row, _mm512_fmadd_ps(lo, d0, zero));  // (as dequant_q8: q * d + 0)
-      _mm512_storeu_ps(row + 16, _mm512_fmadd_ps(hi, d1, zero));
-    }
+    const __m128i* src = reinterpret_cast<const __m128i*>(q + k * PW);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src + 1)));
+    _mm512_storeu_ps(buf + k * PW, _mm512_fmadd_ps(lo, d0, zero));  // (as dequant_q8: q*d + 0)
+    _mm512_storeu_ps(buf + k * PW + 16, _mm512_fmadd_ps(hi, d1, zero));
   }
 }
 
