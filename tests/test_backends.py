@@ -76,23 +76,32 @@ def test_local_backend_chat_usage_priority_and_cache(llm: LLM) -> None:
 
 
 def test_local_backend_constrained_tool_call(llm: LLM) -> None:
+    streamed: list[tuple[int, str, str, float]] = []
+
     async def go():  # noqa: ANN202
         backend = LocalBackend(llm.engine)
         try:
-            return await backend.chat(
+            result = await backend.chat(
                 ChatRequest(
                     [{"role": "user", "content": TASK}],
                     [TOOLS["read_file"].to_openai()],
                     "required",
                     {"max_tokens": 64},
+                    on_tool_call=lambda i, c: streamed.append(
+                        (i, c.name, c.arguments, time.monotonic())
+                    ),
                 )
             )
+            return result, time.monotonic()
         finally:
             await backend.aclose()
 
-    result = asyncio.run(go())
+    result, ended = asyncio.run(go())
     assert result.finish_reason == "tool_calls" and result.malformed is None
     (call,) = result.tool_calls
+    # the call was handed over as the grammar closed it, once, with the final arguments
+    assert [s[:3] for s in streamed] == [(0, call.name, call.arguments)]
+    assert streamed[0][3] <= ended
     assert call.name == "read_file" and call.id.startswith("call_")
     assert "path" in __import__("json").loads(call.arguments)
     assert result.raw.startswith("<tool_call>")
