@@ -337,10 +337,9 @@ def summarized(llm: LLM, msgs: list[Message], counter: Counter, room: int) -> li
     return build(msgs, c, 1)
 
 
-def fit_cost_and_cache(llm: LLM, conv: Conversation, counter: Counter) -> list[str]:
-    """Grow one conversation turn by turn. (1) `compact` time per call at an 8k window (with
-    the previous compaction as prior, as the kernel runs it); (2) the prefix-cache share of
-    prompt tokens per turn from the engine at a 2k window: llmos trim vs naive last-N."""
+def fit_cost(conv: Conversation, counter: Counter) -> list[str]:
+    """`compact` time per call at an 8k window, growing one conversation turn by turn (with
+    the previous compaction as prior and the per-message counts cached, as the kernel runs)."""
     msgs = conv.messages
     times, fresh = [], []
     prior: Compaction | None = None
@@ -357,6 +356,13 @@ def fit_cost_and_cache(llm: LLM, conv: Conversation, counter: Counter) -> list[s
         f"| compact at 8k, a fresh compaction | {len(fresh)} calls | median "
         f"{statistics.median(fresh):.2f} ms, max {max(fresh):.2f} ms |",
     ]
+    return rows
+
+
+def cache_share(llm: LLM, conv: Conversation, counter: Counter) -> list[str]:
+    """The prefix-cache share of prompt tokens per turn, from the engine, growing one
+    conversation at a 1k window: llmos trim vs naive last-N on the same turns."""
+    msgs, rows = conv.messages, []
     window, turns = 1024, 20
     room = window - 1 - 8
     share: dict[str, list[tuple[bool, float]]] = {"llmos trim": [], "naive last-N": []}
@@ -395,10 +401,18 @@ def main() -> None:
     ap.add_argument("--e2e", type=int, default=8, help="conversations for the model run")
     ap.add_argument("--e2e-window", type=int, default=2048)
     ap.add_argument("--e2e-summarize", type=int, default=0)
-    ap.add_argument("--parts", default="recall,cost,e2e")
+    ap.add_argument("--parts", default="fit,recall,cost,e2e")
     args = ap.parse_args()
-    llm = LLM(model="smollm2-135m", max_model_len=max(2048, args.e2e_window))
-    tok = llm.tokenizer
+    parts = args.parts.split(",")
+    llm = None
+    if {"cost", "e2e"} & set(parts):
+        llm = LLM(model="smollm2-135m", max_model_len=max(2048, args.e2e_window))
+        tok = llm.tokenizer
+    else:  # the tokenizer alone
+        from llmos.models.loader import load_checkpoint
+        from llmos.models.registry import resolve
+
+        tok = load_checkpoint(resolve("smollm2-135m")).tokenizer
 
     def count(msgs: list[Message], _tools: Any = None) -> int:
         return len(tok.encode_chat(msgs, add_generation_prompt=True))
@@ -413,7 +427,9 @@ def main() -> None:
         f"tokens ({time.perf_counter() - t0:.0f} s to generate and count)",
         flush=True,
     )
-    parts = args.parts.split(",")
+    if "fit" in parts:
+        print("\n| cost | calls | figure |\n|---|---|---|")
+        print("\n".join(fit_cost(convs[0], counter)), flush=True)
     if "recall" in parts:
         rows = recall_table(convs, counter, [int(w) for w in args.windows.split(",")])
         print("\n| window | policy | evidence recall | latest value in the prompt | over |")
@@ -421,8 +437,10 @@ def main() -> None:
         print("\n".join(rows), flush=True)
     if "cost" in parts:
         print("\n| cost | calls | figure |\n|---|---|---|")
-        print("\n".join(fit_cost_and_cache(llm, convs[0], counter)), flush=True)
+        assert llm is not None
+        print("\n".join(cache_share(llm, convs[0], counter)), flush=True)
     if "e2e" in parts and args.e2e:
+        assert llm is not None
         print(f"\nend to end, SmolLM2-135M, {args.e2e} conversations x their questions:")
         print("| window | policy | accuracy | updated facts | time |\n|---|---|---|---|---|")
         e2e(llm, convs[: args.e2e], counter, args.e2e_window, args.e2e_summarize)

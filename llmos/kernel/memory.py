@@ -253,13 +253,24 @@ def compact(
     if prior is not None and prior.cut <= len(body):  # the last compaction still fits: reuse
         c = replace(prior, reused=True, summarized=0, paged_in=[], overflow=None)
         c.summary_prompt_tokens = c.summary_completion_tokens = 0
-        if _estimate(c, head_n, sizes, body, counter) <= room:
-            return _finish(msgs, c, before, counter, limit, pinned)
+        est = _estimate(c, head_n, sizes, body, counter)
+        if est + limit // 100 + 8 <= room:  # the per-message sum, with a margin: no recount
+            c.tokens_before, c.tokens_after, c.limit = before, est, limit
+            return build(msgs, c, pinned), c
+        if est <= room:
+            out, c = _finish(msgs, c, before, counter, limit, pinned)
+            if c.tokens_after + reserve <= limit:
+                return out, c
     c = Compaction(cfg.policy, limit, before, 0, estimate=counter.estimate)
     if prior is not None:  # what was gone stays gone: the front stays as it was
         c.cut, c.elided, c.note = min(prior.cut, len(body)), list(prior.elided), prior.note
     for attempt in range(3):
         _shrink(c, body, sizes, head_n, int(room * cfg.low_water), room, cfg, counter, note_for)
+        est = _estimate(c, head_n, sizes, body, counter)
+        if attempt == 0 and est + limit // 100 + 8 <= room:  # well inside: no recount
+            c.elided.sort()
+            c.tokens_before, c.tokens_after, c.limit = before, est, limit
+            return build(msgs, c, pinned), c
         out, c = _finish(msgs, c, before, counter, limit + 0, pinned)
         if c.tokens_after + reserve <= limit:
             return out, c
