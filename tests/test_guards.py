@@ -168,3 +168,26 @@ def test_serve_guards_file_errors_name_the_field(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["serve", "--guards", str(bad), "--port", "0"])
     assert result.exit_code == 2
     assert "guards[0].pattern" in result.output
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_without_the_regex_package_the_fixed_window_holds(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain install may lack `regex` (partial matching): the stdlib fallback holds back the
+    pattern's longest match - 1 characters, and still nothing of the string is released."""
+    from llmos.engine import guard_match
+
+    monkeypatch.setattr(guard_match, "_partial_re", None)
+    rng = random.Random(seed)
+    words = rng.choices(WORDS, k=rng.randint(3, 20))
+    words.insert(rng.randint(0, len(words)), SECRET)
+    text = " ".join(words)
+    block = Guard("no-secret", kind="regex", pattern="(?i)swordfish")
+    views, stopped = stream(GuardFilter([block]), split_randomly(text, rng))
+    assert stopped and all(len(v) <= text.index(SECRET) for v in views)
+    redact = Guard("pii", kind="pii", action="redact")
+    mail = f"{text.replace(SECRET, 'x')} mail bob@example.com ok"
+    views, _ = stream(GuardFilter([redact]), split_randomly(mail, rng))
+    assert "bob@" not in views[-1] and "[REDACTED]" in views[-1]
+    assert all(b.startswith(a) for a, b in zip(views, views[1:], strict=False))
