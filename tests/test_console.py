@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from test_server_processes import approver, quick  # the same two programs
 
 from llmos import LLM
 from llmos.cli.console_evals import EvalHistoryReports
 from llmos.engine.async_engine import AsyncEngine
 from llmos.evals.history import History
-from llmos.kernel import Program
 from llmos.server.app import create_app
 from llmos.server.launch import RunningServer, serve_in_thread
 from llmos.server.processes_host import ProcessHost
@@ -39,27 +39,6 @@ KEYS = {
     ALICE: "alice",
     ADMIN: {"user": "ops", "admin": True},
 }  # the model shares two loaded cores with other tests
-
-
-def quick() -> Program:
-    return Program(
-        name="quick",
-        system_prompt="Answer in one short sentence.",
-        sampling={"temperature": 0, "max_tokens": 8},
-        limits={"max_steps": 2},
-    )
-
-
-def approver() -> Program:
-    return Program(
-        name="approver",
-        system_prompt="You write notes to files.",
-        tools=["write_file"],
-        policy={"needs_approval": ["write_file"]},
-        tool_choice=["write_file", "none"],
-        sampling={"temperature": 0, "max_tokens": 48},
-        limits={"max_steps": 3},
-    )
 
 
 @pytest.fixture(scope="module")
