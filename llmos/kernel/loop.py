@@ -157,7 +157,7 @@ def check_limits(proc: Process, ctx: Context) -> GiveUp | None:
         )
     if proc.elapsed >= lim.max_seconds:
         return GiveUp("time_limit", f"time limit: {proc.elapsed:.1f}s of {lim.max_seconds:g}s")
-    why = ctx.meter.over_budget(proc.owner, memory.usage(proc), lim)  # summaries count too
+    why = ctx.meter.over_budget(proc.owner, proc.usage, lim)  # summaries count too
     if why is None and ctx.budget is not None:
         why = ctx.budget(proc)
     return GiveUp("budget", why) if why else None

@@ -24,12 +24,11 @@ from llmos.backends.base import Message
 from llmos.kernel import memory_tools
 from llmos.kernel.memory_config import MemoryConfig
 from llmos.kernel.process import (
-    STEP_TYPES,
     ErrorStep,
     ModelTurn,
     Process,
-    ProcessUsage,
     ToolResultStep,
+    register_step,
 )
 
 # An answer that only restated a failed call's error gets this once (the error names the
@@ -91,17 +90,8 @@ class SummaryTurn:
     backend: str | None = None
 
 
-def usage(proc: Process) -> ProcessUsage:
-    """The process's usage with its summarizer's calls (`Process.usage` counts model turns)."""
-    u = proc.usage
-    for s in proc.steps:
-        if isinstance(s, SummaryTurn):
-            u.add(s)  # type: ignore[arg-type]  # the same usage fields
-    return u
-
-
-STEP_TYPES.setdefault(Compaction.kind, Compaction)
-STEP_TYPES.setdefault(SummaryTurn.kind, SummaryTurn)
+register_step(Compaction)
+register_step(SummaryTurn, metered=True)  # the summarizer's tokens are the process's
 
 
 def system_prompt(proc: Process) -> str:

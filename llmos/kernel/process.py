@@ -107,6 +107,18 @@ class FinalAnswer:
 Step = (
     ModelTurn | JudgeCall | ToolCallStep | ToolResultStep | ApprovalStep | ErrorStep | FinalAnswer
 )
+METERED_STEPS: tuple[type, ...] = (ModelTurn, JudgeCall)  # steps whose tokens are metered
+
+
+def register_step(cls: type, *, metered: bool = False) -> None:
+    """Add a step kind from another kernel module (memory's compactions and summaries): it
+    loads from the journal, and with `metered` its tokens count in `Process.usage`."""
+    global METERED_STEPS
+    STEP_TYPES.setdefault(cls.kind, cls)  # type: ignore[attr-defined]
+    if metered and cls not in METERED_STEPS:
+        METERED_STEPS = (*METERED_STEPS, cls)
+
+
 STEP_TYPES: dict[str, type] = {
     t.kind: t
     for t in (
@@ -174,7 +186,7 @@ class Process:
     def usage(self) -> ProcessUsage:
         u = ProcessUsage()
         for s in self.steps:
-            if isinstance(s, ModelTurn | JudgeCall):
+            if isinstance(s, METERED_STEPS):
                 u.add(s)
         return u
 
