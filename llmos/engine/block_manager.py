@@ -203,6 +203,10 @@ class BlockManager:
     def num_pins(self) -> int:
         return len(self._pins)
 
+    def pin_sizes(self) -> dict[str, int]:
+        """How many blocks each retain key holds, oldest pin first."""
+        return {key: len(blocks) for key, blocks in self._pins.items()}
+
     def pinned_blocks(self) -> set[int]:
         """Blocks held by at least one pin."""
         return {b for blocks in self._pins.values() for b in blocks}

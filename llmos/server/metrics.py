@@ -100,7 +100,7 @@ class _EngineCollector(Collector):
 
 def _pins(engine: Any) -> dict[str, int]:
     """On the engine thread: blocks held under each retain key (the kernel's key: p{pid})."""
-    return {key: len(blocks) for key, blocks in engine.blocks._pins.items()}
+    return engine.blocks.pin_sizes()
 
 
 class Metrics:
