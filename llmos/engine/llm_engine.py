@@ -52,9 +52,8 @@ class LLMEngine:
         self.model_config = ckpt.config
         self.tokenizer: Tokenizer = ckpt.tokenizer
         self.model = LlamaModel.from_weights(ckpt.config, ckpt.weights).to(self.device).eval()
-        self.weight_formats: dict[str, int] = {}
-        if config.deterministic:  # (its tiled kernels are what make it batch-invariant)
-            make_batch_invariant(self.model)
+        if config.deterministic:  # batch-invariant native kernels, else the torch tiles
+            self.weight_formats = make_batch_invariant(self.model, config.quantization)
         else:
             self.weight_formats = quantize(self.model, config.quantization)
         limit = ckpt.config.max_position_embeddings
