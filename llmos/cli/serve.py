@@ -50,7 +50,7 @@ def serve(
         None,
         "--speculation",
         help="Speculative decoding: 'suffix' (SuffixDecoding) or 'ngram' (prompt lookup). "
-        "Lossless; a request can turn it off with \"speculation\": false.",
+        'Lossless; a request can turn it off with "speculation": false.',
     ),
     num_speculative_tokens: int = typer.Option(
         8, "--num-speculative-tokens", help="Most draft tokens verified per step."
