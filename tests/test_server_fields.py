@@ -53,12 +53,12 @@ def test_unknown_fields_are_named_in_a_header(
         max_tokens=2,
         messages=[{"role": "user", "content": "Hi", "mood": "happy"}],
         stream_options=None,
-        extra_body={"guards": ["pii"], "store": True, **KNOWN},
+        extra_body={"moderation": ["pii"], "store": True, **KNOWN},
     )
-    assert raw.headers[HEADER] == "guards,store,messages[0].mood"
+    assert raw.headers[HEADER] == "moderation,store,messages[0].mood"
     assert raw.parse().usage.completion_tokens == 2
     (record,) = [r for r in caplog.records if getattr(r, "ignored_fields", None)]
-    assert record.ignored_fields == ["guards", "store", "messages[0].mood"]  # type: ignore[attr-defined]
+    assert record.ignored_fields == ["moderation", "store", "messages[0].mood"]  # type: ignore[attr-defined]
     assert record.path == "/v1/chat/completions"  # type: ignore[attr-defined]
 
     plain = client.chat.completions.with_raw_response.create(
@@ -140,12 +140,12 @@ def test_strict_fields_refuses_them_as_openai_does(
     client = client_for(server)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
-            model=MODEL, max_tokens=2, messages=CHAT, extra_body={"guards": [], **KNOWN}
+            model=MODEL, max_tokens=2, messages=CHAT, extra_body={"moderation": [], **KNOWN}
         )
     assert err.value.body == {
-        "message": "Unrecognized request argument supplied: guards",
+        "message": "Unrecognized request argument supplied: moderation",
         "type": "invalid_request_error",
-        "param": "guards",
+        "param": "moderation",
         "code": "unknown_parameter",
     }
     with pytest.raises(openai.BadRequestError) as err:
