@@ -8,9 +8,8 @@ import os
 import time
 from typing import Any
 
+from llmos.kernel import process
 from llmos.kernel.process import (
-    JudgeCall,
-    ModelTurn,
     Process,
     Status,
     Step,
@@ -68,7 +67,7 @@ def create(
 
 
 def append(store: Store, proc: Process, step: Step, *, model: str | None = None) -> None:
-    """Commit one step (and, for a model turn, its usage row) before anything else happens."""
+    """Commit one step (and, for a metered step, its usage row) before anything else happens."""
     seq = len(proc.steps)
     now = time.time()
     sha = getattr(step, "sha256", None)
@@ -77,7 +76,7 @@ def append(store: Store, proc: Process, step: Step, *, model: str | None = None)
             "INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?)",
             (proc.pid, seq, step.kind, step_to_json(step), sha, now),
         )
-        if isinstance(step, ModelTurn | JudgeCall):
+        if isinstance(step, process.METERED_STEPS):  # (memory registers its summaries)
             db.execute(
                 "INSERT INTO usage (pid, seq, user, model, prompt_tokens, cached_tokens,"
                 " completion_tokens, engine_seconds, cost, created_at)"

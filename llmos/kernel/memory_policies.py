@@ -7,14 +7,13 @@ the process with a report (a memory event, never a silent cut)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from llmos.backends.base import Backend, ChatRequest, Message
 from llmos.kernel import journal, memory, memory_store, report
 from llmos.kernel.memory import Compaction, ContextOverflow, Counter, SummaryTurn
 from llmos.kernel.memory_config import MemoryConfig
-from llmos.kernel.process import Process, step_to_json
+from llmos.kernel.process import Process
 from llmos.kernel.store import Store
 
 report.ADVICE.setdefault(
@@ -95,35 +94,6 @@ async def fit_call(
     return out
 
 
-def append_metered(store: Store, proc: Process, turn: SummaryTurn) -> None:
-    """The summarizer's step and its usage row, in one transaction (as journal.append does for
-    a model turn), so its tokens count for the process, its owner and its model."""
-    seq, now = len(proc.steps), time.time()
-    with store.transaction() as db:
-        db.execute(
-            "INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?)",
-            (proc.pid, seq, turn.kind, step_to_json(turn), None, now),
-        )
-        db.execute(
-            "INSERT INTO usage (pid, seq, user, model, prompt_tokens, cached_tokens,"
-            " completion_tokens, engine_seconds, cost, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                proc.pid,
-                seq,
-                proc.owner,
-                turn.backend or "unknown",
-                turn.prompt_tokens,
-                turn.cached_tokens,
-                turn.completion_tokens,
-                turn.engine_seconds,
-                turn.cost,
-                now,
-            ),
-        )
-    proc.steps.append(turn)  # type: ignore[arg-type]  # a step kind of its own
-
-
 def bounded_chunks(lines: list[str], counter: Counter, budget: int) -> list[str]:
     """Lines grouped into chunks of at most `budget` tokens; a line longer than that is cut
     (marked), so the summarizer's input is bounded whatever the conversation holds."""
@@ -191,7 +161,7 @@ async def _summarize(
             result.finish_reason,
             result.backend or backend.name,
         )
-        append_metered(ctx.store, proc, turn)
+        journal.append(ctx.store, proc, turn, model=turn.backend)  # step and usage row
         c.summary_prompt_tokens += u.prompt_tokens
         c.summary_completion_tokens += u.completion_tokens
         summary = (result.content or result.raw or "").strip() or summary
