@@ -5,11 +5,13 @@
 
 One server app (the real model) runs in this process; tracing is switched off (no provider:
 the no-op tracer) and on (every request's span exported over OTLP/HTTP to a collector stand-in
-in this process, which counts the export requests and bytes) in alternating rounds, so one
-process, one engine and one cache state serve both, and a load change on a shared machine hits
-both modes alike. Each round, `--clients` clients (in a process of their own) send streaming
-/v1/completions back to back for `--duration` seconds (64 output tokens each, EOS suppressed).
-Reported: output tok/s per round, the median of the on/off ratios of back-to-back pairs, the
+in this process, which counts the export requests and bytes). Each round runs off, on and off
+again (the next round in the reverse order), so one process, one engine and one cache state
+serve both modes, and the "on" run sits between two "off" runs: a drift of the machine's speed
+cancels, and the two "off" runs against each other give this run's noise floor. Each run,
+`--clients` clients (in a process of their own) send streaming /v1/completions back to back for
+`--duration` seconds (64 output tokens each, EOS suppressed). Reported: output tok/s per run,
+the median over rounds of on / mean(off, off), the same for the two offs (the noise), the
 server's CPU per output token, and the tracing path's own CPU per request, measured alone; the
 floor is a cost of at most 2%.
 """
@@ -186,14 +188,15 @@ def main(
     collector = Collector(("127.0.0.1", 0), _Handler)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     otlp = f"http://127.0.0.1:{collector.server_address[1]}"
-    tok_s: dict[str, list[float]] = {"off": [], "on": []}
-    cpu_ms: dict[str, list[float]] = {"off": [], "on": []}  # server CPU ms per output token
+    modes = ("off", "on", "off2")  # off2: the same as off; "on" runs between the two
+    tok_s: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_ms: dict[str, list[float]] = {m: [] for m in modes}  # server CPU ms per output token
     me = os.getpid()
     with serve_in_thread(create_app(AsyncEngine(LLM(model=MODEL).engine))) as server:
         run_load(server.url, clients, 3.0)  # warm-up
         stall0, t0, load0 = cpu_stall_us(), time.monotonic(), loadavg()
         for r in range(rounds):
-            for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            for mode in modes if r % 2 == 0 else modes[::-1]:
                 if mode == "on":
                     trace.configure(endpoint=otlp)
                 cpu0 = cpu_of(me)
@@ -210,19 +213,25 @@ def main(
         exports, sent = collector.exports, collector.bytes
     per_request = span_cost_us(otlp)
     collector.shutdown()
-    pairs = [on / off for on, off in zip(tok_s["on"], tok_s["off"], strict=True)]
+    offs = {
+        key: [(a + b) / 2 for a, b in zip(series["off"], series["off2"], strict=True)]
+        for key, series in (("tok", tok_s), ("cpu", cpu_ms))
+    }
+    pairs = [on / off for on, off in zip(tok_s["on"], offs["tok"], strict=True)]
+    noise = [b / a for a, b in zip(tok_s["off"], tok_s["off2"], strict=True)]
     ratio = statistics.median(pairs)
     cpu_ratio = statistics.median(
-        on / off for on, off in zip(cpu_ms["on"], cpu_ms["off"], strict=True)
+        on / off for on, off in zip(cpu_ms["on"], offs["cpu"], strict=True)
     )
+    label = {"off": "off (1)", "on": "on", "off2": "off (2)"}
     rows = [
         [
-            mode,
+            label[mode],
             " / ".join(f"{v:.1f}" for v in tok_s[mode]),
             f"{statistics.median(tok_s[mode]):.1f}",
             f"{statistics.median(cpu_ms[mode]):.2f}",
         ]
-        for mode in ("off", "on")
+        for mode in modes
     ]
     verdict = "pass" if ratio >= 0.98 else "fail"
     request_cpu_us = statistics.median(cpu_ms["off"]) * 64 * 1000  # a 64-token request
@@ -233,13 +242,13 @@ def main(
             f"--clients {clients}`: one in-process `llmos serve` app (the real model), tracing "
             "switched off (the no-op tracer) and on (every request's span exported over "
             "OTLP/HTTP to a local collector stand-in: "
-            f"{exports} export requests, {sent / 1e3:.0f} kB) in alternating rounds; each round, "
+            f"{exports} export requests, {sent / 1e3:.0f} kB); each round runs off, on, off "
+            "(the next round in reverse), and each run has "
             f"{clients} streaming /v1/completions clients (in their own process) send 64-token "
             "requests (EOS suppressed) back to back. Load average "
             f"{load0:.1f} at the start; CPU stall {stall or float('nan'):.2f} (the share of "
-            "the time some task waited for a core: other helpers shared this 2-core machine, "
-            "so single rounds are noisy; the ratios are medians of the on/off pairs, each pair "
-            "run back to back).",
+            "the time some task waited for a core); the ratios are medians over rounds of on / "
+            "the mean of the round's two offs, so a steady drift cancels.",
             "",
             md_table(
                 ["tracing", "output tok/s per round", "median tok/s", "server CPU ms / token"],
@@ -253,10 +262,12 @@ def main(
             f"{request_cpu_us / 1000:.0f} ms of server CPU per 64-token request measured above: "
             f"**{100 * extra / request_cpu_us:.3f}%** of the server's work.",
             "",
-            f"throughput on / off = **{ratio:.3f}** (median of {len(pairs)} pairs: "
-            + " ".join(f"{x:.2f}" for x in pairs)
-            + f"; cost {100 * (1 - ratio):.1f}%; floor ≤ 2%: {verdict}); server CPU per output "
-            f"token on / off = **{cpu_ratio:.3f}**",
+            f"throughput on / off = **{ratio:.3f}** (median of {len(pairs)} rounds: "
+            + " ".join(f"{x:.3f}" for x in pairs)
+            + f"; cost {100 * (1 - ratio):.1f}%; floor ≤ 2%: {verdict}); the noise floor, the "
+            f"second off / the first: {statistics.median(noise):.3f} ("
+            + " ".join(f"{x:.3f}" for x in noise)
+            + f"); server CPU per output token on / off = **{cpu_ratio:.3f}**",
         ]
     )
     print(body)
