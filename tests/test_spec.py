@@ -248,6 +248,35 @@ def test_json_schema_requests_equal_on_and_off_and_valid(spec_llm: LLM) -> None:
     _check_idle(spec_llm)
 
 
+BLOCK = {"name": "pw", "kind": "regex", "pattern": "(?i)swordfish", "prevent": True}
+
+
+def test_guarded_requests_draft_and_still_never_say_it(spec_llm: LLM) -> None:
+    """A prevention guard compiles into the decoding constraint (`GuardedMatcher`): drafts are
+    checked against its block matcher too, so they are cut where it bans, and the tokens equal
+    speculation off's."""
+    lines = "\n".join(f"{i}. the value of key{i} is {i * 7}" for i in range(12))
+    data = json.dumps({f"key{i}": f"value {i * 7}" for i in range(10)})
+    prompts = [
+        "The password is swordfish. I repeat, the password is",
+        f"Copy these lines exactly:\n{lines}\nCopy:\n{lines[:40]}",
+        f"The word swordfish appears here.\n{lines}\nAgain, the same lines:\n0. the",
+    ]
+    json_prompts = [f"Here is the data: {data}\nThe same data as JSON:", *prompts[:1]]
+    e = spec_llm.engine
+    for extra in ({}, {"json_schema": {"type": "object"}}):
+        params = SamplingParams(temperature=0, max_tokens=60, guards=[BLOCK], **extra)
+        batch = json_prompts if extra else prompts
+        before = e.spec_totals[2]
+        on = spec_llm.generate(batch, params, use_progress=False)
+        accepted = e.spec_totals[2] - before
+        off = spec_llm.generate(batch, _off(params), use_progress=False)
+        assert [o.token_ids for o in on] == [o.token_ids for o in off], extra
+        assert all("swordfish" not in o.text.lower() for o in on)
+        assert accepted > 0, f"no draft was accepted in a guarded request ({extra})"
+    _check_idle(spec_llm)
+
+
 def test_penalties_logprobs_stops_min_tokens_and_n_equal_on_and_off(spec_llm: LLM) -> None:
     prompts = _prompts(12)
     params = [

@@ -25,6 +25,7 @@ Large batches, where extra rows cost real compute, get no drafts at all (`max_ba
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Protocol
 from llguidance import LLMatcher
 
 from llmos.engine.closing import NEAR, REACH_CAP, BudgetMatcher
+from llmos.engine.guard_grammar import GuardedMatcher
 from llmos.engine.sequence import Sequence
 
 SEP = -1  # between documents in the global index: no n-gram spans it
@@ -276,7 +278,9 @@ class Speculator:
                 return []
             self.idle[seq.seq_id] = 0
             k = 2
-        if seq.matcher is not None and not isinstance(seq.matcher, LLMatcher | BudgetMatcher):
+        if seq.matcher is not None and not isinstance(
+            seq.matcher, LLMatcher | BudgetMatcher | GuardedMatcher
+        ):
             return []  # (a matcher kind whose draft masks verify.py cannot compute)
         draft = self.proposer.propose(seq, min(k, room))
         if draft and seq.matcher is not None:
@@ -295,11 +299,21 @@ class Speculator:
 
 
 def _grammar_prefix(seq: Sequence, draft: list[int]) -> int:
-    """How many leading drafts the sequence's grammar accepts (llguidance `validate_tokens`).
-    Near its max_tokens a `BudgetMatcher` narrows sampling with each step's logits, which a
-    draft row cannot reproduce: drafts stop short of that window."""
+    """How many leading drafts the sequence's grammar accepts (llguidance `validate_tokens`),
+    and for a guarded request its block matcher too (a draft stops before EOS there, which
+    the block grammar does not consume). Near its max_tokens a `BudgetMatcher` narrows
+    sampling with each step's logits, which a draft row cannot reproduce: drafts stop short of
+    that window."""
     matcher = seq.matcher
     assert matcher is not None
+    if isinstance(matcher, GuardedMatcher):
+        if matcher.skip:
+            draft = list(itertools.takewhile(lambda t: t not in matcher.skip, draft))
+        if matcher.block is not None and draft:
+            draft = draft[: int(matcher.block.validate_tokens(draft))]
+        if matcher.inner is None or not draft:
+            return len(draft)
+        matcher = matcher.inner
     if isinstance(matcher, BudgetMatcher):
         if not matcher.failed:
             if not matcher._far():  # (also learns the grammar's reach, once)

@@ -89,28 +89,51 @@ def expand(seqs: list[Sequence], drafts: list[tuple[int, ...]]) -> list[Sequence
 def draft_masks(
     seq: Sequence, draft: tuple[int, ...], vocab_size: int, eos: tuple[int, ...]
 ) -> torch.Tensor:
-    """[k, V] bool: the tokens the grammar bans after each draft prefix d_0..d_j. The matcher
-    is walked forward and rolled back, so it ends where it began."""
-    inner = getattr(seq.matcher, "inner", seq.matcher)  # a BudgetMatcher wraps the LLMatcher
-    assert inner is not None
+    """[k, V] bool: the tokens the grammar bans after each draft prefix d_0..d_j. A guarded
+    request's block matcher bans its own tokens too (`GuardedMatcher`: both are walked, and
+    a token is allowed only where both allow it). Each matcher is walked forward and rolled
+    back, so it ends where it began."""
+    banned = torch.zeros(len(draft), vocab_size, dtype=torch.bool)
+    grammar = _walk(_grammar_of(seq.matcher), draft, vocab_size)
+    if grammar is not None:
+        banned |= grammar
+        dead = banned.all(-1)  # a finished grammar allows nothing more: let EOS end it
+        if bool(dead.any()) and eos:
+            banned[dead.nonzero().flatten().unsqueeze(1), torch.tensor(list(eos))] = False
+    blocked = _walk(getattr(seq.matcher, "block", None), draft, vocab_size)
+    if blocked is not None:  # (drafts of a guarded request stop before EOS: spec.py)
+        banned |= blocked
+    return banned
+
+
+def _grammar_of(matcher: object) -> object | None:
+    """The llguidance matcher that decides a request's grammar: unwrapped from a guarded
+    request's `GuardedMatcher` (None when only guards constrain it) and a `BudgetMatcher`."""
+    if hasattr(matcher, "block"):  # GuardedMatcher
+        matcher = matcher.inner  # type: ignore[attr-defined]
+    return getattr(matcher, "inner", matcher)  # a BudgetMatcher wraps the LLMatcher
+
+
+def _walk(matcher: object | None, draft: tuple[int, ...], vocab_size: int) -> torch.Tensor | None:
+    """[k, V] bool: what `matcher` bans after each draft prefix (all banned past the first
+    draft it rejects); None without a matcher."""
+    if matcher is None:
+        return None
     rows = []
     walked = 0
     try:
         for t in draft:
-            if not inner.consume_token(t):
+            if not matcher.consume_token(t):  # type: ignore[attr-defined]
                 break
             walked += 1
-            bits = np.frombuffer(inner.compute_bitmask(), dtype=np.uint8)
+            bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)  # type: ignore[attr-defined]
             rows.append(np.unpackbits(bits, bitorder="little")[:vocab_size] == 0)
     finally:
         if walked:
-            inner.rollback(walked)
+            matcher.rollback(walked)  # type: ignore[attr-defined]
     banned = torch.ones(len(draft), vocab_size, dtype=torch.bool)
     if rows:
         banned[: len(rows)] = torch.from_numpy(np.stack(rows))
-    dead = banned.all(-1)  # a finished grammar allows nothing more: let EOS end it
-    if bool(dead.any()) and eos:
-        banned[dead.nonzero().flatten().unsqueeze(1), torch.tensor(list(eos))] = False
     return banned
 
 
