@@ -11,7 +11,11 @@ alone. The policies:
 
 - `OpenMP default`: what `llmos serve` ran with before llmos set a policy (torch is imported
   before llmos, so llmos cannot set one; OMP_WAIT_POLICY unset: libgomp spins, then sleeps);
-- `PASSIVE (llmos default)`: what every llmos entry point now runs with.
+- `PASSIVE`: idle workers sleep at once (what llmos set before it bounded the spin);
+- `GOMP_SPINCOUNT=N`: workers spin about N pause loops, then sleep; `llmos default` is what
+  every llmos entry point runs with when the user set neither variable (llmos/__init__.py).
+
+`--policies` picks some of them by name (comma-separated; default: all).
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ from common import md_table, replace_section  # noqa: E402
 from serve import Level, free_port, machine_line, run_level, server_process  # noqa: E402
 
 SERVE = "from llmos.cli.main import app; app()"
+UNSET = {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
 POLICIES = {
     # torch first: its OpenMP runtime reads the (unset) policy before llmos could set one
-    "OpenMP default": ("import torch; " + SERVE, {"OMP_WAIT_POLICY": None}),
-    "PASSIVE (llmos default)": (SERVE, {"OMP_WAIT_POLICY": None}),
+    "OpenMP default": ("import torch; " + SERVE, UNSET),
+    "PASSIVE": (SERVE, {**UNSET, "OMP_WAIT_POLICY": "PASSIVE"}),
+    "GOMP_SPINCOUNT=100000": (SERVE, {**UNSET, "GOMP_SPINCOUNT": "100000"}),
+    "llmos default": (SERVE, UNSET),
 }
 HOG = "while True: pass"
 
@@ -80,13 +87,23 @@ def main(
     duration: Annotated[float, typer.Option(help="Seconds per measurement.")] = 20.0,
     clients: Annotated[int, typer.Option(help="Concurrent streaming clients.")] = 8,
     hogs: Annotated[str, typer.Option(help="Comma-separated counts of busy processes.")] = "1,2",
+    policies: Annotated[
+        str | None, typer.Option(help="Comma-separated policy names (default: all).")
+    ] = None,
     record: Annotated[
         Path | None, typer.Option(help="Write the results section here (replacing it).")
     ] = None,
 ) -> None:
     counts = [0, *(int(h) for h in hogs.split(","))]
     results: list[Result] = []
-    for policy, (code, overrides) in POLICIES.items():
+    chosen = policies.split(",") if policies else list(POLICIES)
+    unknown = [name for name in chosen if name not in POLICIES]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown {unknown}; choose from {list(POLICIES)}", param_hint="--policies"
+        )
+    for policy in chosen:
+        code, overrides = POLICIES[policy]
         port = free_port()
         args = [sys.executable, "-c", code, "serve", "--port", str(port), "--grace", "1"]
         with server_process(args, port, _env(overrides)) as url:

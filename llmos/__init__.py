@@ -10,11 +10,19 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 # OpenMP's worker threads spin-wait between parallel regions unless told otherwise. On cores
-# shared with other work, the spinning threads take the CPU from the ones doing the work, and
-# a server's plain requests ran 15x slower. PASSIVE makes idle workers sleep. The OpenMP runtime
-# reads this once, when torch loads it, so it is set here, before any llmos module imports
-# torch; a value the user set wins. (`OMP_LATE`: torch was loaded first, so it cannot apply.)
+# shared with other work, threads spinning for milliseconds take the CPU from the ones doing
+# the work, and a server's plain requests ran 15x slower. But a worker that sleeps at once
+# (PASSIVE) must be woken for each of a decode step's ~150 parallel regions, and on a VM a
+# wake-up costs tens of µs: decode ran 3x slower than with spinning. So llmos bounds the spin
+# (GNU OpenMP's GOMP_SPINCOUNT, about 0.1 ms here): a worker waits out the gaps inside a step
+# and sleeps between steps (BENCHMARKS.md, Shared cores); other OpenMP runtimes get PASSIVE.
+# The runtime reads these once, when torch loads it, so they are set here, before any llmos
+# module imports torch; a value the user set wins (OMP_WAIT_POLICY alone: no spin count is
+# added). `OMP_LATE`: torch was loaded first, so they cannot apply.
+SPIN_COUNT = "10000"
 OMP_LATE = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

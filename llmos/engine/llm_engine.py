@@ -11,6 +11,7 @@ import torch
 import llmos
 from llmos.engine.block_manager import BlockManager
 from llmos.engine.config import DTYPES, EngineConfig, parse_bytes
+from llmos.engine.cores import CoreGovernor, adapt_threads
 from llmos.engine.guard_filter import attach, released
 from llmos.engine.output import OutputProcessor
 from llmos.engine.runner import ModelRunner, StepOutput
@@ -84,6 +85,12 @@ class LLMEngine:
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_steps = 0
+        # the steps' thread count follows the cores other processes leave free (cores.py)
+        self.cores = (
+            CoreGovernor()
+            if self.device.type == "cpu" and not config.deterministic and adapt_threads()
+            else None
+        )
         self._draft_room = MAX_STEP_DRAFTS
         self.spec_totals = [0, 0, 0]  # drafts, draft tokens, accepted tokens (all requests)
         log.info(
@@ -240,6 +247,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan:
             return []
+        if self.cores is not None:
+            self.cores.tick()
         started = time.perf_counter()
         try:
             step = self.runner.run(plan, self.tokenizer.eos_token_ids)
