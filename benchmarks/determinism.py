@@ -160,7 +160,9 @@ def main(
     record: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     me = str(Path(__file__).resolve())
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    # (OpenMP's wait policy: llmos's default, as users get it)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_NUM_THREADS"] = str(threads)
     load0 = loadavg()
     show = console.print
     with console.status("default and deterministic, alternating…"):

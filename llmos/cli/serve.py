@@ -53,7 +53,7 @@ def serve(
         'Lossless; a request can turn it off with "speculation": false.',
     ),
     num_speculative_tokens: int = typer.Option(
-        8, "--num-speculative-tokens", help="Most draft tokens verified per step."
+        7, "--num-speculative-tokens", help="Most draft tokens verified per step."
     ),
     guards: str | None = typer.Option(
         None,

@@ -51,9 +51,10 @@ class EngineConfig:
     quantization: str = "auto"
     seed: int = 0  # for requests without their own seed
     # speculative decoding (engine/spec.py): "suffix", "ngram" or None (off), and the most
-    # draft tokens a sequence verifies per step
+    # draft tokens a sequence verifies per step (7: with its own row, 8 rows, which the native
+    # row kernel serves in one pass over each weight group; 9 rows take two, BENCHMARKS.md)
     speculation: str | None = None
-    num_speculative_tokens: int = 8
+    num_speculative_tokens: int = 7
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in DTYPES:
