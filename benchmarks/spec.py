@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--k", type=int, default=7)
+    ap.add_argument("--workloads", default=None, help="comma-separated names (default: all)")
     args = ap.parse_args()
     from llmos import LLM
     from llmos.models.quant import weight_bytes
@@ -170,14 +171,15 @@ def main() -> None:
     rows, results = [], {}
     load = [loadavg()]
     for batch in (int(b) for b in args.batches.split(",")):
-        for name in workloads(0):
+        for name in args.workloads.split(",") if args.workloads else workloads(0):
             # untimed: an engine's first run of a workload came out up to 25% faster than the
             # runs after it, whichever mode it was, and would have favoured that mode
             run(llm, batch, name, False, args.tokens)
+            # off, on, on, off: a steady drift of the engine's speed cancels in the means
             off = run(llm, batch, name, False, args.tokens)
             on = run(llm, batch, name, True, args.tokens)
-            off2 = run(llm, batch, name, False, args.tokens)  # off on both sides of on
             on2 = run(llm, batch, name, True, args.tokens)
+            off2 = run(llm, batch, name, False, args.tokens)
             load.append(loadavg())
             same = off["outputs"] == on["outputs"] == on2["outputs"]
             t_off = (off["tps"] + off2["tps"]) / 2
@@ -216,8 +218,8 @@ def main() -> None:
         f"`.venv/bin/python benchmarks/spec.py --write --tokens {args.tokens} --k {args.k} "
         f"--batches {args.batches}` "
         f"(greedy, {args.tokens} new tokens per request, k ≤ {args.k}, suffix proposer; each "
-        "figure the mean of two runs, off and on interleaved, after an untimed one, on one "
-        "engine).\n\n"
+        "figure the mean of two runs, in the order off, on, on, off after an untimed one, on "
+        "one engine).\n\n"
         f"{table}\n\n"
         f"Machine: {cpu} cores; memory read bandwidth {bw:.1f} GB/s measured in the same run; "
         f"{wbytes / 2**20:.0f} MiB of weights read per step, so plain decode's bound is "
