@@ -23,6 +23,7 @@ from scipy.stats import chi2_contingency
 
 from llmos import LLM, SamplingParams
 from llmos.engine.sampling import SamplingBatch, sample
+from llmos.engine.sequence import Sequence
 from llmos.engine.spec import NgramIndex, NgramProposer, Speculator, SuffixProposer
 from llmos.engine.verify import accept
 
@@ -136,6 +137,42 @@ def test_speculator_stops_drafting_where_drafts_fail() -> None:
     assert spec.best_k(0.0) == 0
     assert spec.best_k(0.9) > spec.best_k(0.5)
     assert spec.best_k(0.9, batch=16) < spec.best_k(0.9, batch=1)  # rows cost more there
+
+
+class _Scripted:
+    """A proposer that drafts `draft` every time it is asked (the policy under test is the
+    speculator's, not the proposer's)."""
+
+    def __init__(self, draft: list[int]) -> None:
+        self.draft = draft
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        return self.draft[:k]
+
+    def forget(self, seq: Sequence, finished: bool) -> None:
+        pass
+
+
+def test_probes_back_off_while_they_find_nothing() -> None:
+    """At a batch where drafting does not pay, a sequence probes now and then; each probe
+    that finds nothing doubles the wait, and a hit resets it."""
+    # (no detokenizer: the speculator never decodes the sequence)
+    seq = Sequence("r", [1, 2, 3], SamplingParams(), None, max_tokens=10_000)  # type: ignore[arg-type]
+    spec = Speculator(_Scripted([]), 7, row_ratio=2.0, probe_every=4)
+    assert spec.best_k(0.8, batch=16) == 0
+    probed = []
+    for step in range(200):
+        assert spec.draft(seq, 7, 16) == []
+        if spec.idle[seq.seq_id] == 0:  # this step was a probe
+            probed.append(step)
+    gaps = [b - a for a, b in zip(probed, probed[1:], strict=False)]
+    assert gaps[:4] == [8, 16, 32, 64], gaps  # 4 steps, then doubling (up to 4 << MAX_BACKOFF)
+    assert spec.misses[seq.seq_id] >= 4
+    spec.proposer = _Scripted([5, 6])
+    spec.idle[seq.seq_id] = 10_000  # the next call probes, and drafts this time
+    assert spec.draft(seq, 7, 16) == [5, 6]
+    spec.observe(seq, 2, 2)
+    assert seq.seq_id not in spec.misses
 
 
 def test_speculator_learns_the_cost_of_a_row_from_the_steps() -> None:

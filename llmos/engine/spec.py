@@ -203,6 +203,7 @@ class SuffixProposer:
 
 
 PROPOSERS = {"ngram": NgramProposer, "suffix": SuffixProposer}
+MAX_BACKOFF = 4  # a probe interval doubles at most this many times (16 -> 256 steps)
 
 
 class Speculator:
@@ -235,6 +236,8 @@ class Speculator:
         self._fit = [0.0] * 5  # fading sums for observe_step's fit: n, x, y, xx, xy
         self.rate: dict[int, float] = {}  # seq_id -> acceptance estimate
         self.idle: dict[int, int] = {}  # seq_id -> steps since it last drafted (while k = 0)
+        self.misses: dict[int, int] = {}  # seq_id -> probes in a row that found nothing
+        self._probing: set[int] = set()  # seq_ids whose drafts this step are a probe
 
     def observe_step(self, rows: int, seconds: float) -> None:
         """A decode step's rows and time: refit c0 + c_row * rows (least squares, with old
@@ -272,11 +275,14 @@ class Speculator:
         rate = self.rate.get(seq.seq_id, 0.8)
         k = self.best_k(rate, batch)
         if k == 0:  # not paying: probe with a short draft now and then
-            idle = self.idle.get(seq.seq_id, 0) + 1
+            # (sequences start at different points of the interval, so a batch's probes do
+            # not land in one step; each probe that finds nothing doubles the interval)
+            idle = self.idle.get(seq.seq_id, seq.seq_id % self.probe_every) + 1
             self.idle[seq.seq_id] = idle
-            if idle < self.probe_every:
+            if idle < self.probe_every << min(self.misses.get(seq.seq_id, 0), MAX_BACKOFF):
                 return []
             self.idle[seq.seq_id] = 0
+            self._probing.add(seq.seq_id)
             k = 2
         if seq.matcher is not None and not isinstance(
             seq.matcher, LLMatcher | BudgetMatcher | GuardedMatcher
@@ -285,16 +291,26 @@ class Speculator:
         draft = self.proposer.propose(seq, min(k, room))
         if draft and seq.matcher is not None:
             draft = draft[: _grammar_prefix(seq, draft)]
+        if not draft and seq.seq_id in self._probing:  # a probe with nothing to draft: a miss
+            self.observe(seq, 0, 0)
         return draft
 
     def observe(self, seq: Sequence, drafted: int, accepted: int) -> None:
         if drafted:
             old = self.rate.get(seq.seq_id, 0.8)
             self.rate[seq.seq_id] = 0.6 * old + 0.4 * (accepted / drafted)
+        if seq.seq_id in self._probing:
+            self._probing.discard(seq.seq_id)
+            if accepted:
+                self.misses.pop(seq.seq_id, None)
+            else:
+                self.misses[seq.seq_id] = self.misses.get(seq.seq_id, 0) + 1
 
     def forget(self, seq: Sequence) -> None:
         self.rate.pop(seq.seq_id, None)
         self.idle.pop(seq.seq_id, None)
+        self.misses.pop(seq.seq_id, None)
+        self._probing.discard(seq.seq_id)
         self.proposer.forget(seq, seq.status.finished and seq.finish_reason != "abort")
 
 
