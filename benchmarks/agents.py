@@ -1,5 +1,6 @@
 """Agents on one engine: 16 processes × 6 tool steps, with KV retention on and off, and the same
-programs through `openai_http` against llama-cpp-python's server (how local agents run today).
+programs through `openai_http` against llama-cpp-python's server (how local agents run today)
+and llama.cpp's own llama-server (parallel slots, prompt cache on).
 
     .venv/bin/python benchmarks/agents.py [--agents 16] [--steps 6] [--tool-seconds 0.2]
                                           [--skip-llamacpp] [--record BENCHMARKS.md]
@@ -194,6 +195,38 @@ def run_llamacpp(agents: int, steps: int, threads: int) -> dict[str, Any]:
     return result
 
 
+def run_llama_server(agents: int, steps: int, threads: int, slots: int) -> dict[str, Any]:
+    """The same programs through `openai_http` against llama.cpp's own `llama-server`
+    (`make bench-setup`): `slots` parallel slots with continuous batching, its prompt cache on
+    (`cache_prompt`, a slot reuses the prefix it last held), tool calls forced by the same
+    GBNF grammar. Cached tokens are what its responses report (`prompt_tokens_details`)."""
+    from serve import LLAMA_SERVER, free_port, llama_server_args
+
+    from llmos.backends.openai_http import OpenAIHTTPBackend
+    from llmos.models.registry import resolve
+
+    port = free_port()
+    args = llama_server_args(LLAMA_SERVER, port, resolve("smollm2-135m"), slots, threads)
+    args[args.index("--ctx-size") + 1] = str(slots * 4096)  # 4096 per slot, as llmos's window
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def body(request: ChatRequest) -> dict[str, Any]:
+        return {**grammar_for(request), "cache_prompt": True}
+
+    try:
+        wait_until_serving(f"{url}/models", proc, 300, lambda: proc.stderr.read()[-800:])  # type: ignore[union-attr]
+        backend = OpenAIHTTPBackend(
+            url, "smollm2-135m", native_tools=False, extra_body=body, context_window=4096
+        )
+        with tempfile.TemporaryDirectory() as d, Kernel(backend=backend, db=Path(d) / "k.db") as k:
+            run_agents(k, 1, 1)
+            return run_agents(k, agents, steps)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
     rows = []
     for name, r in results.items():
@@ -254,6 +287,13 @@ def main(
         name = f"llama-cpp-python server via openai_http ({threads} threads)"
         results[name] = run_llamacpp(agents, steps, threads)
         print(name, results[name], flush=True)
+    from serve import LLAMA_SERVER
+
+    have_server = not skip_llamacpp and LLAMA_SERVER.exists()
+    server_name = f"llama-server -np {agents} via openai_http ({threads} threads)"
+    if have_server:
+        results[server_name] = run_llama_server(agents, steps, threads, agents)
+        print(server_name, results[server_name], flush=True)
     body = table(results)
     on, off = results["llmos local, retention on"], results["llmos local, retention off"]
     notes = [
@@ -278,6 +318,17 @@ def main(
         )
     else:
         notes.append("llama-cpp-python was not importable: its row is missing.")
+    if have_server:
+        ls = results[server_name]
+        notes.append(
+            f"Against llama.cpp's own llama-server ({agents} parallel slots, continuous "
+            "batching, prompt cache on): "
+            f"{ls['prefilled'] / max(1, on['prefilled']):.1f}× the prefilled tokens and "
+            f"{ls['makespan'] / on['makespan']:.2f}× the makespan of llmos with retention "
+            "(its cached tokens as its responses report them)."
+        )
+    else:
+        notes.append("llama-server was not built (`make bench-setup`): its row is missing.")
     notes.append(
         "Retention pins each waiting process's blocks in the engine (released when the "
         "process ends, or oldest first under memory pressure), on top of the prefix "
