@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from llmos.engine.guard_grammar import GuardedMatcher
 from llmos.engine.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -100,7 +101,8 @@ def draft_masks(
         dead = banned.all(-1)  # a finished grammar allows nothing more: let EOS end it
         if bool(dead.any()) and eos:
             banned[dead.nonzero().flatten().unsqueeze(1), torch.tensor(list(eos))] = False
-    blocked = _walk(getattr(seq.matcher, "block", None), draft, vocab_size)
+    block = seq.matcher.block if isinstance(seq.matcher, GuardedMatcher) else None
+    blocked = _walk(block, draft, vocab_size)
     if blocked is not None:  # (drafts of a guarded request stop before EOS: spec.py)
         banned |= blocked
     return banned
@@ -109,8 +111,8 @@ def draft_masks(
 def _grammar_of(matcher: object) -> object | None:
     """The llguidance matcher that decides a request's grammar: unwrapped from a guarded
     request's `GuardedMatcher` (None when only guards constrain it) and a `BudgetMatcher`."""
-    if hasattr(matcher, "block"):  # GuardedMatcher
-        matcher = matcher.inner  # type: ignore[attr-defined]
+    if isinstance(matcher, GuardedMatcher):
+        matcher = matcher.inner
     return getattr(matcher, "inner", matcher)  # a BudgetMatcher wraps the LLMatcher
 
 
