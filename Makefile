@@ -46,12 +46,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check llmos tests benchmarks
 	$(BIN)/ruff format --check llmos tests benchmarks
 
+# llama.cpp's builds on x86 go without AMX: a VM can list amx_tile among its CPU's flags yet
+# fault on the first tile instruction, and ggml's AMX matmul, which -march=native turns on,
+# then kills the process
+NOAMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+
 # llama-cpp-python compiles llama.cpp (~10 min here): only the benchmarks need it.
 $(BENCH_STAMP): $(STAMP)
 	# the stamp only on success, so that a failed build is tried again next time
-	# (x86: no AMX, as for llama-server below)
-	NOAMX=$$([ "$$(uname -m)" = x86_64 ] && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"); \
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$$NOAMX' -DCMAKE_CXX_FLAGS='$$NOAMX'" \
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NOAMX)' -DCMAKE_CXX_FLAGS='$(NOAMX)'" \
 		$(BIN)/pip install -q 'llama-cpp-python[server]' psutil \
 		&& $(BIN)/python -c "import llama_cpp" && touch $(BENCH_STAMP) \
 		|| echo "llama-cpp-python did not build; the benchmarks run without it"
@@ -66,11 +69,8 @@ $(LLAMA_SERVER): $(BIN)/python
 		$(BIN)/pip download -q --no-binary llama-cpp-python --no-deps \
 		"llama-cpp-python$$V" -d $(VENV)/bench/src
 	tar -xzf $(VENV)/bench/src/llama_cpp_python-*.tar.gz -C $(VENV)/bench/src
-	# (x86: no AMX. A VM can list amx_tile among its CPU's flags yet fault on the first tile
-	# instruction, and ggml's AMX matmul, which -march=native turns on, then kills the server)
-	NOAMX=$$([ "$$(uname -m)" = x86_64 ] && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"); \
 	cmake -S $(VENV)/bench/src/llama_cpp_python-*/vendor/llama.cpp -B $(VENV)/bench/build \
-		-DCMAKE_C_FLAGS="$$NOAMX" -DCMAKE_CXX_FLAGS="$$NOAMX" \
+		-DCMAKE_C_FLAGS="$(NOAMX)" -DCMAKE_CXX_FLAGS="$(NOAMX)" \
 		-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_HTML=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
 	cmake --build $(VENV)/bench/build --target llama-server -j $$(nproc)
