@@ -29,6 +29,29 @@ def test_quantized_linear_matches_dequantized_matmul(rows: int, fmt: str) -> Non
     assert torch.equal(alone[0], out[-1])
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_fp16_scales_give_the_fp32_scales_bits(rows: int, fmt: str) -> None:
+    """A GGUF's scales are fp16: the row kernels read them so (fewer bytes per step) and give
+    bitwise what the same scales in fp32 give; scales fp16 cannot hold stay fp32."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(100, 224, generator=g)  # 100 rows: blocks of 4, then a tail of single rows
+    qw = quantize_q4(w) if fmt == "q4" else quantize_q8(w)
+    assert qw.row_scales()[0].dtype == torch.float32  # (computed in fp32: not fp16-exact)
+    qw.scales = qw.scales.half().float()
+    if qw.mins is not None:
+        qw.mins = qw.mins.half().float()
+    spec = qw.spec
+    assert spec[2].dtype == spec[3].dtype == torch.float16
+    assert qw.nbytes == qw.packed.numel() + qw.scales.numel() * (4 if fmt == "q4" else 2)
+    x = torch.randn(rows, 224, generator=g)
+    wide = (spec[0], spec[1], spec[2].float(), spec[3].float())
+    assert torch.equal(native.linear(spec, x), native.linear(wide, x))
+    if fmt == "q4":  # (q8 has no mins to mismatch)
+        with pytest.raises(RuntimeError, match="typed as the scales"):
+            native.linear((4, spec[1], spec[2], spec[3].float()), x)
+
+
 @pytest.mark.skipif(native is None or not native.has_panels(), reason="no panel kernels")
 @pytest.mark.parametrize("rows", [1, 5, 12, 13, 64, 200])
 @pytest.mark.parametrize("fmt", ["fp32", "q4", "q8"])

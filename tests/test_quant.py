@@ -89,6 +89,9 @@ def test_mode_against_fp32(mode: str, ckpt, reference) -> None:  # noqa: ANN001
     if mode == "auto":  # lossless re-storage of a Q4_1/Q8_0 GGUF: the decode path reads less
         fp32 = LLM(quantization="fp32", kv_cache_memory="64MiB").engine.model
         assert weight_bytes(llm.engine.model) < weight_bytes(fp32) / 4
+        # and its scales in the file's own fp16: every decode kernel reads them so
+        specs = llm.engine.model.kernels.small.values()
+        assert all(s[2].dtype == torch.float16 for s in specs if s[0] in (4, 8))
 
 
 @pytest.mark.skipif(kernels() is None or not kernels().has_panels(), reason="no panel kernels")

@@ -3,8 +3,10 @@
 tiled ones. The model file has no flags.
 
 Formats (groups of 32 along the input dimension, as GGUF's):
-- q4: `w = d * q + m`, q in [0, 15], one fp32 scale d and min m per group (Q4_1's layout).
-- q8: `w = d * q`, q in [-127, 127], one fp32 scale per group (Q8_0's layout).
+- q4: `w = d * q + m`, q in [0, 15], one scale d and min m per group (Q4_1's layout).
+- q8: `w = d * q`, q in [-127, 127], one scale per group (Q8_0's layout).
+Scales are computed in fp32; the row kernels read them as fp16 where that holds them exactly
+(a GGUF's are fp16), so a decode step reads the file's bytes and no more.
 
 Modes:
 - "auto" (the default): each weight is stored in the smallest of these formats that holds it
@@ -104,15 +106,27 @@ class QuantWeight:
 
     @property
     def spec(self) -> Spec:
-        """As the native kernels take a weight: (format, packed, scales, mins or scales)."""
-        if self.fmt == "q4":
-            assert self.mins is not None
-            return (4, self.packed, self.scales, self.mins)
-        return (8, self.packed, self.scales, self.scales)
+        """As the native row kernels take a weight: (format, packed, scales, mins or scales)."""
+        scales, mins = self.row_scales()
+        return (
+            (4, self.packed, scales, mins) if self.fmt == "q4" else (8, self.packed, scales, scales)
+        )
+
+    def row_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales and mins (q8: the scales twice) as the row kernels read them: fp16 where
+        that holds every one exactly, as it does a GGUF's (which stores them so), else fp32. A
+        4-bit group is then 20 bytes, not 24, and decode is bound by those bytes."""
+        parts = [self.scales] if self.mins is None else [self.scales, self.mins]
+        half = [t.half() for t in parts]
+        if all(torch.equal(h.float(), t) for h, t in zip(half, parts, strict=True)):
+            parts = half
+        return parts[0], parts[-1]
 
     @property
     def nbytes(self) -> int:
-        parts = (self.packed, self.scales) + ((self.mins,) if self.mins is not None else ())
+        """Bytes the row kernels read for this weight (a decode step's)."""
+        scales, mins = self.row_scales()
+        parts = (self.packed, scales) + ((mins,) if self.mins is not None else ())
         return sum(t.numel() * t.element_size() for t in parts)
 
 

@@ -1,8 +1,9 @@
 // CPU kernels for the decode hot path, built on first use by llmos/models/native/__init__.py.
 //
 // - linear: y = x @ W.T with W stored 4-bit (asymmetric, groups of 32 along K, as GGUF's Q4_1)
-//   or 8-bit (symmetric, groups of 32, as Q8_0), dequantized in registers. At small batch a
-//   linear layer is bound by streaming its weights, and these read 4-5x fewer bytes than fp32.
+//   or 8-bit (symmetric, groups of 32, as Q8_0), dequantized in registers; scales in fp32, or
+//   in fp16 as the file has them. At small batch a linear layer is bound by streaming its
+//   weights, and these read 5-6x fewer bytes than fp32.
 //   Steps of many rows read W in panels of 32 output columns instead (panel_linear).
 // - paged_decode: one query per row against its paged K/V, without gathering the blocks into
 //   a padded copy first.
@@ -29,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -174,9 +176,33 @@ inline void dequant_q8(const int8_t* q, float d, V16& lo, V16& hi) {
 // out[m0:m0+R, n] for weight rows [n0, n1): each group is dequantized once for R rows of x,
 // and NR weight rows go side by side so that few rows of x still give independent FMA chains.
 // Every output is the same sum in the same order whatever R and NR are.
-template <bool Q4, int R, int NR>
-void linear_rows(const float* x, int64_t K, int64_t m0, const uint8_t* qw, const float* scales,
-                 const float* mins, int64_t n0, int64_t n1, float* out, int64_t N) {
+// n values from fp16 to fp32 (exactly: every fp16 value is an fp32 value).
+inline void widen(const c10::Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// The scales (S = float) or the fp16 scales widened into `buf` (S = c10::Half, as a GGUF stores
+// them: a 4-bit group is 20 bytes, not 24) of `count` consecutive groups from `first`.
+template <typename S>
+inline const float* scales_at(const S* s, int64_t first, int64_t count, float* buf) {
+  if constexpr (std::is_same_v<S, float>) {
+    return s + first;
+  } else {
+    widen(s + first, count, buf);
+    return buf;
+  }
+}
+
+template <bool Q4, int R, int NR, typename S>
+void linear_rows(const float* x, int64_t K, int64_t m0, const uint8_t* qw, const S* scales_in,
+                 const S* mins_in, int64_t n0, int64_t n1, float* out, int64_t N, float* buf) {
   const int64_t groups = K / GROUP;
   const int64_t row_bytes = Q4 ? K / 2 : K;
   const float* xr[R];
@@ -189,6 +215,10 @@ void linear_rows(const float* x, int64_t K, int64_t m0, const uint8_t* qw, const
     V16 acc[NR][R][2];
     for (int j = 0; j < NR; ++j)
       for (int i = 0; i < R; ++i) acc[j][i][0] = acc[j][i][1] = V16::zero();
+    // this block's NR rows of scales (and mins): rows n..n+NR-1 are one run of NR * groups
+    const float* scales = scales_at(scales_in, n * groups, NR * groups, buf);
+    const float* mins =
+        Q4 ? scales_at(mins_in, n * groups, NR * groups, buf + NR * groups) : nullptr;
     const char* pf = n + (PF_AHEAD + 1) * NR <= N
                          ? reinterpret_cast<const char*>(qw + (n + PF_AHEAD * NR) * row_bytes)
                          : nullptr;
@@ -202,11 +232,11 @@ void linear_rows(const float* x, int64_t K, int64_t m0, const uint8_t* qw, const
         const int64_t row = n + j;
         V16 lo, hi;
         if constexpr (Q4) {
-          dequant_q4(qw + row * row_bytes + g * 16, scales[row * groups + g],
-                     mins[row * groups + g], lo, hi);
+          dequant_q4(qw + row * row_bytes + g * 16, scales[j * groups + g],
+                     mins[j * groups + g], lo, hi);
         } else {
           dequant_q8(reinterpret_cast<const int8_t*>(qw + row * row_bytes) + g * GROUP,
-                     scales[row * groups + g], lo, hi);
+                     scales[j * groups + g], lo, hi);
         }
         for (int i = 0; i < R; ++i) {
           acc[j][i][0] = V16::fma(lo, V16::load(xr[i] + g * GROUP), acc[j][i][0]);
@@ -219,26 +249,45 @@ void linear_rows(const float* x, int64_t K, int64_t m0, const uint8_t* qw, const
         out[(m0 + i) * N + n + j] = V16::add(acc[j][i][0], acc[j][i][1]).sum();
   }
   if constexpr (NR > 1) {
-    if (n < n1) linear_rows<Q4, R, 1>(x, K, m0, qw, scales, mins, n, n1, out, N);
+    if (n < n1) linear_rows<Q4, R, 1>(x, K, m0, qw, scales_in, mins_in, n, n1, out, N, buf);
   }
 }
 
-template <bool Q4>
+template <bool Q4, typename S>
 void linear_tile(const float* x, int64_t K, int64_t m0, int64_t rows, const uint8_t* qw,
-                 const float* scales, const float* mins, int64_t n0, int64_t n1, float* out,
-                 int64_t N) {
+                 const S* sc, const S* mn, int64_t n0, int64_t n1, float* out, int64_t N,
+                 float* buf) {
   switch (rows) {
-    case 1: return linear_rows<Q4, 1, 4>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    case 2: return linear_rows<Q4, 2, 2>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    case 3: return linear_rows<Q4, 3, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    case 4: return linear_rows<Q4, 4, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    case 5: return linear_rows<Q4, 5, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    case 6: return linear_rows<Q4, 6, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    case 7: return linear_rows<Q4, 7, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
-    default: return linear_rows<Q4, 8, 1>(x, K, m0, qw, scales, mins, n0, n1, out, N);
+    case 1: return linear_rows<Q4, 1, 4>(x, K, m0, qw, sc, mn, n0, n1, out, N, buf);
+    case 2: return linear_rows<Q4, 2, 2>(x, K, m0, qw, sc, mn, n0, n1, out, N, buf);
+    case 3: return linear_rows<Q4, 3, 1>(x, K, m0, qw, sc, mn, n0, n1, out, N, buf);
+    case 4: return linear_rows<Q4, 4, 1>(x, K, m0, qw, sc, mn, n0, n1, out, N, buf);
+    case 5: return linear_rows<Q4, 5, 1>(x, K, m0, qw, sc, mn, n0, n1, out, N, buf);
+    case 6: return linear_rows<Q4, 6, 1>(x, K, m0, qw, sc, mn, n0, n1, out, N, buf);
+    case 7: return linear_rows<Q4, 7, 1>(x, K, m0, qw, sc, mn, n0, n1, out, N, buf);
+    default: return linear_rows<Q4, 8, 1>(x, K, m0, qw, sc, mn, n0, n1, out, N, buf);
   }
 }
 
+template <bool Q4, typename S>
+void quant_linear_into(const float* xp, int64_t M, int64_t K, int64_t N, const uint8_t* wp,
+                       const S* sp, const S* mp, float* op) {
+  constexpr int64_t NR_MAX = 4;  // (linear_tile's widest block of weight rows)
+  // Split the weight rows among threads: each weight byte is read once per MT rows of x.
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf(std::is_same_v<S, float> ? 0 : 2 * NR_MAX * (K / GROUP));
+    // 16 weight rows at a time stay in L1 while every tile of x passes over them
+    for (int64_t nb = n0; nb < n1; nb += 16) {
+      const int64_t ne = std::min(nb + 16, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        linear_tile<Q4, S>(xp, K, m0, std::min(MT, M - m0), wp, sp, mp, nb, ne, op, N,
+                           buf.data());
+      }
+    }
+  });
+}
+
+// Scales (and q4's mins) come as fp32, or as fp16 where that holds them exactly (a GGUF's).
 template <bool Q4>
 torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& qw,
                            const torch::Tensor& scales, const torch::Tensor& mins) {
@@ -249,22 +298,22 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& qw,
   TORCH_CHECK(qw.is_contiguous() && qw.size(1) == (Q4 ? K / 2 : K), "packed weight shape");
   TORCH_CHECK(scales.is_contiguous() && scales.size(0) == N && scales.size(1) == K / GROUP,
               "scales must be [N, K/32]");
+  const auto st = scales.scalar_type();
+  TORCH_CHECK(st == torch::kFloat || st == torch::kHalf, "scales must be float32 or float16");
+  TORCH_CHECK(!Q4 || (mins.scalar_type() == st && mins.is_contiguous() &&
+                      mins.sizes() == scales.sizes()),
+              "mins must be shaped and typed as the scales");
   auto out = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = static_cast<const uint8_t*>(qw.data_ptr());
-  const float* sp = scales.data_ptr<float>();
-  const float* mp = Q4 ? mins.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  // Split the weight rows among threads: each weight byte is read once per MT rows of x.
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    // 16 weight rows at a time stay in L1 while every tile of x passes over them
-    for (int64_t nb = n0; nb < n1; nb += 16) {
-      const int64_t ne = std::min(nb + 16, n1);
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        linear_tile<Q4>(xp, K, m0, std::min(MT, M - m0), wp, sp, mp, nb, ne, op, N);
-      }
-    }
-  });
+  if (st == torch::kFloat) {
+    quant_linear_into<Q4, float>(xp, M, K, N, wp, scales.data_ptr<float>(),
+                                 Q4 ? mins.data_ptr<float>() : nullptr, op);
+  } else {
+    quant_linear_into<Q4, c10::Half>(xp, M, K, N, wp, scales.data_ptr<c10::Half>(),
+                                     Q4 ? mins.data_ptr<c10::Half>() : nullptr, op);
+  }
   return out;
 }
 
