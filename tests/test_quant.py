@@ -105,3 +105,35 @@ def test_each_step_size_reads_the_modes_own_weights(ckpt) -> None:  # noqa: ANN0
         w = model.layers[0].inner.gate_up
         formats = [model.kernels.spec(w, rows) for rows in (1, 64, 4096)]
         assert [f[0] if f else None for f in formats] == [small, big, huge], mode
+
+
+def test_one_native_call_serves_every_layer_of_a_decode_step() -> None:
+    """The native stack serves decode steps and short chunks beside them, with exactly the
+    tokens and log-probabilities the layer-by-layer loop gives; long prefills are left to the
+    model's loop."""
+    llm = LLM(kv_cache_memory="64MiB", max_num_batched_tokens=128)
+    model = llm.engine.model
+    stack = model.run_layers
+    assert stack is not None
+    served: list[int] = []
+    passed: list[int] = []
+
+    def counted(x: torch.Tensor, *args: object) -> torch.Tensor | None:
+        out = stack(x, *args)
+        (passed if out is None else served).append(x.shape[0])
+        return out
+
+    long = " ".join(f"word{i}" for i in range(80))  # prefilled in 128-token chunks
+    prompts = ["Once upon a time", "def add(a, b):", long]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    model.run_layers = counted
+    with_stack = llm.generate(prompts, params)
+    assert served.count(3) >= 20  # the three decode rows, step after step
+    assert passed and min(passed) > 64  # the long prompt's chunks went to the model's loop
+    model.run_layers = None  # the loop over the fused layers, one native call each
+    llm.engine.blocks.reset_prefix_cache()  # (the same steps again, not cache hits)
+    per_layer = llm.generate(prompts, params)
+    for a, b in zip(with_stack, per_layer, strict=True):
+        assert a.token_ids == b.token_ids
+        logprobs = [o.outputs[0].logprobs for o in (a, b)]
+        assert logprobs[0] and logprobs[0] == logprobs[1]

@@ -19,6 +19,9 @@ from llmos.models.config import ModelConfig, rope_inv_freq
 # The two kernels a transform may swap (see batch_invariant.py); the model grows no flags.
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 AttentionFn = Callable[..., torch.Tensor]
+# ...and may serve all the layers of a step in one call (quant.py's native stack):
+# (x, cos, sin, kv_caches, meta) -> x, or None where it does not serve the step
+LayersFn = Callable[..., torch.Tensor | None]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,6 +100,7 @@ class LlamaModel(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
         self.lm_head: nn.Parameter | None = None  # None: tied to `embed`
         self.linear: LinearFn = F.linear
+        self.run_layers: LayersFn | None = None
         self.register_buffer("cos", torch.empty(0), persistent=False)  # set in from_weights
         self.register_buffer("sin", torch.empty(0), persistent=False)
 
@@ -128,6 +132,18 @@ class LlamaModel(nn.Module):
             layer.down = p(w[pre + "mlp.down_proj.weight"])
         return model
 
+    def layer_loop(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return x
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -139,8 +155,8 @@ class LlamaModel(nn.Module):
         """input_ids, positions: [T]. Returns logits [len(logits_rows), vocab] in fp32."""
         x = F.embedding(input_ids, self.embed)  # [T, hidden]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        out = None if self.run_layers is None else self.run_layers(x, cos, sin, kv_caches, meta)
+        x = self.layer_loop(x, cos, sin, kv_caches, meta) if out is None else out
         x = rms_norm(x[logits_rows], self.norm, self.cfg.rms_norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
         return self.linear(x, head, None).float()

@@ -28,7 +28,8 @@ The native kernels (models/native) read each weight one of two ways, by the size
   stay in their format at every size, so it is the same model in prefill and decode.
 Steps whose rows each attend over their own paged context (decode, and short prompts beside
 it) run each layer as one native call (`FusedDecodeLayer`): at batch 1 the per-op dispatch of
-an eager layer costs as much as its math, and at batch 64 it is still a tenth.
+an eager layer costs as much as its math, and at batch 64 it is still a tenth. The whole stack
+of such a step is one call (`FusedDecodeStack`, the model's `run_layers` hook).
 Without the native kernels, or off the CPU, the transform does nothing.
 
 `invariant=True` (deterministic mode, through `make_batch_invariant`): the row and panel
@@ -267,6 +268,17 @@ class FusedDecodeLayer(nn.Module):
             for w in mats
         ]
 
+    def contexts(
+        self, x: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each row's block table and context length, where the native layer serves this step;
+        None where the wrapped layer does."""
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        if meta.row_lens is not None:
+            return meta.row_block_tables, meta.row_lens
+        return row_contexts(meta, x.shape[0]) if self.invariant else None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -276,13 +288,9 @@ class FusedDecodeLayer(nn.Module):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        if (rows := self.contexts(x, meta)) is None:
             return self.inner(x, cos, sin, k_cache, v_cache, meta)
-        tables, lens = meta.row_block_tables, meta.row_lens
-        if lens is None:
-            if not self.invariant:
-                return self.inner(x, cos, sin, k_cache, v_cache, meta)
-            tables, lens = row_contexts(meta, x.shape[0])
+        tables, lens = rows
         layer, cfg = self.inner, self.inner.cfg
         qkv, o, gate_up, down = self.weights if x.shape[0] <= self.max_rows else self.dense
         return self.native.decode_layer(
@@ -306,6 +314,42 @@ class FusedDecodeLayer(nn.Module):
             cfg.num_kv_heads,
             cfg.head_dim**-0.5,
         )
+
+
+class FusedDecodeStack:
+    """Every layer of a step the fused layers serve, in one native call (kernels.cpp,
+    DecodeStack): a Python loop between layers ran the interpreter with caches each layer's
+    weights had just evicted, tens of µs per layer at batch 1. Steps the fused layers do not
+    serve (long prefills) are left to the model's own loop."""
+
+    def __init__(self, layers: list[FusedDecodeLayer], native: Any) -> None:  # noqa: ANN401 - the compiled module
+        self.first = layers[0]
+        inner = [f.inner for f in layers]
+        cfg = inner[0].cfg
+        self.stack = native.DecodeStack(
+            [layer.input_norm for layer in inner],
+            [layer.post_norm for layer in inner],
+            [layer.qkv_bias for layer in inner],
+            [f.weights for f in layers],
+            [f.dense for f in layers],
+            cfg.rms_norm_eps,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim**-0.5,
+        )
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        if (rows := self.first.contexts(x, meta)) is None:
+            return None
+        big = x.shape[0] > self.first.max_rows
+        return self.stack.forward(x, cos, sin, kv_caches, meta.slot_mapping, *rows, big)
 
 
 def quantize(
@@ -346,6 +390,7 @@ def quantize(
     for i, layer in enumerate(model.layers):
         layer.linear = hook
         model.layers[i] = FusedDecodeLayer(layer, chosen, native)
+    model.run_layers = FusedDecodeStack(list(model.layers), native)  # type: ignore[arg-type]
     model.linear = hook
     model.quantized = table  # (read by weight_bytes)
     model.kernels = chosen
