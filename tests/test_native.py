@@ -52,6 +52,47 @@ def test_fp16_scales_give_the_fp32_scales_bits(rows: int, fmt: str) -> None:
             native.linear((4, spec[1], spec[2], spec[3].float()), x)
 
 
+@pytest.mark.skipif(native is None or not native.has_vnni(), reason="no AVX-512 VNNI here")
+@pytest.mark.parametrize("half", [False, True])
+def test_vnni_q4_kernel_is_as_exact_as_fp32_and_batch_invariant(half: bool) -> None:
+    """Format 6 splits each activation into three int8 digits and sums with VNNI: its error
+    against the exact product stays near the fp32 kernel's (not int8 rounding's, ~1e-2), and a
+    row's bits do not depend on the rows beside it, at any step size."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(160, 576, generator=g) * 0.05 + 0.01
+    qw = quantize_q4(w)
+    if half:
+        qw.scales, qw.mins = qw.scales.half().float(), qw.mins.half().float()
+    spec = qw.in_vnni()
+    assert spec is not None and spec[0] == 6
+    assert spec[2].dtype == (torch.float16 if half else torch.float32)
+    x = torch.randn(40, 576, generator=g) * 3
+    x[5, 64:96] = 0  # a group of zeros
+    x[6, :32] *= 1e4  # one group far larger than the rest of its row
+    exact = x.double() @ qw.dequantize().double().T
+    out = native.linear(spec, x)
+    err = ((out.double() - exact).abs() / exact.abs().mean(1, keepdim=True)).max().item()
+    fp32_err = (
+        ((native.linear(qw.spec, x).double() - exact).abs() / exact.abs().mean(1, keepdim=True))
+        .max()
+        .item()
+    )
+    assert err < max(4 * fp32_err, 1e-6), (err, fp32_err)
+    for rows in (1, 3, 8, 9, 17):  # tiles of 8 rows, and their tails
+        part = native.linear(spec, x[:rows])
+        assert torch.equal(part, out[:rows])
+        assert torch.equal(native.linear(spec, x[rows - 1 : rows])[0], out[rows - 1])
+    assert native.linear(spec, x[:0]).shape == (0, 160)
+    assert qw.in_vnni() is not None and quantize_q8(w).in_vnni() is None
+    assert quantize_q4(torch.randn(40, 64)).in_vnni() is None  # 40 rows: not blocks of 16
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        native.linear(spec, torch.randn(1, 100))
+    with pytest.raises(RuntimeError, match=r"\[N/16, K/32, 256\]"):
+        native.linear((6, spec[1][:, :-1], spec[2], spec[3]), torch.randn(1, 576))
+    with pytest.raises(RuntimeError, match="both be float32 or both float16"):
+        native.linear((6, spec[1], spec[2].float(), spec[3].half()), torch.randn(1, 576))
+
+
 @pytest.mark.skipif(native is None or not native.has_panels(), reason="no panel kernels")
 @pytest.mark.parametrize("rows", [1, 5, 12, 13, 64, 200])
 @pytest.mark.parametrize("fmt", ["fp32", "q4", "q8"])

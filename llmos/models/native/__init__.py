@@ -59,7 +59,7 @@ def _load() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     key = hashlib.sha256(
-        SOURCE.read_bytes()
+        b"".join(f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]*")))
         + _cpu_flags().encode()
         + torch.__version__.encode()
         + sys.version.encode()

@@ -4,7 +4,9 @@
 //   or 8-bit (symmetric, groups of 32, as Q8_0), dequantized in registers; scales in fp32, or
 //   in fp16 as the file has them. At small batch a linear layer is bound by streaming its
 //   weights, and these read 5-6x fewer bytes than fp32.
-//   Steps of many rows read W in panels of 32 output columns instead (panel_linear).
+//   Steps of many rows read W in panels of 32 output columns instead (panel_linear). Where the
+//   CPU has AVX-512 VNNI, 4-bit weights take integer dot products at every step size instead
+//   (q4_vnni.h): the activations split into three int8 digits, about fp32's precision.
 // - paged_decode: one query per row against its paged K/V, without gathering the blocks into
 //   a padded copy first.
 // - decode_layer: a whole decoder layer in one call for rows that each attend over their own
@@ -487,6 +489,8 @@ torch::Tensor panel_linear(int64_t fmt, const torch::Tensor& x_in, const torch::
 }
 #endif
 
+#include "q4_vnni.h"  // (format 6)
+
 // -- paged decode attention ----------------------------------------------------------------
 template <typename T>
 inline const float* as_floats(const T* src, float* buf, int64_t D) {
@@ -676,13 +680,17 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // A weight as Python hands it over: (format, a, b, c) with format 0 = dense fp32 (a = weight),
 // 1 = dense fp32 packed in panels (a = packed, b = W as it was),
 // 4 = q4 (a = packed, b = scales, c = mins), 8 = q8 (a = packed, b = scales),
-// 5 and 9 = q4 and q8 stored in panels (see panel_linear).
+// 5 and 9 = q4 and q8 stored in panels (see panel_linear), 6 = q4 in VNNI blocks (q4_vnni.h).
 using Weight = std::tuple<int64_t, torch::Tensor, torch::Tensor, torch::Tensor>;
 
 torch::Tensor weight_linear(const Weight& w, const torch::Tensor& x) {
   const auto& [fmt, a, b, c] = w;
   if (fmt == 4) return quant_linear<true>(x, a, b, c);
   if (fmt == 8) return quant_linear<false>(x, a, b, b);
+#if defined(LLMOS_VNNI)
+  if (fmt == 6) return vnni_linear(x, a, b, c);
+#endif
+  TORCH_CHECK(fmt != 6, "no VNNI kernel for 4-bit weights on this CPU");
 #if defined(__AVX512F__)
   if (fmt == 1 || fmt == 5 || fmt == 9) return panel_linear(fmt, x, a, b, c);
 #endif
@@ -855,6 +863,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "whether the panel formats (1, 5, 9) have kernels here");
+  m.def("has_vnni", []() {
+#if defined(LLMOS_VNNI)
+    return true;
+#else
+    return false;
+#endif
+  }, "whether format 6 (4-bit weights through VNNI integer dot products) has a kernel here");
   m.def("paged_decode", &paged_decode, "one query per sequence over its paged K/V");
   m.def("decode_layer", &decode_layer, "a decoder layer, each row over its own paged context");
   py::class_<DecodeStack>(m, "DecodeStack")
