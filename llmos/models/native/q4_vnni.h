@@ -33,7 +33,8 @@ void digits_of(const float* x, int64_t K, int8_t* d, float* e, float* s, int32_t
         _mm512_max_ps(_mm512_and_ps(v0, abs_mask), _mm512_and_ps(v1, abs_mask)));
     s[g] = V16::add({v0}, {v1}).sum();
     e[g] = amax / 127.f / 16384.f;
-    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    // (a group below 1e-30 counts as zeros: 127 / amax would overflow for subnormal values)
+    const __m512 inv = _mm512_set1_ps(amax > 1e-30f ? 127.f / amax : 0.f);
     const __m512 radix = _mm512_set1_ps(128.f);
     const __m512 v[2] = {v0, v1};
     for (int h = 0; h < 2; ++h) {
