@@ -73,7 +73,8 @@ $(LLAMA_SERVER): $(BIN)/python
 		-DCMAKE_C_FLAGS="$(NOAMX)" -DCMAKE_CXX_FLAGS="$(NOAMX)" \
 		-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_HTML=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
-	cmake --build $(VENV)/bench/build --target llama-server -j $$(nproc)
+	cmake --build $(VENV)/bench/build --target llama-server llama-bench -j $$(nproc)
+	cp $(VENV)/bench/build/bin/llama-bench $(VENV)/bench/llama-bench
 	cp $(VENV)/bench/build/bin/llama-server $@
 
 bench-setup: $(BENCH_STAMP)

@@ -9,6 +9,8 @@ transformers on the same GGUF, each engine in its own process, one after another
   over tokens 2..128 (the first comes with the prefill). Median of 3.
 - prefill: a 500-token prompt to its first token (prefix cache cleared). Median of 3.
 - batch 32: 32 prompts × 128 tokens at once (llmos, HF; llama.cpp serves one at a time).
+- llama.cpp's own `llama-bench` (tg128, pp500) where `make bench-setup` built it; it is the
+  ÷ llama.cpp anchor when llama-cpp-python is not installed.
 - the machine's limits, measured here first: memory read bandwidth (a 1 GiB fp32 sum) and
   fp32 matmul rate (2048² × 2048²), on the same threads. Decode is then compared with
   bandwidth ÷ bytes of weights read per token, prefill with matmul rate ÷ FLOPs per token.
@@ -259,6 +261,38 @@ def llamacpp_worker(threads: int) -> dict[str, Any]:
     }
 
 
+# llama.cpp's own benchmark tool, built beside llama-server by `make bench-setup`
+LLAMA_BENCH = Path(__file__).resolve().parent.parent / ".venv" / "bench" / "llama-bench"
+
+
+def llamabench_worker(threads: int) -> dict[str, Any]:
+    """llama.cpp's own figures from `llama-bench` on the same GGUF and threads: tg128 (decode
+    after an empty context) and pp500 (a 500-token prompt), each the mean of 3 repetitions."""
+    import json
+    import subprocess
+
+    import gguf
+
+    from llmos.models.registry import resolve
+
+    path = resolve(MODEL)
+    cmd = [str(LLAMA_BENCH), "-m", str(path), "-t", str(threads), "-r", str(REPS), "-o", "json"]
+    cmd += ["-p", str(PREFILL_TOKENS), "-n", str(DECODE_TOKENS)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+    tests = json.loads(out)
+    rate = {("pp" if t["n_prompt"] else "tg"): float(t["avg_ts"]) for t in tests}
+    return {
+        "decode_tps": rate["tg"],
+        "prefill_tps": rate["pp"],
+        "batch_tps": None,
+        "tokens": None,
+        "perplexity": None,
+        "weight_bytes": sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors),
+        "kv_bytes_per_token": None,
+        "peak_rss": None,  # (llama-bench does not report it)
+    }
+
+
 def hf_worker(threads: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -336,7 +370,8 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
     bw, mm = limits["bandwidth_gbs"] * 1e9, limits["matmul_gflops"] * 1e9
     at_size: dict[int, float] = limits.get("at_size", {})  # type: ignore[assignment]
     flops = prefill_flops_per_token()
-    lc = results.get("llama.cpp")
+    # the anchor: llama-cpp-python where it ran, else llama.cpp's own llama-bench
+    lc = results.get("llama.cpp") or results.get("llama.cpp (llama-bench)")
     ref = results.get("llmos fp32", {}).get("tokens")
     rows = []
     for name, r in results.items():
@@ -361,7 +396,7 @@ def report(limits: dict[str, float], results: dict[str, dict[str, Any]], threads
                 f"{r['perplexity']:.3f}" if r.get("perplexity") else "—",
                 agree,
                 f"{r['weight_bytes'] / 2**20:.0f}",
-                f"{r['peak_rss'] / 2**20:.0f}",
+                f"{r['peak_rss'] / 2**20:.0f}" if r.get("peak_rss") else "—",
                 f"{r['kv_bytes_per_token'] / 1024:.0f}" if r.get("kv_bytes_per_token") else "—",
             ]
         )
@@ -421,6 +456,8 @@ def main(
     jobs = [(f"llmos {m}", ["worker", "llmos", m]) for m in modes.split(",")]
     if not skip_llamacpp:
         jobs.append(("llama.cpp", ["worker", "llamacpp", "-"]))
+        if LLAMA_BENCH.exists():
+            jobs.append(("llama.cpp (llama-bench)", ["worker", "llamabench", "-"]))
     if not skip_hf:
         jobs.append(("HF transformers fp32", ["worker", "hf", "-"]))
     results: dict[str, dict[str, Any]] = {}
@@ -451,6 +488,8 @@ def worker(engine: str, mode: str, threads: int) -> None:
         emit("result", llmos_worker(mode, threads))
     elif engine == "llamacpp":
         emit("result", llamacpp_worker(threads))
+    elif engine == "llamabench":
+        emit("result", llamabench_worker(threads))
     else:
         emit("result", hf_worker(threads))
 
