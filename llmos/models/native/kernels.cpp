@@ -552,59 +552,98 @@ inline V16 load_v16(const T* p) {
   }
 }
 
-// All G query heads of kv head g for one sequence, head_dim D a multiple of 16: each key and
-// value row is loaded once for the G heads, and the cache is walked block by block.
+// All G query heads of kv head g for n rows that share one block table (a sequence's verify
+// rows under speculation, or one decode row: n = 1), head_dim D a multiple of 16; row r attends
+// over its first lens[r] tokens. Each key and value row is loaded once for every row and head
+// (the rows of a verify step used to read the whole context once each, from L3), and the
+// cache is walked block by block. A row's sums are the same, in the same order, whatever rows
+// are beside it: each score is one dot product, each row's softmax runs over its own scores,
+// and each output accumulates over keys in order (kept in `out` between blocks).
+// Rows per group (up to 4 of a sequence's verify rows: two threads still split its 8 rows).
+constexpr int64_t ROW_GROUP = 4;
+
 template <typename T, int D>
-void decode_group(const float* q, int64_t G, const T* kc, const T* vc, const int64_t* table,
-                  int64_t len, int64_t bs, int64_t Hkv, int64_t g, float scale, float* out,
-                  std::vector<float>& scores) {
+void decode_group(const float* const* q, int64_t n, int64_t G, const T* kc, const T* vc,
+                  const int64_t* table, const int64_t* lens, int64_t bs, int64_t Hkv, int64_t g,
+                  float scale, float* const* out, std::vector<float>& scores) {
   constexpr int C = D / 16;
   const int64_t stride = Hkv * D;
   // each head's scores 64-byte aligned, so that the vectorized softmax below splits a row of
   // scores the same way wherever the buffer lies: its sums depend on the length alone
-  const int64_t ls = (len + 15) / 16 * 16;
-  scores.resize(G * ls + 16);
-  float* s = scores.data() + (16 - reinterpret_cast<uintptr_t>(scores.data()) / 4 % 16) % 16;
-  for (int64_t t0 = 0; t0 < len; t0 += bs) {
-    const int64_t n = std::min(bs, len - t0);
+  int64_t total = 0, longest = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    total += G * ((lens[r] + 15) / 16 * 16);
+    longest = std::max(longest, lens[r]);
+  }
+  scores.resize(total + 16);
+  float* base = scores.data() + (16 - reinterpret_cast<uintptr_t>(scores.data()) / 4 % 16) % 16;
+  float* s[ROW_GROUP];
+  int64_t ls[ROW_GROUP];
+  for (int64_t r = 0, at = 0; r < n; ++r) {
+    ls[r] = (lens[r] + 15) / 16 * 16;
+    s[r] = base + at;
+    at += G * ls[r];
+  }
+  for (int64_t t0 = 0; t0 < longest; t0 += bs) {
+    const int64_t nb = std::min(bs, longest - t0);
     const T* krow = kc + (table[t0 / bs] * bs * Hkv + g) * D;
-    for (int64_t j = 0; j < n; ++j, krow += stride) {
+    for (int64_t j = 0; j < nb; ++j, krow += stride) {
       V16 k[C];
       for (int c = 0; c < C; ++c) k[c] = load_v16(krow + 16 * c);
-      for (int64_t h = 0; h < G; ++h) {
-        V16 acc = V16::zero();
-        for (int c = 0; c < C; ++c) acc = V16::fma(V16::load(q + h * D + 16 * c), k[c], acc);
-        s[h * ls + t0 + j] = acc.sum() * scale;
+      for (int64_t r = 0; r < n; ++r) {
+        if (t0 + j >= lens[r]) continue;
+        for (int64_t h = 0; h < G; ++h) {
+          V16 acc = V16::zero();
+          for (int c = 0; c < C; ++c) acc = V16::fma(V16::load(q[r] + h * D + 16 * c), k[c], acc);
+          s[r][h * ls[r] + t0 + j] = acc.sum() * scale;
+        }
       }
     }
   }
-  std::vector<float> inv(G);
-  for (int64_t h = 0; h < G; ++h) {
-    float* sh = s + h * ls;
-    float mx = sh[0];
-    for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sh[t]);
-    float sum = 0.f;
+  float inv[ROW_GROUP][16];  // (G <= 16: paged_decode_impl)
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t h = 0; h < G; ++h) {
+      float* sh = s[r] + h * ls[r];
+      const int64_t len = lens[r];
+      float mx = sh[0];
+      for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sh[t]);
+      float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) {
-      sh[t] = expf(sh[t] - mx);
-      sum += sh[t];
+      for (int64_t t = 0; t < len; ++t) {
+        sh[t] = expf(sh[t] - mx);
+        sum += sh[t];
+      }
+      inv[r][h] = 1.f / sum;
     }
-    inv[h] = 1.f / sum;
   }
-  for (int64_t h = 0; h < G; ++h) {
-    V16 o[C];
-    for (int c = 0; c < C; ++c) o[c] = V16::zero();
-    const float* sh = s + h * ls;
-    for (int64_t t0 = 0; t0 < len; t0 += bs) {
-      const int64_t n = std::min(bs, len - t0);
-      const T* vrow = vc + (table[t0 / bs] * bs * Hkv + g) * D;
-      for (int64_t j = 0; j < n; ++j, vrow += stride) {
-        const V16 p = V16::splat(sh[t0 + j]);
-        for (int c = 0; c < C; ++c) o[c] = V16::fma(p, load_v16(vrow + 16 * c), o[c]);
+  for (int64_t t0 = 0; t0 < longest; t0 += bs) {
+    const int64_t nb = std::min(bs, longest - t0);
+    const T* vblock = vc + (table[t0 / bs] * bs * Hkv + g) * D;
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t m = std::min(nb, lens[r] - t0);
+      if (m <= 0) continue;
+      for (int64_t h = 0; h < G; ++h) {
+        float* oh = out[r] + h * D;
+        V16 o[C];
+        for (int c = 0; c < C; ++c) o[c] = t0 == 0 ? V16::zero() : V16::load(oh + 16 * c);
+        const float* sh = s[r] + h * ls[r] + t0;
+        const T* vrow = vblock;
+        for (int64_t j = 0; j < m; ++j, vrow += stride) {
+          const V16 p = V16::splat(sh[j]);
+          for (int c = 0; c < C; ++c) o[c] = V16::fma(p, load_v16(vrow + 16 * c), o[c]);
+        }
+        for (int c = 0; c < C; ++c) o[c].store(oh + 16 * c);
       }
     }
-    const V16 r = V16::splat(inv[h]);
-    for (int c = 0; c < C; ++c) V16::fma(o[c], r, V16::zero()).store(out + h * D + 16 * c);
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t h = 0; h < G; ++h) {
+      float* oh = out[r] + h * D;
+      const V16 iv = V16::splat(inv[r][h]);
+      for (int c = 0; c < C; ++c) {
+        V16::fma(V16::load(oh + 16 * c), iv, V16::zero()).store(oh + 16 * c);
+      }
+    }
   }
 }
 
@@ -625,19 +664,35 @@ void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * bs, "context length ", lp[b],
                 " out of range for ", max_blocks, " blocks");
   }
-  if (D == 64 || D == 128) {  // the fast path: G heads per task, rows loaded once
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  if ((D == 64 || D == 128) && G <= 16) {  // the fast path: G heads per task, rows loaded once
+    // consecutive rows with the same block table (a sequence's verify rows) form groups of up
+    // to ROW_GROUP, which read each key and value once; a task is one group's kv head g
+    std::vector<int64_t> starts;
+    for (int64_t b = 0; b < B; ++b) {
+      const bool same = b > 0 && b - starts.back() < ROW_GROUP &&
+                        std::memcmp(tp + b * max_blocks, tp + (b - 1) * max_blocks,
+                                    max_blocks * sizeof(int64_t)) == 0;
+      if (!same) starts.push_back(b);
+    }
+    const int64_t groups = starts.size();
+    starts.push_back(B);
+    at::parallel_for(0, groups * Hkv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / Hkv, g = task % Hkv;
-        const float* qg = qp + (b * H + g * G) * D;
-        float* og = op + (b * H + g * G) * D;
+        const int64_t grp = task / Hkv, g = task % Hkv;
+        const int64_t b0 = starts[grp], n = starts[grp + 1] - b0;
+        const float* qs[ROW_GROUP];
+        float* os[ROW_GROUP];
+        for (int64_t r = 0; r < n; ++r) {
+          qs[r] = qp + ((b0 + r) * H + g * G) * D;
+          os[r] = op + ((b0 + r) * H + g * G) * D;
+        }
         if (D == 64) {
-          decode_group<T, 64>(qg, G, kp, vp, tp + b * max_blocks, lp[b], bs, Hkv, g, scale, og,
-                              scores);
+          decode_group<T, 64>(qs, n, G, kp, vp, tp + b0 * max_blocks, lp + b0, bs, Hkv, g,
+                              scale, os, scores);
         } else {
-          decode_group<T, 128>(qg, G, kp, vp, tp + b * max_blocks, lp[b], bs, Hkv, g, scale,
-                               og, scores);
+          decode_group<T, 128>(qs, n, G, kp, vp, tp + b0 * max_blocks, lp + b0, bs, Hkv, g,
+                               scale, os, scores);
         }
       }
     });
