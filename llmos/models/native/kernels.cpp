@@ -510,6 +510,20 @@ inline const float* as_floats(const T* src, float* buf, int64_t D) {
   }
 }
 
+// The largest of p[0..n), n >= 1 (a max is the same in any order; as a scalar chain, which
+// the compiler made of a plain loop, it was a quarter of a long context's attention).
+inline float max_of(const float* p, int64_t n) {
+  float mx = p[0];
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_set1_ps(mx);
+  for (; t + 16 <= n; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(p + t));
+  mx = _mm512_reduce_max_ps(m);
+#endif
+  for (; t < n; ++t) mx = std::max(mx, p[t]);
+  return mx;
+}
+
 // One query head of one sequence against its `len` cached keys and values (kv head g).
 template <typename T>
 void decode_head(const float* q, const T* kc, const T* vc, const int64_t* table, int64_t len,
@@ -525,8 +539,7 @@ void decode_head(const float* q, const T* kc, const T* vc, const int64_t* table,
     for (int64_t i = 0; i < D; ++i) dot += q[i] * k[i];
     s[t] = dot * scale;
   }
-  float mx = s[0];  // (-ffast-math: no infinities)
-  for (int64_t t = 0; t < len; ++t) mx = std::max(mx, s[t]);
+  const float mx = max_of(s, len);  // (-ffast-math: no infinities)
   float sum = 0.f;
   for (int64_t t = 0; t < len; ++t) {
     s[t] = expf(s[t] - mx);
@@ -559,6 +572,31 @@ inline V16 load_v16(const T* p) {
 // cache is walked block by block. A row's sums are the same, in the same order, whatever rows
 // are beside it: each score is one dot product, each row's softmax runs over its own scores,
 // and each output accumulates over keys in order (kept in `out` between blocks).
+#if defined(__AVX512F__)
+// Lane j: V16::sum of v[j], by the same tree ((i, i + 8), then + 4, + 2, + 1), for 16 vectors
+// at once: 45 shuffles and adds, not 16 x 9.
+inline __m512 tree_sum16(const __m512* v) {
+  __m512 c[8], e[4], g[2];
+  for (int k = 0; k < 8; ++k) {  // c[k] = [v[2k] (i, i + 8) | v[2k + 1] (i, i + 8)]
+    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int k = 0; k < 4; ++k) {  // quarter p of e[k]: v[4k + p], lanes (i, i + 4)
+    e[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  for (int k = 0; k < 2; ++k) {  // (i, i + 2)
+    g[k] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * k], e[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(e[2 * k], e[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // (i, i + 1): lane 4p + i holds v[p + 4i]; the permute puts v[j] in lane j
+  const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, f);
+}
+#endif
+
 // Rows per group (up to 4 of a sequence's verify rows: two threads still split its 8 rows).
 constexpr int64_t ROW_GROUP = 4;
 
@@ -586,7 +624,37 @@ void decode_group(const float* const* q, int64_t n, int64_t G, const T* kc, cons
   }
   for (int64_t t0 = 0; t0 < longest; t0 += bs) {
     const int64_t nb = std::min(bs, longest - t0);
-    const T* krow = kc + (table[t0 / bs] * bs * Hkv + g) * D;
+    const T* kblock = kc + (table[t0 / bs] * bs * Hkv + g) * D;
+#if defined(__AVX512F__)
+    // 16 keys at a time: 16 dot products, then the 16 lane trees at once (tree_sum16)
+    for (int64_t j0 = 0; j0 < nb; j0 += 16) {
+      const int64_t nk = std::min<int64_t>(16, nb - j0);
+      alignas(64) float kbuf[16 * D];
+      const float* kr[16];
+      for (int64_t j = 0; j < nk; ++j) {
+        kr[j] = as_floats(kblock + (j0 + j) * stride, kbuf + j * D, D);
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t m = std::min(nk, lens[r] - t0 - j0);
+        if (m <= 0) continue;
+        for (int64_t h = 0; h < G; ++h) {
+          __m512 qv[C], acc[16];
+          for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q[r] + h * D + 16 * c);
+          for (int64_t j = 0; j < 16; ++j) {
+            acc[j] = _mm512_setzero_ps();
+            if (j >= m) continue;
+            for (int c = 0; c < C; ++c) {
+              acc[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr[j] + 16 * c), acc[j]);
+            }
+          }
+          const __m512 dots = _mm512_mul_ps(tree_sum16(acc), _mm512_set1_ps(scale));
+          _mm512_mask_storeu_ps(s[r] + h * ls[r] + t0 + j0, static_cast<__mmask16>((1u << m) - 1),
+                                dots);
+        }
+      }
+    }
+#else
+    const T* krow = kblock;
     for (int64_t j = 0; j < nb; ++j, krow += stride) {
       V16 k[C];
       for (int c = 0; c < C; ++c) k[c] = load_v16(krow + 16 * c);
@@ -599,14 +667,14 @@ void decode_group(const float* const* q, int64_t n, int64_t G, const T* kc, cons
         }
       }
     }
+#endif
   }
   float inv[ROW_GROUP][16];  // (G <= 16: paged_decode_impl)
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t h = 0; h < G; ++h) {
       float* sh = s[r] + h * ls[r];
       const int64_t len = lens[r];
-      float mx = sh[0];
-      for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sh[t]);
+      const float mx = max_of(sh, len);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < len; ++t) {
@@ -622,17 +690,29 @@ void decode_group(const float* const* q, int64_t n, int64_t G, const T* kc, cons
     for (int64_t r = 0; r < n; ++r) {
       const int64_t m = std::min(nb, lens[r] - t0);
       if (m <= 0) continue;
-      for (int64_t h = 0; h < G; ++h) {
-        float* oh = out[r] + h * D;
-        V16 o[C];
-        for (int c = 0; c < C; ++c) o[c] = t0 == 0 ? V16::zero() : V16::load(oh + 16 * c);
-        const float* sh = s[r] + h * ls[r] + t0;
+      // HT heads side by side: their accumulators are independent chains (one head's 4 would
+      // wait on each FMA's latency), and each value row is loaded once for them
+      constexpr int HT = C >= 16 ? 1 : 16 / C;
+      for (int64_t h0 = 0; h0 < G; h0 += HT) {
+        const int64_t nh = std::min<int64_t>(HT, G - h0);
+        V16 o[HT][C];
+        for (int64_t h = 0; h < nh; ++h) {
+          for (int c = 0; c < C; ++c) {
+            o[h][c] = t0 == 0 ? V16::zero() : V16::load(out[r] + (h0 + h) * D + 16 * c);
+          }
+        }
         const T* vrow = vblock;
         for (int64_t j = 0; j < m; ++j, vrow += stride) {
-          const V16 p = V16::splat(sh[j]);
-          for (int c = 0; c < C; ++c) o[c] = V16::fma(p, load_v16(vrow + 16 * c), o[c]);
+          V16 v[C];
+          for (int c = 0; c < C; ++c) v[c] = load_v16(vrow + 16 * c);
+          for (int64_t h = 0; h < nh; ++h) {
+            const V16 p = V16::splat(s[r][(h0 + h) * ls[r] + t0 + j]);
+            for (int c = 0; c < C; ++c) o[h][c] = V16::fma(p, v[c], o[h][c]);
+          }
         }
-        for (int c = 0; c < C; ++c) o[c].store(oh + 16 * c);
+        for (int64_t h = 0; h < nh; ++h) {
+          for (int c = 0; c < C; ++c) o[h][c].store(out[r] + (h0 + h) * D + 16 * c);
+        }
       }
     }
   }
