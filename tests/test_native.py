@@ -37,10 +37,13 @@ def test_fp16_scales_give_the_fp32_scales_bits(rows: int, fmt: str) -> None:
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(100, 224, generator=g)  # 100 rows: blocks of 4, then a tail of single rows
     qw = quantize_q4(w) if fmt == "q4" else quantize_q8(w)
-    assert qw.row_scales()[0].dtype == torch.float32  # (computed in fp32: not fp16-exact)
-    qw.scales = qw.scales.half().float()
-    if qw.mins is not None:
-        qw.mins = qw.mins.half().float()
+    if fmt == "q4":  # q4 rounds its scales to fp16 values, as a GGUF stores them...
+        assert torch.equal(qw.scales, qw.scales.half().float())
+        tiny = quantize_q4(w * 1e-9)  # ...unless they fall below fp16's normal range
+        assert tiny.row_scales()[0].dtype == torch.float32 and tiny.scales.min() > 0
+    else:
+        assert qw.row_scales()[0].dtype == torch.float32  # (q8 keeps fp32 scales)
+        qw.scales = qw.scales.half().float()
     spec = qw.spec
     assert spec[2].dtype == spec[3].dtype == torch.float16
     assert qw.nbytes == qw.packed.numel() + qw.scales.numel() * (4 if fmt == "q4" else 2)
@@ -60,9 +63,9 @@ def test_vnni_q4_kernel_is_as_exact_as_fp32_and_batch_invariant(half: bool) -> N
     row's bits do not depend on the rows beside it, at any step size."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(160, 576, generator=g) * 0.05 + 0.01
-    qw = quantize_q4(w)
-    if half:
-        qw.scales, qw.mins = qw.scales.half().float(), qw.mins.half().float()
+    qw = quantize_q4(w)  # (its scales and mins are fp16 values)
+    if not half:  # scales fp16 cannot hold: read as fp32
+        qw.scales, qw.mins = qw.scales * (1 + 2**-20), qw.mins * (1 + 2**-20)
     spec = qw.in_vnni()
     assert spec is not None and spec[0] == 6
     assert spec[2].dtype == (torch.float16 if half else torch.float32)
