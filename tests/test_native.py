@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from llmos.models.attention import AttentionMetadata, decode_attention_torch, paged_attention
+from llmos.models.formats import choose, pack_dense, quantize_q4, quantize_q8
 from llmos.models.native import kernels
-from llmos.models.quant import choose, pack_dense, quantize_q4, quantize_q8
 
 native = kernels()
 pytestmark = pytest.mark.skipif(native is None, reason="no C++ compiler for the native kernels")
